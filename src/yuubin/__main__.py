@@ -1,0 +1,5 @@
+"""`python -m yuubin` runs the same command as `yuubin`."""
+
+from yuubin.cli import main
+
+raise SystemExit(main())

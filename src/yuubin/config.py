@@ -1,0 +1,460 @@
+"""TOML configuration → typed, validated settings.
+
+Every error names the key and the file, so `yuubin config check` and start-up can say exactly
+what to fix. Unknown keys are errors too: a typo must not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LISTENER_KINDS = ("mx", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """A config problem, worded for the admin: `file: key: what is wrong`."""
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    kind: str
+    host: str
+    port: int
+    allow_networks: tuple[IPNetwork, ...] = ()
+    allow_countries: tuple[str, ...] = ()
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    nameservers: tuple[str, ...] = ()
+    port: int = 53
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    message_size: int = 26_214_400
+    recipients: int = 100
+    idle_timeout: float = 300.0
+    connections_per_ip: int = 20
+    max_connections: int = 1000
+    line_length: int = 512
+    max_errors: int = 20
+    data_timeout: float = 600.0
+    shutdown_grace: float = 30.0
+
+
+@dataclass(frozen=True)
+class AuthGuardConfig:
+    max_failures: int = 5
+    window: float = 900.0
+    lockout: float = 3600.0
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    relayhost: str = ""
+    relayhost_username: str = ""
+    relayhost_password_file: str = ""
+    max_per_hour: int = 100
+    max_recipients_per_day: int = 500
+
+
+@dataclass(frozen=True)
+class Config:
+    hostname: str
+    data_dir: Path
+    local_domains: tuple[str, ...]
+    postmaster: str
+    trusted: tuple[IPNetwork, ...]
+    dns: DnsConfig
+    tls: TlsConfig
+    listeners: tuple[ListenerConfig, ...]
+    dnsbl_zones: tuple[str, ...]
+    geo_source: str
+    limits: LimitsConfig
+    auth_guard: AuthGuardConfig
+    outbound: OutboundConfig
+    log_level: str = "info"
+    source: str = "<memory>"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.data_dir / "mail"
+
+    @property
+    def state_db(self) -> Path:
+        return self.data_dir / "state.db"
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+def parse_duration(value: Any, key: str) -> float:
+    """Seconds from `30`, `"30s"`, `"5m"`, `"1h"`, `"2d"`."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration like \"5m\", got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ConfigError(f"{key}: expected a duration like \"5m\", \"30s\" or \"1h\", got {value!r}")
+    if seconds <= 0:
+        raise ConfigError(f"{key}: must be greater than zero")
+    return seconds
+
+
+def parse_hostport(value: Any, key: str) -> tuple[str, int]:
+    """`0.0.0.0:25`, `[::]:25`, `[::1]:2525` → (host, port)."""
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: expected \"HOST:PORT\", got {value!r}")
+    m = re.fullmatch(r"\[([0-9a-fA-F:.%a-z0-9]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
+    if not m:
+        raise ConfigError(f"{key}: expected \"HOST:PORT\" or \"[IPV6]:PORT\", got {value!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 < port < 65536:
+        raise ConfigError(f"{key}: port {port} is out of range 1-65535")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ConfigError(f"{key}: {host!r} is not an IP address") from None
+    return host, port
+
+
+def _network(value: Any, key: str) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(value, strict=False)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{key}: {value!r} is not an IP network like \"192.168.1.0/24\"") from None
+
+
+class _Table:
+    """Reads one TOML table, tracking which keys were used so leftovers can be reported."""
+
+    def __init__(self, data: Any, name: str):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{name}: expected a table")
+        self.data = data
+        self.name = name
+        self.used: set[str] = set()
+
+    def key(self, k: str) -> str:
+        return f"{self.name}.{k}" if self.name else k
+
+    def get(self, k: str, default: Any, kind: type | tuple[type, ...]) -> Any:
+        self.used.add(k)
+        if k not in self.data:
+            return default
+        v = self.data[k]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(v, bool) and bool not in kinds:
+            raise ConfigError(f"{self.key(k)}: expected {kinds[0].__name__}, got {v!r}")
+        if not isinstance(v, kinds):
+            raise ConfigError(f"{self.key(k)}: expected {kinds[0].__name__}, got {v!r}")
+        return v
+
+    def positive_int(self, k: str, default: int) -> int:
+        v = self.get(k, default, int)
+        if v <= 0:
+            raise ConfigError(f"{self.key(k)}: must be a positive integer, got {v}")
+        return v
+
+    def str_list(self, k: str, default: list[str]) -> list[str]:
+        v = self.get(k, default, list)
+        for i, item in enumerate(v):
+            if not isinstance(item, str):
+                raise ConfigError(f"{self.key(k)}[{i}]: expected a string, got {item!r}")
+        return v
+
+    def table(self, k: str) -> _Table:
+        return _Table(self.get(k, {}, dict), self.key(k))
+
+    def finish(self) -> None:
+        extra = sorted(set(self.data) - self.used)
+        if extra:
+            raise ConfigError(f"{self.key(extra[0])}: unknown key")
+
+
+def _domain(value: str, key: str) -> str:
+    d = value.strip().lower().rstrip(".")
+    try:
+        ascii_form = d.encode("idna").decode("ascii")
+    except UnicodeError:
+        ascii_form = ""
+    if not _HOSTNAME.match(ascii_form):
+        raise ConfigError(f"{key}: {value!r} is not a valid domain name")
+    return d
+
+
+def load(path: str | Path) -> Config:
+    """Load and validate a config file; raises ConfigError naming file and key."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    try:
+        return from_dict(raw, source=str(p), base=p.parent)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None = None) -> Config:
+    """Build a Config from parsed TOML; relative paths are resolved against `base`."""
+    base = base or Path.cwd()
+    top = _Table(raw, "")
+
+    hostname = top.get("hostname", None, str)
+    if hostname is None:
+        raise ConfigError("hostname: required (the name in the banner and Received: headers)")
+    hostname = _domain(hostname, "hostname")
+
+    data_dir = Path(top.get("data_dir", "/var/lib/yuubin", str))
+    if not data_dir.is_absolute():
+        data_dir = (base / data_dir).resolve()
+
+    domains = top.table("domains")
+    local = [_domain(d, f"domains.local[{i}]") for i, d in enumerate(domains.str_list("local", []))]
+    if not local:
+        raise ConfigError("domains.local: required: at least one domain to receive mail for")
+    postmaster = domains.get("postmaster", f"postmaster@{local[0]}", str).strip().lower()
+    if "@" not in postmaster:
+        raise ConfigError(f"domains.postmaster: {postmaster!r} is not an address")
+    domains.finish()
+
+    network = top.table("network")
+    trusted_raw = network.get("trusted", ["127.0.0.0/8", "::1/128"], list)
+    trusted = tuple(_network(n, f"network.trusted[{i}]") for i, n in enumerate(trusted_raw))
+    network.finish()
+
+    dns_t = top.table("dns")
+    nameservers = dns_t.str_list("nameservers", [])
+    for i, ns in enumerate(nameservers):
+        try:
+            ipaddress.ip_address(ns)
+        except ValueError:
+            raise ConfigError(f"dns.nameservers[{i}]: {ns!r} is not an IP address") from None
+    dns_port = dns_t.positive_int("port", 53)
+    dns_timeout = parse_duration(dns_t.get("timeout", 5.0, (int, float, str)), "dns.timeout")
+    dns_t.finish()
+
+    tls_t = top.table("tls")
+    cert = tls_t.get("cert", None, str)
+    key = tls_t.get("key", None, str)
+    tls_t.finish()
+    if (cert is None) != (key is None):
+        raise ConfigError("tls: set both cert and key, or neither")
+
+    def _path(v: str | None) -> Path | None:
+        if v is None:
+            return None
+        q = Path(v)
+        return q if q.is_absolute() else (base / q).resolve()
+
+    listeners = []
+    raw_listeners = top.get("listener", [], list)
+    for i, item in enumerate(raw_listeners):
+        lt = _Table(item, f"listener[{i}]")
+        kind = lt.get("kind", None, str)
+        if kind not in LISTENER_KINDS:
+            raise ConfigError(f"listener[{i}].kind: expected one of {', '.join(LISTENER_KINDS)}, got {kind!r}")
+        address = lt.get("address", None, str)
+        if address is None:
+            raise ConfigError(f"listener[{i}].address: required, e.g. \"0.0.0.0:25\"")
+        host, port = parse_hostport(address, f"listener[{i}].address")
+        nets, countries = [], []
+        for j, a in enumerate(lt.str_list("allow", [])):
+            if re.fullmatch(r"[A-Za-z]{2}", a):
+                countries.append(a.upper())
+            else:
+                nets.append(_network(a, f"listener[{i}].allow[{j}]"))
+        lt.finish()
+        if kind == "mx" and (nets or countries):
+            raise ConfigError(f"listener[{i}].allow: not for kind \"mx\" (an MX must be reachable by all)")
+        listeners.append(ListenerConfig(kind, host, port, tuple(nets), tuple(countries)))
+    seen = set()
+    for i, lc in enumerate(listeners):
+        if (lc.host, lc.port) in seen:
+            raise ConfigError(f"listener[{i}].address: {lc.address} is used twice")
+        seen.add((lc.host, lc.port))
+
+    dnsbl = top.table("dnsbl")
+    zones = [_domain(z, f"dnsbl.zones[{i}]") for i, z in
+             enumerate(dnsbl.str_list("zones", ["zen.spamhaus.org", "bl.spamcop.net"]))]
+    dnsbl.finish()
+
+    geo = top.table("geo")
+    geo_source = geo.get("source", "", str)
+    geo.finish()
+
+    lim = top.table("limits")
+    defaults = LimitsConfig()
+    limits = LimitsConfig(
+        message_size=lim.positive_int("message_size", defaults.message_size),
+        recipients=lim.positive_int("recipients", defaults.recipients),
+        idle_timeout=parse_duration(lim.get("idle_timeout", "5m", (int, float, str)), "limits.idle_timeout"),
+        connections_per_ip=lim.positive_int("connections_per_ip", defaults.connections_per_ip),
+        max_connections=lim.positive_int("max_connections", defaults.max_connections),
+        line_length=lim.positive_int("line_length", defaults.line_length),
+        max_errors=lim.positive_int("max_errors", defaults.max_errors),
+        data_timeout=parse_duration(lim.get("data_timeout", "10m", (int, float, str)), "limits.data_timeout"),
+        shutdown_grace=parse_duration(lim.get("shutdown_grace", "30s", (int, float, str)),
+                                      "limits.shutdown_grace"),
+    )
+    lim.finish()
+    if limits.line_length < 512:
+        raise ConfigError("limits.line_length: RFC 5321 requires at least 512 octets")
+
+    ag = top.table("auth_guard")
+    auth_guard = AuthGuardConfig(
+        max_failures=ag.positive_int("max_failures", 5),
+        window=parse_duration(ag.get("window", "15m", (int, float, str)), "auth_guard.window"),
+        lockout=parse_duration(ag.get("lockout", "1h", (int, float, str)), "auth_guard.lockout"),
+    )
+    ag.finish()
+
+    ob = top.table("outbound")
+    outbound = OutboundConfig(
+        relayhost=ob.get("relayhost", "", str),
+        relayhost_username=ob.get("relayhost_username", "", str),
+        relayhost_password_file=ob.get("relayhost_password_file", "", str),
+        max_per_hour=ob.positive_int("max_per_hour", 100),
+        max_recipients_per_day=ob.positive_int("max_recipients_per_day", 500),
+    )
+    ob.finish()
+
+    log = top.table("log")
+    log_level = log.get("level", "info", str).lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log.level: expected debug, info, warning or error, got {log_level!r}")
+    log.finish()
+
+    top.finish()
+
+    tls = TlsConfig(_path(cert), _path(key))
+    needs_tls = [lc for lc in listeners if lc.kind in ("submissions", "imaps", "pop3s", "submission")]
+    if needs_tls and tls.cert is None:
+        raise ConfigError(f"tls.cert: required for listener kind \"{needs_tls[0].kind}\"")
+
+    return Config(
+        hostname=hostname,
+        data_dir=data_dir,
+        local_domains=tuple(local),
+        postmaster=postmaster,
+        trusted=trusted,
+        dns=DnsConfig(tuple(nameservers), dns_port, dns_timeout),
+        tls=tls,
+        listeners=tuple(listeners),
+        dnsbl_zones=tuple(zones),
+        geo_source=geo_source,
+        limits=limits,
+        auth_guard=auth_guard,
+        outbound=outbound,
+        log_level=log_level,
+        source=source,
+    )
+
+
+def describe(cfg: Config) -> str:
+    """The effective settings as TOML-like text, for `yuubin config check`."""
+    def q(v: Any) -> str:
+        if isinstance(v, str | Path):
+            return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(q(x) for x in v) + "]"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return str(v)
+
+    lines = [
+        f"hostname = {q(cfg.hostname)}",
+        f"data_dir = {q(cfg.data_dir)}",
+        "",
+        "[domains]",
+        f"local = {q(cfg.local_domains)}",
+        f"postmaster = {q(cfg.postmaster)}",
+        "",
+        "[network]",
+        f"trusted = {q([str(n) for n in cfg.trusted])}",
+        "",
+        "[dns]",
+        f"nameservers = {q(cfg.dns.nameservers)}",
+        f"port = {cfg.dns.port}",
+        f"timeout = {cfg.dns.timeout}",
+        "",
+        "[tls]",
+        f"cert = {q(cfg.tls.cert or '')}",
+        f"key = {q(cfg.tls.key or '')}",
+    ]
+    for lc in cfg.listeners:
+        lines += ["", "[[listener]]", f"kind = {q(lc.kind)}", f"address = {q(lc.address)}"]
+        allow = [str(n) for n in lc.allow_networks] + list(lc.allow_countries)
+        if allow:
+            lines.append(f"allow = {q(allow)}")
+    lim = cfg.limits
+    lines += [
+        "",
+        "[dnsbl]",
+        f"zones = {q(cfg.dnsbl_zones)}",
+        "",
+        "[geo]",
+        f"source = {q(cfg.geo_source)}",
+        "",
+        "[limits]",
+        f"message_size = {lim.message_size}",
+        f"recipients = {lim.recipients}",
+        f"idle_timeout = {q(f'{lim.idle_timeout:g}s')}",
+        f"connections_per_ip = {lim.connections_per_ip}",
+        f"max_connections = {lim.max_connections}",
+        f"line_length = {lim.line_length}",
+        f"max_errors = {lim.max_errors}",
+        f"data_timeout = {q(f'{lim.data_timeout:g}s')}",
+        f"shutdown_grace = {q(f'{lim.shutdown_grace:g}s')}",
+        "",
+        "[auth_guard]",
+        f"max_failures = {cfg.auth_guard.max_failures}",
+        f"window = {q(f'{cfg.auth_guard.window:g}s')}",
+        f"lockout = {q(f'{cfg.auth_guard.lockout:g}s')}",
+        "",
+        "[outbound]",
+        f"relayhost = {q(cfg.outbound.relayhost)}",
+        f"relayhost_username = {q(cfg.outbound.relayhost_username)}",
+        f"relayhost_password_file = {q(cfg.outbound.relayhost_password_file)}",
+        f"max_per_hour = {cfg.outbound.max_per_hour}",
+        f"max_recipients_per_day = {cfg.outbound.max_recipients_per_day}",
+        "",
+        "[log]",
+        f"level = {q(cfg.log_level)}",
+    ]
+    return "\n".join(lines) + "\n"

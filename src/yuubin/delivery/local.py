@@ -1,0 +1,88 @@
+"""Local delivery: spool entry → one Maildir copy per local mailbox → spool entry removed.
+
+The spool entry goes only after every copy is durable (same group commit). A failure (disk
+full, permissions) leaves it in the spool and retries with backoff; a restart redelivers
+whatever is still in the spool (a duplicate at worst, never a loss).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from yuubin.delivery.maildir import Maildirs
+from yuubin.durable import GroupCommitter
+from yuubin.queue.spool import Envelope, Spool, SpoolCorrupt
+
+log = logging.getLogger("yuubin.delivery")
+
+RETRY_FIRST = 5.0
+RETRY_MAX = 300.0
+
+
+class LocalDelivery:
+    def __init__(self, spool: Spool, maildirs: Maildirs, committer: GroupCommitter,
+                 retry_first: float = RETRY_FIRST):
+        self.spool = spool
+        self.maildirs = maildirs
+        self.committer = committer
+        self.retry_first = retry_first
+        self._tasks: set[asyncio.Task] = set()
+        self.delivered = 0
+
+    def submit(self, env: Envelope, data: bytes) -> None:
+        """Deliver in the background; the message is already durable in the spool."""
+        if not env.local:
+            return  # only remote recipients: it waits in the spool for outbound delivery
+        task = asyncio.get_running_loop().create_task(self._deliver_with_retry(env, data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver_with_retry(self, env: Envelope, data: bytes) -> None:
+        delay = self.retry_first
+        while True:
+            try:
+                await self.deliver(env, data)
+                return
+            except OSError as e:
+                log.warning("event=delivery_deferred id=%s error=%r retry_in=%.0fs", env.id,
+                            e.strerror or str(e), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
+
+    async def deliver(self, env: Envelope, data: bytes) -> None:
+        return_path = f"Return-Path: <{env.sender}>\r\n".encode()
+        writes = []
+        targets = list(env.local)
+        for mailbox, _rcpt in targets:
+            self.maildirs.ensure(mailbox)
+            writes.append(self.maildirs.write(mailbox, [return_path, f"Delivered-To: {mailbox}\r\n".encode(), data]))
+        if env.remote:
+            await self.committer.commit(writes)
+            env.local = []
+            await self.spool.rewrite(env, data)
+        else:
+            await self.committer.commit(writes, unlinks=[self.spool.path(env.id)])
+        self.delivered += len(writes)
+        for mailbox, rcpt in targets:
+            log.info("event=delivered id=%s to=%s rcpt=%s", env.id, mailbox, rcpt)
+
+    async def recover(self) -> int:
+        """Redeliver what a previous run left in the spool; returns how many entries."""
+        self.spool.clean_tmp()
+        count = 0
+        for qid in self.spool.ids():
+            try:
+                env, data = self.spool.load(qid)
+            except SpoolCorrupt as e:
+                dest = self.spool.set_aside(qid)
+                log.error("event=spool_corrupt id=%s reason=%r moved_to=%s", qid, str(e), dest)
+                continue
+            if env.local:
+                self.submit(env, data)
+                count += 1
+        return count
+
+    async def drain(self, timeout: float) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)

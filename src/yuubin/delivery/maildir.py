@@ -1,0 +1,53 @@
+"""Maildir delivery (tmp/ → new/, the format Dovecot, mutt and every IMAP server read).
+
+A file appears in new/ only complete: written in tmp/, fsynced, renamed; the directory is
+fsynced by the group commit before the spool entry goes away.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from pathlib import Path
+
+from yuubin.durable import FileWrite, fsync_dir
+
+_counter = itertools.count()
+
+
+class Maildirs:
+    def __init__(self, root: Path, hostname: str):
+        self.root = root
+        self.hostname = hostname.replace("/", "\\057").replace(":", "\\072")
+        self._ready: set[str] = set()
+        self._pid = os.getpid()
+
+    def path(self, mailbox: str) -> Path:
+        local, _, domain = mailbox.rpartition("@")
+        if "/" in local or "/" in domain or local in ("", ".", ".."):
+            raise ValueError(f"unsafe mailbox name {mailbox!r}")
+        return self.root / domain / local
+
+    def ensure(self, mailbox: str) -> Path:
+        """Create the Maildir on first delivery (and make the new directories durable)."""
+        base = self.path(mailbox)
+        if mailbox in self._ready:
+            return base
+        created = not base.exists()
+        for sub in ("tmp", "new", "cur"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        if created:
+            fsync_dir(base)
+            fsync_dir(base.parent)
+            fsync_dir(base.parent.parent)
+        self._ready.add(mailbox)
+        return base
+
+    def write(self, mailbox: str, parts: list[bytes]) -> FileWrite:
+        base = self.path(mailbox)
+        size = sum(len(p) for p in parts)
+        now = time.time()
+        name = (f"{int(now)}.M{int((now % 1) * 1e6)}P{self._pid}Q{next(_counter)}"
+                f".{self.hostname},S={size}")
+        return FileWrite(base / "tmp" / name, parts, rename_to=base / "new" / name)

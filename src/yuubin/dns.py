@@ -1,0 +1,135 @@
+"""The one DNS resolver of the server.
+
+Every component (DNSBL now; SPF, DKIM and MX later) resolves through one ``Resolver`` so that
+they share one TTL cache, one set of nameservers and one timeout policy. Lookups return a
+``LookupResult`` instead of raising, because for a mail server a DNS failure is an outcome to
+decide on (defer, skip a check), not a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import dns.resolver
+
+__all__ = ["LookupResult", "Resolver", "Status"]
+
+log = logging.getLogger(__name__)
+
+Status = Literal["ok", "nxdomain", "nodata", "timeout", "servfail"]
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    """The outcome of one lookup as plain data, so callers branch on ``status``.
+
+    ``status`` is "ok" (``records`` non-empty), "nxdomain" (the name does not exist),
+    "nodata" (the name exists, but has no records of that type), "timeout" (no answer within
+    the resolver timeout) or "servfail" (every other failure: SERVFAIL, REFUSED, no usable
+    nameserver, malformed reply or name). ``ttl`` is the seconds the answer (positive or
+    negative) stays valid; 0 when unknown or for failures.
+    """
+
+    status: Status
+    records: tuple[str, ...] = ()
+    ttl: int = 0
+
+
+class Resolver:
+    """Async DNS for everything in yuubin (DNSBL now; SPF/DKIM/MX later)."""
+
+    def __init__(self, nameservers: Sequence[str], port: int = 53, timeout: float = 5.0):
+        """Use ``nameservers`` on ``port``; none given means the system's /etc/resolv.conf.
+
+        ``timeout`` bounds one whole lookup, retries included, so a dead resolver can stall an
+        SMTP session by at most that long.
+        """
+        if timeout <= 0:
+            raise ValueError("timeout must be positive")
+        self.timeout = float(timeout)
+        self._resolver = _make_resolver(nameservers, port)
+        self._resolver.lifetime = self.timeout
+        self._resolver.cache = dns.resolver.Cache()
+
+    @property
+    def nameservers(self) -> tuple[str, ...]:
+        """The nameservers in use, so startup can log where queries go."""
+        return tuple(str(ns) for ns in self._resolver.nameservers)
+
+    async def lookup(self, name: str, rdtype: str) -> LookupResult:
+        """Resolve ``name``/``rdtype`` (e.g. "A", "MX", "TXT"); never raises for DNS failures.
+
+        An unknown ``rdtype`` is a programming error and raises ``ValueError``.
+        """
+        try:
+            qtype = dns.rdatatype.from_text(rdtype)
+        except dns.rdatatype.UnknownRdatatype:
+            raise ValueError(f"unknown DNS record type {rdtype!r}") from None
+        try:
+            # dnspython enforces the lifetime itself; this is the backstop for the guarantee.
+            async with asyncio.timeout(self.timeout):
+                answer = await self._resolver.resolve(
+                    name, qtype, raise_on_no_answer=False, search=False
+                )
+        except (TimeoutError, dns.exception.Timeout):
+            return LookupResult("timeout")
+        except dns.resolver.NXDOMAIN as exc:
+            return LookupResult("nxdomain", ttl=self._negative_ttl(exc))
+        except dns.resolver.NoAnswer:
+            return LookupResult("nodata")
+        except (dns.exception.DNSException, OSError, ValueError):
+            # NoNameservers (SERVFAIL, REFUSED, unreachable), YXDOMAIN, bad names, bad replies.
+            return LookupResult("servfail")
+        ttl = _remaining(answer.expiration)
+        if answer.rrset is None:
+            return LookupResult("nodata", ttl=ttl)
+        return LookupResult("ok", tuple(_to_text(rd) for rd in answer.rrset), ttl)
+
+    def _negative_ttl(self, exc: dns.resolver.NXDOMAIN) -> int:
+        """Seconds the NXDOMAIN stays cached, so callers may cache it as long as we do."""
+        cache = self._resolver.cache
+        for qname in exc.qnames():
+            cached = cache.get((qname, dns.rdatatype.ANY, dns.rdataclass.IN)) if cache else None
+            if cached is not None:
+                return _remaining(cached.expiration)
+        return 0
+
+
+def _make_resolver(nameservers: Sequence[str], port: int) -> dns.asyncresolver.Resolver:
+    """Build the dnspython resolver; a host without resolv.conf gets one that always fails."""
+    if nameservers:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = list(nameservers)
+        resolver.port = port
+        return resolver
+    try:
+        return dns.asyncresolver.Resolver()
+    except dns.resolver.NoResolverConfiguration:
+        log.warning(
+            'event=dns_no_nameservers cause="no nameservers in /etc/resolv.conf; '
+            'set [dns].nameservers" effect="every lookup fails as servfail"'
+        )
+        return dns.asyncresolver.Resolver(configure=False)
+
+
+def _remaining(expiration: float) -> int:
+    """Whole seconds until ``expiration`` (a ``time.time()`` value), never negative."""
+    return max(0, int(expiration - time.time()))
+
+
+def _to_text(rdata: dns.rdata.Rdata) -> str:
+    """Text form callers can use directly: TXT strings joined and decoded, others as in zones."""
+    if rdata.rdtype in (dns.rdatatype.TXT, dns.rdatatype.SPF):
+        return b"".join(rdata.strings).decode("utf-8", errors="replace")  # type: ignore[attr-defined]
+    return rdata.to_text()

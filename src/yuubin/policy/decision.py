@@ -1,0 +1,45 @@
+"""What a policy check answers, and the facts about a session it decides on.
+
+Each check returns a Decision naming itself and its reason, so every rejection can be logged
+(and later explained) as the path the decision took.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from yuubin.smtp.replies import Reply
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    reply: Reply | None  # None: accepted (the core's default positive reply)
+    check: str
+    reason: str
+
+    @property
+    def accepted(self) -> bool:
+        return self.reply is None or self.reply.code < 400
+
+
+def accept(check: str, reason: str = "ok") -> Decision:
+    return Decision(None, check, reason)
+
+
+def reject(check: str, reason: str, code: int, status: str, text: str) -> Decision:
+    return Decision(Reply(code, status, text), check, reason)
+
+
+@dataclass(slots=True)
+class SessionFacts:
+    session: str
+    listener: str  # listener kind
+    client: IPAddress
+    trusted: bool
+    tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
+    helo: str | None = None
+    auth_user: str | None = None
+    notes: dict[str, str] = field(default_factory=dict)

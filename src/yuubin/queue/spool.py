@@ -1,0 +1,109 @@
+"""The spool: every accepted message with its envelope, durable before the 250.
+
+One file per message: a JSON envelope line, then the message bytes. One file means one fsync.
+The envelope records the message length, so a file cut short by a crash during the write (which
+was never acknowledged) is recognised at start-up and set aside instead of delivered.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from yuubin.durable import FileWrite, GroupCommitter, fsync_dir
+
+MAGIC = b"YUUBIN-SPOOL-1 "
+_counter = itertools.count()
+
+
+class SpoolCorrupt(Exception):
+    pass
+
+
+@dataclass
+class Envelope:
+    id: str
+    sender: str  # "" for the null sender
+    mail_params: dict[str, str]
+    local: list[tuple[str, str]]  # (mailbox, recipient as given)
+    remote: list[dict[str, object]]  # {"to": address, "params": {...}}; delivered by outbound
+    received: float
+    client: str
+    helo: str
+    listener: str
+    size: int = 0
+    auth: str | None = None
+    attempts: int = 0
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return MAGIC + json.dumps(asdict(self), separators=(",", ":")).encode() + b"\n"
+
+    @classmethod
+    def decode(cls, line: bytes) -> Envelope:
+        if not line.startswith(MAGIC):
+            raise SpoolCorrupt("bad magic")
+        raw = json.loads(line[len(MAGIC):])
+        raw["local"] = [tuple(x) for x in raw["local"]]
+        return cls(**raw)
+
+
+def new_id() -> str:
+    return f"{time.time_ns():016x}{next(_counter) & 0xFFFF:04x}"
+
+
+class Spool:
+    def __init__(self, root: Path, committer: GroupCommitter):
+        self.root = root
+        self.queue_dir = root / "queue"
+        self.tmp_dir = root / "tmp"
+        self.corrupt_dir = root / "corrupt"
+        for d in (self.queue_dir, self.tmp_dir, self.corrupt_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        fsync_dir(root)
+        self.committer = committer
+
+    def path(self, qid: str) -> Path:
+        return self.queue_dir / qid
+
+    async def store(self, env: Envelope, data: bytes) -> None:
+        """Durable on return: file and directory fsynced (group-committed)."""
+        env.size = len(data)
+        await self.committer.commit([FileWrite(self.path(env.id), [env.encode(), data])])
+
+    async def rewrite(self, env: Envelope, data: bytes) -> None:
+        """Replace an entry's envelope atomically (write aside, fsync, rename over)."""
+        env.size = len(data)
+        tmp = self.tmp_dir / f"{env.id}.{next(_counter)}"
+        await self.committer.commit([FileWrite(tmp, [env.encode(), data], rename_to=self.path(env.id))])
+
+    def ids(self) -> list[str]:
+        return sorted(p.name for p in self.queue_dir.iterdir() if not p.name.startswith("."))
+
+    def load(self, qid: str) -> tuple[Envelope, bytes]:
+        raw = self.path(qid).read_bytes()
+        nl = raw.find(b"\n")
+        if nl < 0:
+            raise SpoolCorrupt("no envelope line")
+        try:
+            env = Envelope.decode(raw[: nl + 1])
+        except (ValueError, TypeError, KeyError) as e:
+            raise SpoolCorrupt(f"bad envelope: {e}") from None
+        data = raw[nl + 1:]
+        if len(data) != env.size:
+            raise SpoolCorrupt(f"length {len(data)} != {env.size}")
+        return env, data
+
+    def set_aside(self, qid: str) -> Path:
+        """Move a corrupt entry out of the queue, keeping it for the admin to inspect."""
+        dest = self.corrupt_dir / qid
+        os.rename(self.path(qid), dest)
+        return dest
+
+    def clean_tmp(self) -> None:
+        for p in self.tmp_dir.iterdir():
+            p.unlink(missing_ok=True)

@@ -1,0 +1,707 @@
+"""The SMTP server protocol core, sans-IO (in the style of h11).
+
+Feed it bytes with `receive_data()`, pull events with `next_event()`, answer the events that need
+a decision with `accept()`/`reject()`, and send what `data_to_send()` returns. It owns the state
+machine, every limit and the DATA/BDAT framing; it never touches a socket, clock or resolver, so
+policy can be async and the core stays testable byte for byte.
+
+Commands that need no outside knowledge (NOOP, RSET, HELP, VRFY, syntax and sequence errors) are
+answered inside; HELO/EHLO, MAIL, RCPT, a finished message, STARTTLS and QUIT surface as events.
+While an event awaits its answer, parsing stops, so pipelined commands are answered in order.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from yuubin.smtp import replies as R
+from yuubin.smtp.address import Address, AddressError, is_xtext, parse_path
+from yuubin.smtp.replies import Reply
+
+
+class _Sentinel(enum.Enum):
+    NEED_DATA = "NEED_DATA"  # feed more bytes
+    PAUSED = "PAUSED"  # an event awaits accept()/reject()
+    CLOSED = "CLOSED"  # the session is over; flush data_to_send() and close
+
+
+NEED_DATA = _Sentinel.NEED_DATA
+PAUSED = _Sentinel.PAUSED
+CLOSED = _Sentinel.CLOSED
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    line_length: int = 512
+    message_size: int = 26_214_400
+    recipients: int = 100
+    max_errors: int = 20
+
+
+@dataclass(slots=True)
+class Hello:
+    name: str
+    extended: bool
+
+
+@dataclass(slots=True)
+class MailFrom:
+    sender: Address | None  # None is the null sender <>
+    params: dict[str, str]
+
+
+@dataclass(slots=True)
+class RcptTo:
+    recipient: Address
+    params: dict[str, str]
+
+
+@dataclass(slots=True)
+class AcceptedRecipient:
+    address: Address
+    params: dict[str, str]
+    context: object = None  # whatever the shell attached on accept() (e.g. where it routes)
+
+
+@dataclass(slots=True)
+class MessageReceived:
+    sender: Address | None
+    mail_params: dict[str, str]
+    recipients: list[AcceptedRecipient]
+    data: bytes  # dot-unstuffed, CRLF line endings, without the final "."
+    chunked: bool  # came by BDAT
+
+
+@dataclass(slots=True)
+class StartTLS:
+    """The 220 is already queued: flush it, do the handshake, then call `tls_started()`."""
+
+
+@dataclass(slots=True)
+class AuthRequested:
+    mechanism: str
+    initial: str | None
+
+
+@dataclass(slots=True)
+class Quit:
+    pass
+
+
+Event = Hello | MailFrom | RcptTo | MessageReceived | StartTLS | AuthRequested | Quit
+
+
+class _State(enum.Enum):
+    CONNECTED = 1  # waiting for HELO/EHLO
+    READY = 2  # greeted, no transaction
+    MAIL = 3  # MAIL accepted
+    DATA = 4  # reading DATA content
+    BDAT = 5  # reading a BDAT chunk
+    TLS = 6  # STARTTLS accepted, waiting for the handshake
+    REFUSED = 7  # greeting was 554: only QUIT works
+    CLOSED = 8
+
+
+@dataclass(slots=True)
+class _Transaction:
+    sender: Address | None
+    params: dict[str, str]
+    recipients: list[AcceptedRecipient] = field(default_factory=list)
+    chunked: bool = False
+
+
+class SMTPServerConnection:
+    """One SMTP session's protocol state. All I/O stays outside."""
+
+    def __init__(
+        self,
+        hostname: str,
+        limits: Limits = Limits(),
+        *,
+        tls_available: bool = False,
+        tls_active: bool = False,
+        auth_mechanisms: tuple[str, ...] = (),
+        auth_requires_tls: bool = True,
+    ):
+        self.hostname = hostname
+        self.limits = limits
+        self.tls_available = tls_available
+        self.tls_active = tls_active
+        self.auth_mechanisms = auth_mechanisms
+        self.auth_requires_tls = auth_requires_tls
+        self.helo: str | None = None
+        self.esmtp = False
+        self.errors = 0
+        self.messages = 0
+        self._state = _State.CONNECTED
+        self._in = bytearray()
+        self._out: list[bytes] = []
+        self._pending: Event | None = None
+        self._txn: _Transaction | None = None
+        self._discard_line = False
+        # DATA/BDAT content buffer; DATA keeps a leading CRLF so the terminator search and
+        # dot-unstuffing treat the first line like every other line.
+        self._msg = bytearray()
+        self._scan = 0
+        self._oversize = False
+        self._chunk_left = 0
+        self._chunk_last = False
+        self._chunk_error: Reply | None = None
+
+    # ---- driving the core ----------------------------------------------------------------
+
+    def start(self, greeting: Reply | None = None) -> None:
+        """Queue the banner. A 554 greeting leaves only QUIT usable (RFC 5321 3.1)."""
+        if greeting is None:
+            greeting = Reply(220, "", f"{self.hostname} ESMTP yuubin")
+        elif greeting.code >= 500:
+            self._state = _State.REFUSED
+        self._out.append(greeting.encode())
+
+    def receive_data(self, data: bytes) -> None:
+        if self._state in (_State.CLOSED, _State.TLS):
+            return  # bytes after STARTTLS or QUIT are never executed
+        self._in += data
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self._state is _State.CLOSED
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._txn is not None
+
+    @property
+    def receiving_content(self) -> bool:
+        return self._state in (_State.DATA, _State.BDAT)
+
+    @property
+    def unprocessed(self) -> int:
+        """Bytes received but not yet parsed (the shell pauses reading when this grows)."""
+        return len(self._in)
+
+    def close(self, reply: Reply) -> None:
+        """End the session from outside (timeout, shutdown) with a final 421."""
+        if self._state is not _State.CLOSED:
+            self._out.append(reply.encode())
+            self._state = _State.CLOSED
+        self._pending = None
+
+    def next_event(self) -> Event | _Sentinel:
+        while True:
+            if self._state is _State.CLOSED:
+                return CLOSED
+            if self._pending is not None or self._state is _State.TLS:
+                return PAUSED
+            if self._state is _State.DATA:
+                ev = self._read_data()
+            elif self._state is _State.BDAT:
+                ev = self._read_chunk()
+            else:
+                ev = self._read_command()
+            if ev is None:
+                continue
+            if ev is NEED_DATA:
+                return NEED_DATA
+            self._pending = ev
+            return ev
+
+    def accept(self, reply: Reply | None = None, *, context: object = None) -> None:
+        """Accept the pending event; `reply` overrides the default positive reply.
+
+        For RcptTo, `context` is kept with the recipient and comes back in MessageReceived.
+        """
+        ev = self._take_pending()
+        if isinstance(ev, Hello):
+            self.helo = ev.name
+            self.esmtp = ev.extended
+            self._txn = None
+            self._state = _State.READY
+            self._send(reply or self._hello_reply(ev))
+        elif isinstance(ev, MailFrom):
+            self._txn = _Transaction(ev.sender, ev.params)
+            self._state = _State.MAIL
+            self._send(reply or R.SENDER_OK)
+        elif isinstance(ev, RcptTo):
+            assert self._txn is not None
+            self._txn.recipients.append(AcceptedRecipient(ev.recipient, ev.params, context))
+            self._send(reply or R.RECIPIENT_OK)
+        elif isinstance(ev, MessageReceived):
+            self.messages += 1
+            self._send(reply or R.OK)
+        elif isinstance(ev, Quit):
+            self._send(reply or R.BYE)
+            self._state = _State.CLOSED
+        elif isinstance(ev, AuthRequested):
+            self._send(reply or Reply(235, "2.7.0", "authentication succeeded"))
+        else:  # pragma: no cover - StartTLS is answered by tls_started()
+            raise RuntimeError(f"cannot accept {ev!r}")
+
+    def reject(self, reply: Reply) -> None:
+        """Refuse the pending event with a 4xx/5xx reply (421 also closes the session)."""
+        ev = self._take_pending()
+        if reply.code < 400:
+            raise ValueError("reject() needs a 4xx or 5xx reply")
+        if isinstance(ev, MessageReceived):
+            self._end_transaction()
+        self._error(reply)
+        if reply.code == 421:
+            self._state = _State.CLOSED
+
+    def tls_started(self) -> None:
+        """The handshake finished: everything is forgotten and a new EHLO is required."""
+        if self._state is not _State.TLS:
+            raise RuntimeError("tls_started() without STARTTLS")
+        self._pending = None
+        self.tls_active = True
+        self.helo = None
+        self.esmtp = False
+        self._txn = None
+        self._state = _State.CONNECTED
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _take_pending(self) -> Event:
+        ev = self._pending
+        if ev is None:
+            raise RuntimeError("no event is waiting for an answer")
+        self._pending = None
+        return ev
+
+    def _send(self, reply: Reply) -> None:
+        self._out.append(reply.encode())
+
+    def _error(self, reply: Reply) -> None:
+        """Send an error reply and count it; too many errors end the session."""
+        self._send(reply)
+        self.errors += 1
+        if self.errors >= self.limits.max_errors and self._state is not _State.CLOSED:
+            self._send(R.TOO_MANY_ERRORS)
+            self._state = _State.CLOSED
+
+    def _end_transaction(self) -> None:
+        self._txn = None
+        self._msg = bytearray()
+        self._oversize = False
+        if self._state is not _State.CLOSED and self._state is not _State.REFUSED:
+            self._state = _State.READY if self.helo is not None else _State.CONNECTED
+
+    def _hello_reply(self, ev: Hello) -> Reply:
+        if not ev.extended:
+            return Reply(250, "", f"{self.hostname} greets {ev.name}")
+        lines = [f"{self.hostname} greets {ev.name}", "PIPELINING", f"SIZE {self.limits.message_size}",
+                 "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "DSN"]
+        if self.tls_available and not self.tls_active:
+            lines.append("STARTTLS")
+        if self.auth_mechanisms and (self.tls_active or not self.auth_requires_tls):
+            lines.append("AUTH " + " ".join(self.auth_mechanisms))
+        return Reply(250, "", tuple(lines))
+
+    def _read_command(self) -> Event | _Sentinel | None:
+        buf = self._in
+        nl = buf.find(b"\n")
+        limit = self.limits.line_length
+        if nl < 0:
+            if len(buf) > limit:
+                # Keep reading until the end of this over-long line, then say 500 once.
+                self._discard_line = True
+                buf.clear()
+            return NEED_DATA
+        line = bytes(buf[:nl])
+        del buf[: nl + 1]
+        if self._discard_line or nl + 1 > limit:
+            self._discard_line = False
+            self._error(R.LINE_TOO_LONG)
+            return None
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if b"\0" in line:
+            self._error(R.BAD_COMMAND_ENCODING)
+            return None
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self._error(R.BAD_COMMAND_ENCODING)
+            return None
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        if self._state is _State.REFUSED:
+            if verb == "QUIT":
+                return Quit()
+            self._error(Reply(503, "5.7.1", "service refused at connect; only QUIT is accepted"))
+            return None
+        handler = _COMMANDS.get(verb)
+        if handler is None:
+            self._error(R.UNKNOWN_COMMAND)
+            return None
+        return handler(self, arg.strip(" "))
+
+    # -- commands --
+
+    def _cmd_helo(self, arg: str, extended: bool) -> Event | None:
+        if not arg:
+            self._error(Reply(501, "5.5.4", f"syntax: {'EHLO' if extended else 'HELO'} hostname"))
+            return None
+        return Hello(arg.split(" ")[0], extended)
+
+    def _cmd_ehlo(self, arg: str) -> Event | None:
+        return self._cmd_helo(arg, True)
+
+    def _cmd_helo_plain(self, arg: str) -> Event | None:
+        return self._cmd_helo(arg, False)
+
+    def _cmd_mail(self, arg: str) -> Event | None:
+        if self.helo is None:
+            self._error(R.NEED_HELO)
+            return None
+        if self._txn is not None:
+            self._error(R.NESTED_MAIL)
+            return None
+        if arg[:5].upper() != "FROM:":
+            self._error(Reply(501, "5.5.4", "syntax: MAIL FROM:<address> [parameters]"))
+            return None
+        parsed = self._path_and_params(arg[5:])
+        if parsed is None:
+            return None
+        path, params = parsed
+        error = self._check_mail_params(params)
+        if error:
+            self._error(error)
+            return None
+        try:
+            sender = parse_path(path, smtputf8="SMTPUTF8" in params)
+        except AddressError as e:
+            self._error(e.reply)
+            return None
+        if sender is not None and not sender.domain:
+            self._error(Reply(501, "5.1.7", "sender address needs a domain"))
+            return None
+        return MailFrom(sender, params)
+
+    def _cmd_rcpt(self, arg: str) -> Event | None:
+        if self._txn is None:
+            self._error(R.NEED_MAIL)
+            return None
+        if self._txn.chunked:
+            self._error(Reply(503, "5.5.1", "RCPT not allowed after BDAT"))
+            return None
+        if arg[:3].upper() != "TO:":
+            self._error(Reply(501, "5.5.4", "syntax: RCPT TO:<address> [parameters]"))
+            return None
+        parsed = self._path_and_params(arg[3:])
+        if parsed is None:
+            return None
+        path, params = parsed
+        error = self._check_rcpt_params(params)
+        if error:
+            self._error(error)
+            return None
+        if len(self._txn.recipients) >= self.limits.recipients:
+            self._error(R.TOO_MANY_RECIPIENTS)
+            return None
+        try:
+            rcpt = parse_path(path, smtputf8="SMTPUTF8" in self._txn.params)
+        except AddressError as e:
+            self._error(e.reply)
+            return None
+        if rcpt is None:
+            self._error(Reply(501, "5.1.3", "null recipient not allowed"))
+            return None
+        return RcptTo(rcpt, params)
+
+    def _cmd_data(self, arg: str) -> Event | None:
+        if arg:
+            self._error(Reply(501, "5.5.4", "syntax: DATA takes no arguments"))
+            return None
+        if self._txn is None:
+            self._error(R.NEED_MAIL)
+            return None
+        if self._txn.chunked:
+            self._error(R.MIXED_DATA_BDAT)
+            return None
+        if not self._txn.recipients:
+            self._error(R.NEED_RCPT)
+            return None
+        self._state = _State.DATA
+        self._msg = bytearray(b"\r\n")
+        self._scan = 0
+        self._oversize = False
+        self._send(R.START_DATA)
+        return None
+
+    def _cmd_bdat(self, arg: str) -> Event | None:
+        parts = arg.split()
+        if not parts or len(parts) > 2 or not parts[0].isdigit() or (
+                len(parts) == 2 and parts[1].upper() != "LAST"):
+            # Without a valid size the chunk cannot be skipped: the stream is lost, so close.
+            self._send(Reply(501, "5.5.4", "syntax: BDAT size [LAST]; closing connection"))
+            self._state = _State.CLOSED
+            return None
+        self._chunk_left = int(parts[0])
+        self._chunk_last = len(parts) == 2
+        self._chunk_error = None
+        if self.helo is None:
+            self._chunk_error = R.NEED_HELO
+        elif self._txn is None:
+            self._chunk_error = R.NEED_MAIL
+        elif not self._txn.recipients:
+            self._chunk_error = R.NEED_RCPT
+        elif not self._txn.chunked:
+            self._txn.chunked = True
+            self._msg = bytearray()
+            self._oversize = False
+        self._state = _State.BDAT
+        return None
+
+    def _cmd_rset(self, arg: str) -> Event | None:
+        self._end_transaction()
+        self._send(R.RESET_OK)
+        return None
+
+    def _cmd_noop(self, arg: str) -> Event | None:
+        self._send(R.NOOP_OK)
+        return None
+
+    def _cmd_quit(self, arg: str) -> Event | None:
+        return Quit()
+
+    def _cmd_vrfy(self, arg: str) -> Event | None:
+        if not arg:
+            self._error(Reply(501, "5.5.4", "syntax: VRFY address"))
+            return None
+        self._send(R.VRFY_REPLY)
+        return None
+
+    def _cmd_expn(self, arg: str) -> Event | None:
+        self._error(Reply(502, "5.5.1", "EXPN not available"))
+        return None
+
+    def _cmd_help(self, arg: str) -> Event | None:
+        self._send(R.HELP_REPLY)
+        return None
+
+    def _cmd_starttls(self, arg: str) -> Event | None:
+        if arg:
+            self._error(Reply(501, "5.5.4", "syntax: STARTTLS takes no arguments"))
+            return None
+        if self.tls_active:
+            self._error(R.TLS_ALREADY)
+            return None
+        if not self.tls_available:
+            self._error(R.TLS_UNAVAILABLE)
+            return None
+        if self.helo is None:
+            self._error(R.NEED_HELO)
+            return None
+        self._send(R.READY_TLS)
+        # Anything the client pipelined after STARTTLS was sent in clear text before the
+        # handshake: drop it (CVE-2011-0411 class), never execute it.
+        self._in.clear()
+        self._state = _State.TLS
+        return StartTLS()
+
+    def _cmd_auth(self, arg: str) -> Event | None:
+        if not self.auth_mechanisms:
+            self._error(R.AUTH_NOT_HERE)
+            return None
+        if self.auth_requires_tls and not self.tls_active:
+            self._error(Reply(538, "5.7.11", "encryption required: send STARTTLS first"))
+            return None
+        if self.helo is None:
+            self._error(R.NEED_HELO)
+            return None
+        if self._txn is not None:
+            self._error(Reply(503, "5.5.1", "AUTH not allowed during a transaction"))
+            return None
+        parts = arg.split(" ")
+        mech = parts[0].upper()
+        if not mech or len(parts) > 2:
+            self._error(Reply(501, "5.5.4", "syntax: AUTH mechanism [initial-response]"))
+            return None
+        if mech not in self.auth_mechanisms:
+            self._error(Reply(504, "5.5.4", "unrecognized authentication mechanism"))
+            return None
+        return AuthRequested(mech, parts[1] if len(parts) == 2 else None)
+
+    # -- parameters --
+
+    def _path_and_params(self, rest: str) -> tuple[str, dict[str, str]] | None:
+        rest = rest.lstrip(" ")
+        if rest.startswith("<"):
+            end = self._path_end(rest)
+            if end < 0:
+                self._error(Reply(501, "5.5.4", "syntax: expected <address>"))
+                return None
+            path, tail = rest[: end + 1], rest[end + 1 :]
+        else:
+            self._error(Reply(501, "5.5.4", "syntax: address must be in angle brackets"))
+            return None
+        params: dict[str, str] = {}
+        if tail and not tail.startswith(" "):
+            self._error(Reply(501, "5.5.4", "syntax: expected space before parameters"))
+            return None
+        for item in tail.split():
+            key, eq, value = item.partition("=")
+            key = key.upper()
+            if not key or key in params or (eq and not value):
+                self._error(Reply(501, "5.5.4", f"bad parameter {item!r}"))
+                return None
+            params[key] = value if eq else ""
+        return path, params
+
+    @staticmethod
+    def _path_end(s: str) -> int:
+        """Index of the `>` closing the path, skipping quoted local parts."""
+        quoted = False
+        i = 1
+        while i < len(s):
+            c = s[i]
+            if quoted and c == "\\":
+                i += 2
+                continue
+            if c == '"':
+                quoted = not quoted
+            elif c == ">" and not quoted:
+                return i
+            i += 1
+        return -1
+
+    def _check_mail_params(self, params: dict[str, str]) -> Reply | None:
+        for key, value in params.items():
+            if key == "SIZE":
+                if not value.isdigit():
+                    return Reply(501, "5.5.4", "SIZE needs a number")
+                if int(value) > self.limits.message_size:
+                    return R.MESSAGE_TOO_BIG
+            elif key == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    return Reply(555, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+                params[key] = value.upper()
+            elif key == "SMTPUTF8":
+                if value:
+                    return Reply(555, "5.5.4", "SMTPUTF8 takes no value")
+            elif key == "RET":
+                if value.upper() not in ("FULL", "HDRS"):
+                    return Reply(501, "5.5.4", "RET must be FULL or HDRS")
+                params[key] = value.upper()
+            elif key == "ENVID":
+                if not value or len(value) > 100 or not is_xtext(value):
+                    return Reply(501, "5.5.4", "ENVID must be xtext of at most 100 characters")
+            elif key == "AUTH":
+                pass  # RFC 4954 AUTH=<> parameter: accepted and ignored
+            else:
+                return Reply(555, "5.5.4", f"unsupported MAIL parameter {key}")
+        return None
+
+    def _check_rcpt_params(self, params: dict[str, str]) -> Reply | None:
+        for key, value in params.items():
+            if key == "NOTIFY":
+                items = value.upper().split(",")
+                if not value or not set(items) <= {"NEVER", "SUCCESS", "FAILURE", "DELAY"} or (
+                        "NEVER" in items and len(items) > 1):
+                    return Reply(501, "5.5.4", "NOTIFY must be NEVER or SUCCESS,FAILURE,DELAY")
+                params[key] = value.upper()
+            elif key == "ORCPT":
+                addr_type, semi, addr = value.partition(";")
+                if not semi or not addr_type or not addr or not is_xtext(addr):
+                    return Reply(501, "5.5.4", "ORCPT must be addr-type;xtext")
+            else:
+                return Reply(555, "5.5.4", f"unsupported RCPT parameter {key}")
+        return None
+
+    # -- message content --
+
+    def _read_data(self) -> Event | _Sentinel | None:
+        msg = self._msg
+        if self._in:
+            msg += self._in
+            self._in.clear()
+        end = msg.find(b"\r\n.\r\n", self._scan)
+        if end < 0:
+            if self._oversize or len(msg) - 2 > self.limits.message_size:
+                # Past the limit only the terminator matters: keep its possible prefix.
+                self._oversize = True
+                del msg[:-4]
+                self._scan = 0
+            else:
+                self._scan = max(0, len(msg) - 4)
+            return NEED_DATA
+        self._in = msg[end + 5 :]
+        if self._oversize or end > self.limits.message_size:
+            self._end_transaction()
+            self._error(R.MESSAGE_TOO_BIG)
+            return None
+        content = bytes(msg[: end + 2])
+        self._msg = bytearray()
+        self._state = _State.READY
+        return self._finish(content.replace(b"\r\n.", b"\r\n")[2:], chunked=False)
+
+    def _read_chunk(self) -> Event | _Sentinel | None:
+        if self._chunk_left:
+            take = self._in[: self._chunk_left]
+            del self._in[: len(take)]
+            self._chunk_left -= len(take)
+            if self._chunk_error is None and not self._oversize:
+                self._msg += take
+                if len(self._msg) > self.limits.message_size:
+                    self._oversize = True
+                    self._msg = bytearray()
+            if self._chunk_left:
+                return NEED_DATA
+        self._state = _State.READY if self.helo is not None else _State.CONNECTED
+        if self._chunk_error is not None:
+            error, self._chunk_error = self._chunk_error, None
+            if self._txn is not None:
+                self._end_transaction()
+            self._error(error)
+            return None
+        if self._oversize:
+            self._end_transaction()
+            self._error(R.MESSAGE_TOO_BIG)
+            return None
+        self._state = _State.MAIL
+        if not self._chunk_last:
+            self._send(Reply(250, "2.0.0", f"{len(self._msg)} octets received"))
+            return None
+        content = bytes(self._msg)
+        self._msg = bytearray()
+        self._state = _State.READY
+        return self._finish(content, chunked=True)
+
+    def _finish(self, content: bytes, chunked: bool) -> Event | None:
+        """Check framing and hand the message up; the transaction ends either way."""
+        txn = self._txn
+        assert txn is not None
+        self._txn = None
+        crlf = content.count(b"\r\n")
+        if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
+            # A bare CR or LF is how SMTP smuggling hides a second message: refuse it whole.
+            self._error(R.BARE_LINE_ENDING)
+            return None
+        if content and not content.endswith(b"\r\n"):
+            content += b"\r\n"
+        return MessageReceived(txn.sender, txn.params, txn.recipients, content, chunked)
+
+
+_COMMANDS = {
+    "EHLO": SMTPServerConnection._cmd_ehlo,
+    "HELO": SMTPServerConnection._cmd_helo_plain,
+    "MAIL": SMTPServerConnection._cmd_mail,
+    "RCPT": SMTPServerConnection._cmd_rcpt,
+    "DATA": SMTPServerConnection._cmd_data,
+    "BDAT": SMTPServerConnection._cmd_bdat,
+    "RSET": SMTPServerConnection._cmd_rset,
+    "NOOP": SMTPServerConnection._cmd_noop,
+    "QUIT": SMTPServerConnection._cmd_quit,
+    "VRFY": SMTPServerConnection._cmd_vrfy,
+    "EXPN": SMTPServerConnection._cmd_expn,
+    "HELP": SMTPServerConnection._cmd_help,
+    "STARTTLS": SMTPServerConnection._cmd_starttls,
+    "AUTH": SMTPServerConnection._cmd_auth,
+}
