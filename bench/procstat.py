@@ -50,10 +50,10 @@ def cpu_seconds(pid: int, include_reaped: bool = True) -> float:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """CPU of a process tree: the root's own and reaped children's time plus
-    the live descendants' own time. Short-lived children that were already
-    alive before a measurement start are slightly over-counted; good enough
-    for a delta over a run that takes seconds."""
+    """CPU of a process tree: each live process's own time plus the time of
+    the children it has reaped. A child alive at a first reading and reaped by
+    the second moves from "live" to the parent's cutime/cstime, so deltas
+    between two readings stay consistent."""
     total = 0.0
     for p in tree(pid):
         try:

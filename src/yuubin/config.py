@@ -138,8 +138,8 @@ def parse_hostport(value: Any, key: str) -> tuple[str, int]:
         raise ConfigError(f"{key}: expected \"HOST:PORT\" or \"[IPV6]:PORT\", got {value!r}")
     host = m.group(1) or m.group(3)
     port = int(m.group(2) or m.group(4))
-    if not 0 < port < 65536:
-        raise ConfigError(f"{key}: port {port} is out of range 1-65535")
+    if not 0 <= port < 65536:  # 0: any free port (tests, benchmarks)
+        raise ConfigError(f"{key}: port {port} is out of range 0-65535")
     try:
         ipaddress.ip_address(host)
     except ValueError:
