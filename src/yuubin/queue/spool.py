@@ -36,7 +36,9 @@ class Envelope:
     helo: str
     listener: str
     size: int = 0
-    auth: str | None = None
+    auth: str | None = None  # the account that submitted it (587/465), else None
+    trusted: bool = False  # came from [network].trusted: ours, so it may be bounced to its sender
+    held: bool = False  # on hold: never sent, never deleted, until released
     attempts: int = 0
     extra: dict[str, object] = field(default_factory=dict)
 

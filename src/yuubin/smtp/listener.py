@@ -297,7 +297,7 @@ class SMTPSession(asyncio.Protocol):
         env = Envelope(
             id=qid, sender=ev.sender.text if ev.sender else "", mail_params=ev.mail_params,
             local=local, remote=remote, received=time.time(), client=str(facts.client),
-            helo=facts.helo or "", listener=self.ctx.kind, auth=facts.auth_user,
+            helo=facts.helo or "", listener=self.ctx.kind, auth=facts.auth_user, trusted=facts.trusted,
         )
         try:
             await self.server.spool.store(env, data)
