@@ -1,0 +1,634 @@
+"""End to end: the port-25 policy over real sockets (smtplib, aiosmtplib, raw bytes) and real TLS.
+
+The server runs in a thread of this process (tests/serverfixtures.py). Clients bound to
+127.0.x.y are in `network.trusted` (the LAN); clients bound to 127.1.x.y and above are "the
+internet".
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import functools
+import json
+import logging
+import re
+import smtplib
+import socket
+import ssl
+import time
+
+import aiosmtplib
+import pytest
+
+from tests import serverfixtures
+from tests.smtpclient import RawSMTP
+from yuubin.auth.passwords import hash_password
+
+TRUSTED = "127.0.3.1"  # inside 127.0.0.0/16
+UNTRUSTED = "127.1.0.1"
+SENDER = "sender@remote.example"
+
+ACCOUNTS = {
+    "alice@example.test": "correct horse battery staple",
+    "bob@example.test": "bob's long password 42",
+    "admin@example.test": "the admin's own password 7",
+}
+POSTMASTER = {"postmaster": "admin@example.test"}
+
+ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
+
+
+@pytest.fixture(autouse=True)
+def _hash_each_password_once(monkeypatch):
+    """Argon2id costs ~0.15 s per hash; port 25 never checks passwords, so reuse the hashes."""
+    monkeypatch.setattr(serverfixtures, "hash_password", _cached_hash)
+
+
+@functools.cache
+def _cached_hash(password: str) -> str:
+    return hash_password(password)
+
+
+def connect(srv, source: str = UNTRUSTED, host: str = "127.0.0.1") -> smtplib.SMTP:
+    return smtplib.SMTP(host, srv.port("mx"), local_hostname="client.remote.example",
+                        source_address=(source, 0), timeout=10)
+
+
+def message(subject: str = "hello", body: str = "Hi there.\r\n") -> bytes:
+    return (f"From: <{SENDER}>\r\nTo: <alice@example.test>\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject.replace(' ', '-')}@remote.example>\r\n\r\n{body}").encode()
+
+
+def headers(raw: bytes) -> email.message.EmailMessage:
+    return email.message_from_bytes(raw, policy=email.policy.default)
+
+
+def spool_entries(srv) -> list[bytes]:
+    q = srv.config.data_dir / "spool" / "queue"
+    return [p.read_bytes() for p in sorted(q.iterdir())] if q.exists() else []
+
+
+def spool_envelope(raw: bytes) -> dict:
+    first, _, _ = raw.partition(b"\n")
+    return json.loads(first[first.index(b"{"):])
+
+
+def all_maildirs(srv) -> list[str]:
+    root = srv.config.mail_dir
+    return sorted(str(p.relative_to(root)) for p in root.glob("*/*") if p.is_dir()) if root.exists() else []
+
+
+# ---- local recipients: accepted and delivered, trusted or not ------------------------------
+
+
+@pytest.mark.parametrize("source", [TRUSTED, UNTRUSTED])
+def test_local_user_is_delivered_with_trace_headers(make_server, source):
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv, source) as s:
+        assert s.ehlo()[0] == 250
+        assert s.mail(SENDER) == (250, b"2.1.0 sender OK")
+        code, text = s.rcpt("alice@example.test")
+        assert (code, text[:5]) == (250, b"2.1.5")
+        body = "Hi there.\r\n.leading dot survives dot-stuffing\r\n"
+        code, text = s.data(message("plain", body))
+        assert code == 250 and text.startswith(b"2.0.0 "), text
+    (raw,) = srv.wait_delivered("alice@example.test", 1)
+    lines = raw.split(b"\r\n")
+    assert lines[0] == f"Return-Path: <{SENDER}>".encode()
+    assert lines[1] == b"Delivered-To: alice@example.test"
+    assert lines[2].startswith(b"Received: from client.remote.example ")
+    msg = headers(raw)
+    received = msg["Received"]
+    assert f"[{source}]" in received
+    assert "by mx.test.example" in received and "with ESMTP " in received
+    assert "TLS" not in received
+    assert msg["Subject"] == "plain"
+    assert raw.endswith(b"\r\n\r\n" + body.encode())
+    assert all_maildirs(srv) == ["example.test/alice"]
+
+
+def test_starttls_session_records_tls_version_in_received(make_server, client_tls):
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv) as s:
+        s.ehlo()
+        assert s.has_extn("starttls")
+        assert s.starttls(context=client_tls)[0] == 220
+        s.ehlo()
+        assert not s.has_extn("starttls")
+        version = s.sock.version()
+        s.sendmail(SENDER, ["alice@example.test"], message("tls"))
+    (raw,) = srv.wait_delivered("alice@example.test", 1)
+    received = " ".join(headers(raw)["Received"].split())
+    assert version in ("TLSv1.2", "TLSv1.3")
+    assert "with ESMTPS " in received
+    assert f"(using {version} " in received
+
+
+def _weak_context(kind: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if kind == "tls1.1":
+        ctx.minimum_version = ssl.TLSVersion.TLSv1
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        ctx.set_ciphers("ALL:@SECLEVEL=0")
+    else:  # TLS 1.2 offering only CBC suites with SHA-1 MACs (outside the modern cipher list)
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers("ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA:AES128-SHA:@SECLEVEL=0")
+    return ctx
+
+
+def _handshakes_with_a_permissive_server(ctx: ssl.SSLContext, tls_files) -> bool:
+    """Proof that the weak client context works at all, so a refusal below is the server's."""
+    import threading
+
+    sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    sctx.minimum_version = ssl.TLSVersion.TLSv1
+    sctx.set_ciphers("ALL:@SECLEVEL=0")
+    sctx.load_cert_chain(*tls_files)
+    with socket.create_server(("127.0.0.1", 0)) as ls:
+        def serve() -> None:
+            conn, _ = ls.accept()
+            try:
+                sctx.wrap_socket(conn, server_side=True).close()
+            except (ssl.SSLError, OSError):
+                conn.close()
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        try:
+            with socket.create_connection(ls.getsockname(), timeout=5) as c, ctx.wrap_socket(c):
+                return True
+        except (ssl.SSLError, OSError):
+            return False
+        finally:
+            t.join(5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("kind", ["tls1.1", "tls1.2-cbc-sha1"])
+def test_server_refuses_old_tls(make_server, tls_files, kind):
+    try:
+        ctx = _weak_context(kind)
+    except (ssl.SSLError, ValueError):
+        pytest.skip(f"this OpenSSL cannot offer {kind}")
+    if not _handshakes_with_a_permissive_server(ctx, tls_files):
+        pytest.skip(f"this OpenSSL cannot negotiate {kind} even with a permissive server")
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv) as s:
+        s.ehlo()
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            s.starttls(context=ctx)
+
+
+@pytest.mark.parametrize("source", [TRUSTED, UNTRUSTED])
+def test_unknown_local_user_is_refused_at_rcpt(make_server, source):
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv, source) as s:
+        s.ehlo()
+        s.mail(SENDER)
+        code, text = s.rcpt("nobody@example.test")
+        assert code == 550 and text.startswith(b"5.1.1 "), text
+        code, text = s.rcpt("nobody@other.test")
+        assert code == 550 and text.startswith(b"5.1.1 "), text
+        # Nothing was accepted, so DATA has no recipient to go to: no accept-then-bounce.
+        code, _ = s.docmd("DATA")
+        assert code == 554
+    assert spool_entries(srv) == []
+
+
+def test_plus_address_delivers_to_the_user(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv) as s:
+        s.ehlo()
+        s.mail(SENDER)
+        assert s.rcpt("alice+newsletters@example.test")[0] == 250
+        assert s.rcpt("bob+x+y@example.test")[0] == 250
+        assert s.rcpt("nobody+tag@example.test")[0] == 550
+        assert s.data(message("plus"))[0] == 250
+    (raw,) = srv.wait_delivered("alice@example.test", 1)
+    assert b"\r\nDelivered-To: alice@example.test\r\n" in raw
+    srv.wait_delivered("bob@example.test", 1)
+    assert all_maildirs(srv) == ["example.test/alice", "example.test/bob"]
+
+
+def test_alias_delivers_to_every_target(make_server):
+    srv = make_server(accounts=ACCOUNTS, aliases={"team@example.test": ["alice@example.test", "bob@example.test"],
+                                                   "info@other.test": ["team@example.test"]})
+    with connect(srv) as s:
+        s.ehlo()
+        s.mail(SENDER)
+        assert s.rcpt("info@other.test")[0] == 250
+        assert s.data(message("alias"))[0] == 250
+    (a,) = srv.wait_delivered("alice@example.test", 1)
+    (b,) = srv.wait_delivered("bob@example.test", 1)
+    assert b"Delivered-To: alice@example.test\r\n" in a
+    assert b"Delivered-To: bob@example.test\r\n" in b
+    assert b"Subject: alias\r\n" in a and b"Subject: alias\r\n" in b
+
+
+# ---- postmaster ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rcpt", ["postmaster@example.test", "postmaster@other.test", "PostMaster@Other.Test",
+                                  "postmaster"])
+def test_postmaster_is_always_accepted_and_reaches_the_configured_account(make_server, rcpt):
+    srv = make_server(accounts=ACCOUNTS, domains=POSTMASTER)
+    with connect(srv) as s:
+        s.ehlo()
+        s.mail(SENDER)
+        code, text = s.docmd("RCPT", f"TO:<{rcpt}>")
+        assert code == 250, text
+        assert s.data(message("to postmaster"))[0] == 250
+    (raw,) = srv.wait_delivered("admin@example.test", 1)
+    assert b"Subject: to postmaster\r\n" in raw
+    assert all_maildirs(srv) == ["example.test/admin"]
+
+
+def test_bare_postmaster_is_accepted_from_a_trusted_client_too(make_server):
+    srv = make_server(accounts=ACCOUNTS, domains=POSTMASTER)
+    with connect(srv, TRUSTED) as s:
+        s.ehlo()
+        s.mail("<>")
+        assert s.docmd("RCPT", "TO:<postmaster>")[0] == 250
+        assert s.data(message("bounce"))[0] == 250
+    (raw,) = srv.wait_delivered("admin@example.test", 1)
+    assert raw.startswith(b"Return-Path: <>\r\n")
+
+
+# ---- relay ------------------------------------------------------------------------------------
+
+
+def test_untrusted_client_cannot_relay(make_server, caplog):
+    caplog.set_level(logging.INFO, logger="yuubin")
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv, UNTRUSTED) as s:
+        s.ehlo()
+        s.mail(SENDER)
+        code, text = s.rcpt("carol@remote.example")
+        assert code == 554 and text.startswith(b"5.7.1 "), text
+        assert b"relay" in text.lower()
+        assert s.docmd("DATA")[0] == 554
+    assert spool_entries(srv) == []
+    rejects = [r.getMessage() for r in caplog.records if "event=reject" in r.getMessage()]
+    assert len(rejects) == 1, rejects
+    assert "stage=rcpt" in rejects[0] and "check=relay" in rejects[0] and f"client={UNTRUSTED}" in rejects[0]
+    session = re.search(r"session=(\S+)", rejects[0]).group(1)
+    connects = [r.getMessage() for r in caplog.records if "event=connect" in r.getMessage()]
+    assert any(f"session={session} " in m and f"client={UNTRUSTED}" in m for m in connects)
+
+
+def test_trusted_client_relays_and_the_message_waits_in_the_spool(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv, TRUSTED) as s:
+        s.ehlo()
+        assert s.mail("alice@example.test", ["RET=HDRS", "ENVID=env-42"])[0] == 250
+        assert s.rcpt("carol@remote.example", ["NOTIFY=FAILURE,DELAY", "ORCPT=rfc822;carol@remote.example"])[0] == 250
+        assert s.data(message("outbound"))[0] == 250
+    time.sleep(0.3)  # give a (wrong) delivery a chance to pick it up
+    entries = spool_entries(srv)
+    assert len(entries) == 1
+    env = spool_envelope(entries[0])
+    assert env["sender"] == "alice@example.test"
+    assert env["mail_params"] == {"RET": "HDRS", "ENVID": "env-42"}
+    assert [r["to"] for r in env["remote"]] == ["carol@remote.example"]
+    assert env["remote"][0]["params"] == {"NOTIFY": "FAILURE,DELAY", "ORCPT": "rfc822;carol@remote.example"}
+    assert b"Subject: outbound\r\n" in entries[0]
+    assert all_maildirs(srv) == []
+
+
+def test_trusted_mixed_recipients_local_copy_delivered_remote_kept(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv, TRUSTED) as s:
+        s.sendmail("alice@example.test", ["bob@example.test", "carol@remote.example"], message("mixed"))
+    srv.wait_delivered("bob@example.test", 1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        entries = spool_entries(srv)
+        if len(entries) == 1 and spool_envelope(entries[0])["local"] == []:
+            break
+        time.sleep(0.05)
+    (entry,) = spool_entries(srv)
+    env = spool_envelope(entry)
+    assert env["local"] == [] and [r["to"] for r in env["remote"]] == ["carol@remote.example"]
+    time.sleep(0.2)
+    assert len(srv.delivered("bob@example.test")) == 1
+
+
+@pytest.mark.parametrize("rcpt", [
+    "carol%remote.example@example.test",
+    "remote.example!carol@example.test",
+    '"carol@remote.example"@example.test',
+    "@example.test:carol@remote.example",
+    "@other.test,@example.test:carol@remote.example",
+    "carol@remote.example@example.test",
+    "alice%remote.example@example.test",
+    '"alice@remote.example"@example.test',
+])
+def test_relay_tricks_are_refused_for_untrusted_clients(make_server, rcpt):
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv, UNTRUSTED) as s:
+        s.ehlo()
+        s.mail(SENDER)
+        code, text = s.docmd("RCPT", f"TO:<{rcpt}>")
+        assert 500 <= code < 600, (code, text)
+        assert ENHANCED.match(text.decode()), text
+        assert s.docmd("DATA")[0] == 554
+    time.sleep(0.1)
+    assert spool_entries(srv) == []
+    assert all_maildirs(srv) == []
+
+
+@pytest.mark.parametrize("sender", ["alice@example.test", "someone@other.test", "Bob@EXAMPLE.test"])
+def test_untrusted_client_may_not_use_a_local_sender_domain(make_server, sender):
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv, UNTRUSTED) as s:
+        s.ehlo()
+        code, text = s.mail(sender)
+        assert code == 550 and text.startswith(b"5.7.1 "), text
+        assert b"587" in text
+        assert s.docmd("RCPT", "TO:<alice@example.test>")[0] == 503  # no transaction was opened
+    with connect(srv, TRUSTED) as s:
+        s.ehlo()
+        assert s.mail(sender)[0] == 250
+
+
+# ---- AUTH is not a port-25 thing ----------------------------------------------------------------
+
+
+def test_auth_is_never_offered_and_refused_before_and_after_starttls(make_server, client_tls):
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv) as s:
+        s.ehlo()
+        assert not s.has_extn("auth")
+        assert "AUTH" not in s.ehlo_resp.decode().upper()
+        code, text = s.docmd("AUTH", "PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABjb3JyZWN0IGhvcnNl")
+        assert code in (502, 503) and text.startswith(b"5.5.1"), text
+        s.starttls(context=client_tls)
+        s.ehlo()
+        assert not s.has_extn("auth")
+        assert "AUTH" not in s.ehlo_resp.decode().upper()
+        for args in ("PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABjb3JyZWN0IGhvcnNl", "LOGIN", "CRAM-MD5"):
+            code, text = s.docmd("AUTH", args)
+            assert code in (502, 503) and text.startswith(b"5.5.1"), text
+        with pytest.raises(smtplib.SMTPNotSupportedError):
+            s.login("alice@example.test", ACCOUNTS["alice@example.test"])
+
+
+# ---- STARTTLS command injection (CVE-2011-0411 class) --------------------------------------------
+
+
+@pytest.mark.parametrize("injected", [
+    b"RSET\r\n",
+    b"EHLO injected.example\r\n",
+    b"EHLO injected.example\r\nMAIL FROM:<evil@remote.example>\r\n",
+])
+def test_commands_pipelined_after_starttls_are_discarded(make_server, client_tls, injected):
+    srv = make_server(accounts=ACCOUNTS)
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        assert c.reply()[0] == 220
+        assert c.cmd("EHLO client.remote.example")[0] == 250
+        c.send(b"STARTTLS\r\n" + injected)  # one packet
+        code, text = c.reply()
+        assert code == 220, text
+        assert c.pending(0.3) == b"", "the server answered more than once before the handshake"
+        c.starttls(client_tls)
+        # A new EHLO is required: the injected EHLO must not have counted, nor RSET been answered.
+        code, text = c.cmd("MAIL FROM:<sender@remote.example>")
+        assert code == 503 and text[0].startswith("5.5.1"), (code, text)
+        assert c.cmd("EHLO client.remote.example")[0] == 250
+        assert c.cmd("MAIL FROM:<sender@remote.example>")[0] == 250
+        assert c.pending(0.1) == b""
+
+
+# ---- SMTP smuggling -----------------------------------------------------------------------------
+
+
+SMUGGLED = (b"MAIL FROM:<evil@remote.example>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n"
+            b"Subject: smuggled\r\n\r\nevil\r\n")
+
+
+@pytest.mark.parametrize("end", [b"\n.\n", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r"])
+def test_smuggled_second_message_is_never_accepted(make_server, end):
+    srv = make_server(accounts=ACCOUNTS)
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        assert c.reply()[0] == 220
+        c.send(b"EHLO client.remote.example\r\nMAIL FROM:<sender@remote.example>\r\n"
+               b"RCPT TO:<alice@example.test>\r\nDATA\r\n")
+        assert [c.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        c.send(b"Subject: first\r\n\r\nhello" + end + SMUGGLED + b".\r\n")
+        code, text = c.reply()
+        assert (code, text[0][:5]) == (550, "5.5.2"), (code, text)
+        code, text = c.cmd("QUIT")
+        assert code == 221, "a hidden command was executed: " + repr((code, text))
+    time.sleep(0.3)
+    assert srv.delivered("bob@example.test") == []
+    assert len(srv.delivered("alice@example.test")) <= 1
+    assert srv.delivered("alice@example.test") == []  # the whole message is refused
+
+
+# ---- limits -------------------------------------------------------------------------------------
+
+
+def test_command_line_length_limit(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv) as s:
+        s.ehlo()
+        assert s.docmd("NOOP", "x" * 505)[0] == 250  # 512 octets with CRLF: allowed
+        code, text = s.docmd("NOOP", "x" * 506)  # 513 octets
+        assert (code, text[:5]) == (500, b"5.5.2"), text
+        code, text = s.docmd("NOOP", "y" * 5000)
+        assert (code, text[:5]) == (500, b"5.5.2"), text
+        assert s.noop()[0] == 250  # the session goes on
+        assert s.sendmail(SENDER, ["alice@example.test"], message("after long lines")) == {}
+    srv.wait_delivered("alice@example.test", 1)
+
+
+def test_message_size_limit(make_server):
+    srv = make_server(accounts=ACCOUNTS, limits={"message_size": 2000})
+    with connect(srv) as s:
+        s.ehlo()
+        assert s.esmtp_features["size"] == "2000"
+        code, text = s.mail(SENDER, ["SIZE=2001"])
+        assert (code, text[:5]) == (552, b"5.3.4"), text
+        assert s.mail(SENDER, ["SIZE=1500"])[0] == 250
+        s.rcpt("alice@example.test")
+        code, text = s.data(message("big", "x" * 70 + "\r\n") * 40)
+        assert (code, text[:5]) == (552, b"5.3.4"), text
+        assert s.sendmail(SENDER, ["alice@example.test"], message("small")) == {}
+    (raw,) = srv.wait_delivered("alice@example.test", 1)
+    assert b"Subject: small\r\n" in raw
+    time.sleep(0.2)
+    assert len(srv.delivered("alice@example.test")) == 1
+
+
+def test_recipient_limit(make_server):
+    srv = make_server(accounts=ACCOUNTS, limits={"recipients": 2})
+    with connect(srv) as s:
+        s.ehlo()
+        s.mail(SENDER)
+        assert s.rcpt("alice@example.test")[0] == 250
+        assert s.rcpt("bob@example.test")[0] == 250
+        code, text = s.rcpt("alice+third@example.test")
+        assert (code, text[:5]) == (452, b"4.5.3"), text
+        assert s.data(message("two rcpts"))[0] == 250
+    srv.wait_delivered("alice@example.test", 1)
+    srv.wait_delivered("bob@example.test", 1)
+
+
+def test_connections_per_ip_limit(make_server):
+    srv = make_server(accounts=ACCOUNTS, limits={"connections_per_ip": 2})
+    port = srv.port("mx")
+    first, second = RawSMTP(port, source="127.1.0.7"), RawSMTP(port, source="127.1.0.7")
+    try:
+        assert first.reply()[0] == 220 and second.reply()[0] == 220
+        with RawSMTP(port, source="127.1.0.7") as third:
+            code, text = third.reply()
+            assert code == 421 and text[0].startswith("4."), text
+            assert third.closed_by_peer()
+        with RawSMTP(port, source="127.1.0.8") as other:  # another address is not affected
+            assert other.reply()[0] == 220
+        first.cmd("QUIT")
+        first.close()
+        deadline = time.monotonic() + 5  # the slot frees when the server sees the close
+        while True:
+            with RawSMTP(port, source="127.1.0.7") as again:
+                if again.reply()[0] == 220:
+                    break
+            assert time.monotonic() < deadline, "the connection slot was never released"
+            time.sleep(0.05)
+    finally:
+        first.close()
+        second.close()
+
+
+def test_idle_client_gets_421_and_is_disconnected(make_server):
+    srv = make_server(accounts=ACCOUNTS, limits={"idle_timeout": "1s"})
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        assert c.reply()[0] == 220
+        assert c.cmd("EHLO client.remote.example")[0] == 250
+        t0 = time.monotonic()
+        code, text = c.reply()
+        elapsed = time.monotonic() - t0
+        assert (code, text[0][:5]) == (421, "4.4.2"), text
+        assert 0.7 < elapsed < 3.0, elapsed
+        assert c.closed_by_peer()
+
+
+# ---- extensions ---------------------------------------------------------------------------------
+
+
+def test_ehlo_advertises_the_extensions(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv) as s:
+        s.ehlo()
+        for ext in ("pipelining", "size", "8bitmime", "smtputf8", "enhancedstatuscodes", "starttls", "chunking",
+                    "dsn"):
+            assert s.has_extn(ext), ext
+
+
+def test_bdat_chunking_delivers_the_bytes_verbatim(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    chunk1 = b"Subject: chunked\r\nFrom: <sender@remote.example>\r\n\r\nline one\r\n.\r\n"
+    chunk2 = b"..two dots stay two\r\nlast line\r\n"
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        assert c.reply()[0] == 220
+        _code, lines = c.cmd("EHLO client.remote.example")
+        assert "CHUNKING" in lines
+        c.send(b"MAIL FROM:<sender@remote.example>\r\nRCPT TO:<alice@example.test>\r\n"
+               + b"BDAT %d\r\n" % len(chunk1) + chunk1 + b"BDAT %d LAST\r\n" % len(chunk2) + chunk2)
+        replies = [c.reply() for _ in range(4)]
+        assert [r[0] for r in replies] == [250, 250, 250, 250], replies
+        assert c.cmd("QUIT")[0] == 221
+    (raw,) = srv.wait_delivered("alice@example.test", 1)
+    assert raw.endswith(b"\r\n" + chunk1 + chunk2)
+    assert b"Delivered-To: alice@example.test\r\n" in raw
+
+
+async def test_8bitmime_and_smtputf8_message_is_delivered(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    sender = "送信者@例え.example"
+    body = "Subject: =?utf-8?b?5pel5pys6Kqe?=\r\nFrom: <送信者@例え.example>\r\n\r\nこんにちは、世界。 Grüße\r\n"
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=srv.port("mx"), source_address=(UNTRUSTED, 0),
+                             start_tls=False, timeout=10)
+    async with client:
+        await client.ehlo()
+        assert client.supports_extension("smtputf8") and client.supports_extension("8bitmime")
+        errors, _ = await client.sendmail(sender, ["alice@example.test"], body.encode("utf-8"),
+                                          mail_options=["BODY=8BITMIME", "SMTPUTF8"])
+        assert errors == {}
+    (raw,) = srv.wait_delivered("alice@example.test", 1)
+    assert raw.startswith(f"Return-Path: <{sender}>\r\n".encode())
+    assert raw.endswith("こんにちは、世界。 Grüße\r\n".encode())
+    assert b" with UTF8ESMTP " in raw
+
+
+async def test_non_ascii_sender_without_smtputf8_is_refused(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        c.reply()
+        c.cmd("EHLO client.remote.example")
+        code, text = c.cmd("MAIL FROM:<送信者@例え.example>")
+        assert 500 <= code < 600 and ENHANCED.match(text[0]), (code, text)
+
+
+def test_every_reply_has_an_enhanced_status_code(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        assert c.reply()[0] == 220
+        replies = [
+            ("MAIL FROM:<sender@remote.example>", 503),  # before EHLO
+            ("EHLO client.remote.example", 250),
+            ("FROB", 500),
+            ("RCPT TO:<alice@example.test>", 503),  # before MAIL
+            ("VRFY alice@example.test", 252),
+            ("VRFY nobody@example.test", 252),
+            ("HELP", 214),
+            ("NOOP", 250),
+            ("MAIL FROM:<not an address@remote.example>", 501),
+            ("MAIL FROM:<sender@remote.example>", 250),
+            ("RCPT TO:<alice@example.test>", 250),
+            ("RSET", 250),
+            ("DATA", 503),
+            ("QUIT", 221),
+        ]
+        seen = {}
+        for line, expected in replies:
+            code, text = c.cmd(line)
+            seen[line] = code, text
+            assert code == expected, (line, code, text)
+            if not line.startswith("EHLO"):
+                assert all(ENHANCED.match(t) for t in text), (line, text)
+        assert seen["VRFY alice@example.test"][1] == seen["VRFY nobody@example.test"][1]  # reveals nothing
+        assert seen["FROB"][1][0].startswith("5.5.1")
+        assert seen["MAIL FROM:<not an address@remote.example>"][1][0].startswith("5.1.3")
+        assert seen["DATA"][1][0].startswith("5.5.1")
+
+
+# ---- IPv6 ---------------------------------------------------------------------------------------
+
+
+def _have_ipv6() -> bool:
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _have_ipv6(), reason="no IPv6 loopback on this machine")
+def test_ipv6_listener(make_server):
+    srv = make_server(accounts=ACCOUNTS, listener=[{"kind": "mx", "address": "[::1]:0"}])
+    with smtplib.SMTP("::1", srv.port("mx"), local_hostname="client.example", timeout=10) as s:
+        assert s.ehlo()[0] == 250
+        assert s.sendmail(SENDER, ["alice@example.test"], message("over ipv6")) == {}
+        # ::1 is in network.trusted: it may relay.
+        s.mail(SENDER)
+        assert s.rcpt("carol@remote.example")[0] == 250
+        s.rset()
+    (raw,) = srv.wait_delivered("alice@example.test", 1)
+    assert "[::1]" in headers(raw)["Received"]
