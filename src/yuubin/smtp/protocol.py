@@ -12,12 +12,16 @@ While an event awaits its answer, parsing stops, so pipelined commands are answe
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 from dataclasses import dataclass, field
 
 from yuubin.smtp import replies as R
 from yuubin.smtp.address import Address, AddressError, is_xtext, parse_path
 from yuubin.smtp.replies import Reply
+
+AUTH_LINE_LENGTH = 12288  # RFC 4954 4: a SASL response line may be this long
 
 
 class _Sentinel(enum.Enum):
@@ -85,11 +89,18 @@ class AuthRequested:
 
 
 @dataclass(slots=True)
+class AuthResponse:
+    """The client's answer to a 334 challenge, base64-decoded (the core refuses bad base64)."""
+
+    data: bytes
+
+
+@dataclass(slots=True)
 class Quit:
     pass
 
 
-Event = Hello | MailFrom | RcptTo | MessageReceived | StartTLS | AuthRequested | Quit
+Event = Hello | MailFrom | RcptTo | MessageReceived | StartTLS | AuthRequested | AuthResponse | Quit
 
 
 class _State(enum.Enum):
@@ -101,6 +112,7 @@ class _State(enum.Enum):
     TLS = 6  # STARTTLS accepted, waiting for the handshake
     REFUSED = 7  # greeting was 554: only QUIT works
     CLOSED = 8
+    AUTH = 9  # a 334 challenge was sent: the next line is a SASL response (or "*")
 
 
 @dataclass(slots=True)
@@ -123,6 +135,7 @@ class SMTPServerConnection:
         tls_active: bool = False,
         auth_mechanisms: tuple[str, ...] = (),
         auth_requires_tls: bool = True,
+        auth_required: bool = False,
     ):
         self.hostname = hostname
         self.limits = limits
@@ -130,6 +143,8 @@ class SMTPServerConnection:
         self.tls_active = tls_active
         self.auth_mechanisms = auth_mechanisms
         self.auth_requires_tls = auth_requires_tls
+        self.auth_required = auth_required  # submission: MAIL before a successful AUTH → 530
+        self.authenticated = False
         self.helo: str | None = None
         self.esmtp = False
         self.errors = 0
@@ -199,7 +214,9 @@ class SMTPServerConnection:
                 return CLOSED
             if self._pending is not None or self._state is _State.TLS:
                 return PAUSED
-            if self._state is _State.DATA:
+            if self._state is _State.AUTH:
+                ev = self._read_auth_response()
+            elif self._state is _State.DATA:
                 ev = self._read_data()
             elif self._state is _State.BDAT:
                 ev = self._read_chunk()
@@ -238,7 +255,8 @@ class SMTPServerConnection:
         elif isinstance(ev, Quit):
             self._send(reply or R.BYE)
             self._state = _State.CLOSED
-        elif isinstance(ev, AuthRequested):
+        elif isinstance(ev, AuthRequested | AuthResponse):
+            self.authenticated = True
             self._send(reply or Reply(235, "2.7.0", "authentication succeeded"))
         else:  # pragma: no cover - StartTLS is answered by tls_started()
             raise RuntimeError(f"cannot accept {ev!r}")
@@ -254,6 +272,17 @@ class SMTPServerConnection:
         if reply.code == 421:
             self._state = _State.CLOSED
 
+    def challenge(self, data: bytes) -> None:
+        """Answer a pending AuthRequested/AuthResponse with a 334 challenge (`data` unencoded).
+
+        The next line from the client comes back as AuthResponse; `*` cancels with 501.
+        """
+        if not isinstance(self._pending, AuthRequested | AuthResponse):
+            raise RuntimeError("challenge() needs a pending AUTH exchange")
+        self._pending = None
+        self._send(Reply(334, "", base64.b64encode(data).decode("ascii")))
+        self._state = _State.AUTH
+
     def tls_started(self) -> None:
         """The handshake finished: everything is forgotten and a new EHLO is required."""
         if self._state is not _State.TLS:
@@ -262,6 +291,7 @@ class SMTPServerConnection:
         self.tls_active = True
         self.helo = None
         self.esmtp = False
+        self.authenticated = False
         self._txn = None
         self._state = _State.CONNECTED
 
@@ -359,6 +389,9 @@ class SMTPServerConnection:
     def _cmd_mail(self, arg: str) -> Event | None:
         if self.helo is None:
             self._error(R.NEED_HELO)
+            return None
+        if self.auth_required and not self.authenticated:
+            self._error(Reply(530, "5.7.0", "authentication required: send AUTH first"))
             return None
         if self._txn is not None:
             self._error(R.NESTED_MAIL)
@@ -519,6 +552,9 @@ class SMTPServerConnection:
         if self._txn is not None:
             self._error(Reply(503, "5.5.1", "AUTH not allowed during a transaction"))
             return None
+        if self.authenticated:
+            self._error(Reply(503, "5.5.1", "already authenticated"))
+            return None
         parts = arg.split(" ")
         mech = parts[0].upper()
         if not mech or len(parts) > 2:
@@ -528,6 +564,29 @@ class SMTPServerConnection:
             self._error(Reply(504, "5.5.4", "unrecognized authentication mechanism"))
             return None
         return AuthRequested(mech, parts[1] if len(parts) == 2 else None)
+
+    def _read_auth_response(self) -> Event | _Sentinel | None:
+        """One SASL response line (RFC 4954 4): `*` cancels, anything else must be base64."""
+        buf = self._in
+        nl = buf.find(b"\n")
+        if nl < 0:
+            if len(buf) > AUTH_LINE_LENGTH:
+                buf.clear()
+                self._state = _State.READY
+                self._error(Reply(500, "5.5.6", "authentication exchange line too long"))
+            return NEED_DATA
+        line = bytes(buf[:nl]).rstrip(b"\r")
+        del buf[: nl + 1]
+        self._state = _State.READY
+        if line == b"*":
+            self._error(Reply(501, "5.0.0", "authentication cancelled"))
+            return None
+        try:
+            data = binascii.a2b_base64(line, strict_mode=True) if line else b""
+        except binascii.Error:
+            self._error(Reply(501, "5.5.2", "cannot decode the response: not base64"))
+            return None
+        return AuthResponse(data)
 
     # -- parameters --
 
