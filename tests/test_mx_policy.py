@@ -279,7 +279,10 @@ def test_untrusted_client_cannot_relay(make_server, caplog):
     assert any(f"session={session} " in m and f"client={UNTRUSTED}" in m for m in connects)
 
 
-def test_trusted_client_relays_and_the_message_waits_in_the_spool(make_server):
+def test_trusted_client_relays_and_the_message_waits_in_the_spool(make_server, dns_server):
+    # The destination's DNS does not answer, so any outbound attempt can only defer: the entry
+    # must stay queued (durable, with its DSN parameters) and never land in a local Maildir.
+    dns_server.set_behaviour("remote.example", "timeout")
     srv = make_server(accounts=ACCOUNTS)
     with connect(srv, TRUSTED) as s:
         s.ehlo()
@@ -298,7 +301,8 @@ def test_trusted_client_relays_and_the_message_waits_in_the_spool(make_server):
     assert all_maildirs(srv) == []
 
 
-def test_trusted_mixed_recipients_local_copy_delivered_remote_kept(make_server):
+def test_trusted_mixed_recipients_local_copy_delivered_remote_kept(make_server, dns_server):
+    dns_server.set_behaviour("remote.example", "timeout")
     srv = make_server(accounts=ACCOUNTS)
     with connect(srv, TRUSTED) as s:
         s.sendmail("alice@example.test", ["bob@example.test", "carol@remote.example"], message("mixed"))
