@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = al.add_parser("remove", help="remove an alias")
     x.add_argument("alias")
     x.set_defaults(func=cmd_alias_remove)
+    from yuubin import cli_queue
+    cli_queue.register(sub)  # queue list, show, flush, hold, release, delete (outbound queue)
     return p
 
 

@@ -75,6 +75,20 @@ class OutboundConfig:
     relayhost_password_file: str = ""
     max_per_hour: int = 100
     max_recipients_per_day: int = 500
+    # Outbound delivery and the queue (issue 4): every limit of the scheduler and the client.
+    relayhost_ca_file: str = ""  # extra CA bundle to verify the relayhost with (private CA)
+    relayhost_tls: str = ""  # "starttls" or "implicit"; "" = implicit on port 465, else starttls
+    port: int = 25  # the port of remote MX hosts (tests point it at an unprivileged port)
+    retry_first: float = 300.0
+    retry_max: float = 3600.0
+    queue_lifetime: float = 432_000.0
+    delay_warning: float = 14_400.0  # 0 = no delay warnings
+    max_concurrency: int = 20
+    max_per_domain: int = 4
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    queue_scan: float = 60.0  # full spool rescan (picks up CLI changes); flush requests are seen within 1s
+
 
 
 @dataclass(frozen=True)
@@ -211,6 +225,36 @@ def _domain(value: str, key: str) -> str:
     if not _HOSTNAME.match(ascii_form):
         raise ConfigError(f"{key}: {value!r} is not a valid domain name")
     return d
+
+
+def _outbound_delivery(ob: _Table) -> dict[str, Any]:
+    """The [outbound] keys of the delivery scheduler and SMTP client (issue 4)."""
+    def dur(k: str, default: str) -> float:
+        return parse_duration(ob.get(k, default, (int, float, str)), ob.key(k))
+
+    warn = ob.get("delay_warning", "4h", (int, float, str))
+    out: dict[str, Any] = {
+        "relayhost_ca_file": ob.get("relayhost_ca_file", "", str),
+        "relayhost_tls": ob.get("relayhost_tls", "", str),
+        "port": ob.positive_int("port", 25),
+        "retry_first": dur("retry_first", "5m"),
+        "retry_max": dur("retry_max", "1h"),
+        "queue_lifetime": dur("queue_lifetime", "5d"),
+        "delay_warning": 0.0 if warn in (0, "0", "off") else parse_duration(warn, ob.key("delay_warning")),
+        "max_concurrency": ob.positive_int("max_concurrency", 20),
+        "max_per_domain": ob.positive_int("max_per_domain", 4),
+        "connect_timeout": dur("connect_timeout", "30s"),
+        "command_timeout": dur("command_timeout", "5m"),
+        "queue_scan": dur("queue_scan", "1m"),
+    }
+    if out["relayhost_tls"] not in ("", "starttls", "implicit"):
+        raise ConfigError(f"{ob.key('relayhost_tls')}: expected \"starttls\" or \"implicit\", "
+                          f"got {out['relayhost_tls']!r}")
+    if out["port"] > 65535:
+        raise ConfigError(f"{ob.key('port')}: port {out['port']} is out of range 1-65535")
+    if out["retry_max"] < out["retry_first"]:
+        raise ConfigError(f"{ob.key('retry_max')}: must not be shorter than outbound.retry_first")
+    return out
 
 
 def load(path: str | Path) -> Config:
@@ -351,6 +395,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         relayhost_password_file=ob.get("relayhost_password_file", "", str),
         max_per_hour=ob.positive_int("max_per_hour", 100),
         max_recipients_per_day=ob.positive_int("max_recipients_per_day", 500),
+        **_outbound_delivery(ob),
     )
     ob.finish()
 
@@ -453,6 +498,18 @@ def describe(cfg: Config) -> str:
         f"relayhost_password_file = {q(cfg.outbound.relayhost_password_file)}",
         f"max_per_hour = {cfg.outbound.max_per_hour}",
         f"max_recipients_per_day = {cfg.outbound.max_recipients_per_day}",
+        f"relayhost_ca_file = {q(cfg.outbound.relayhost_ca_file)}",
+        f"relayhost_tls = {q(cfg.outbound.relayhost_tls)}",
+        f"port = {cfg.outbound.port}",
+        f"retry_first = {q(f'{cfg.outbound.retry_first:g}s')}",
+        f"retry_max = {q(f'{cfg.outbound.retry_max:g}s')}",
+        f"queue_lifetime = {q(f'{cfg.outbound.queue_lifetime:g}s')}",
+        f"delay_warning = {q(f'{cfg.outbound.delay_warning:g}s' if cfg.outbound.delay_warning else 'off')}",
+        f"max_concurrency = {cfg.outbound.max_concurrency}",
+        f"max_per_domain = {cfg.outbound.max_per_domain}",
+        f"connect_timeout = {q(f'{cfg.outbound.connect_timeout:g}s')}",
+        f"command_timeout = {q(f'{cfg.outbound.command_timeout:g}s')}",
+        f"queue_scan = {q(f'{cfg.outbound.queue_scan:g}s')}",
         "",
         "[log]",
         f"level = {q(cfg.log_level)}",

@@ -22,6 +22,7 @@ from yuubin.dns import Resolver
 from yuubin.durable import GroupCommitter
 from yuubin.policy.dnsbl import DnsblChecker
 from yuubin.policy.mx import MxPolicy
+from yuubin.queue.scheduler import build_scheduler
 from yuubin.queue.spool import Spool
 from yuubin.smtp.listener import ListenerContext, SMTPSession
 from yuubin.smtp.protocol import Limits
@@ -55,6 +56,8 @@ class Server:
         self.resolver = Resolver(list(config.dns.nameservers), config.dns.port, config.dns.timeout)
         dnsbl = DnsblChecker(self.resolver, list(config.dnsbl_zones)) if config.dnsbl_zones else None
         self.mx_policy = MxPolicy(self.directory, dnsbl)
+        self.outbound = build_scheduler(self)  # remote delivery, retries, DSNs (queue/scheduler.py)
+        self.delivery.outbound = self.outbound
         self.tls_context = server_context(config.tls.cert, config.tls.key) if config.tls.cert else None
         self.sessions: set[SMTPSession] = set()
         self.listeners: list[BoundListener] = []
@@ -107,6 +110,7 @@ class Server:
                                            reuse_address=True, backlog=1024)
             self.listeners.append(BoundListener(lc, srv))
             log.info("event=listening kind=%s address=%s", lc.kind, lc.address)
+        self.outbound.start()
 
     async def stop(self) -> None:
         if self.stopping:
@@ -125,6 +129,7 @@ class Server:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        await self.outbound.stop(grace=self.config.limits.shutdown_grace)
         await self.delivery.drain(timeout=self.config.limits.shutdown_grace)
         self.committer.shutdown()
         self.store.close()

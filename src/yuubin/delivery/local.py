@@ -29,11 +29,14 @@ class LocalDelivery:
         self.retry_first = retry_first
         self._tasks: set[asyncio.Task] = set()
         self.delivered = 0
+        self.outbound = None  # the OutboundScheduler: told when an entry has only remote recipients left
 
     def submit(self, env: Envelope, data: bytes) -> None:
         """Deliver in the background; the message is already durable in the spool."""
         if not env.local:
-            return  # only remote recipients: it waits in the spool for outbound delivery
+            if self.outbound is not None:
+                self.outbound.wake()  # only remote recipients: outbound delivery takes it from the spool
+            return
         task = asyncio.get_running_loop().create_task(self._deliver_with_retry(env, data))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -61,6 +64,8 @@ class LocalDelivery:
             await self.committer.commit(writes)
             env.local = []
             await self.spool.rewrite(env, data)
+            if self.outbound is not None:
+                self.outbound.wake()
         else:
             await self.committer.commit(writes, unlinks=[self.spool.path(env.id)])
         self.delivered += len(writes)

@@ -1,0 +1,46 @@
+"""The `yuubin queue` subcommands (list, show, flush, hold, release, delete); the work is in queue/control.py."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from yuubin.cli import CliError, _load, _setup_logging
+    from yuubin.queue.control import QueueError, run_command
+    cfg = _load(args)
+    _setup_logging(cfg.log_level)  # hold, release and delete are logged like server events
+    if args.sub in ("hold", "release", "delete") and not (args.id or args.sender or getattr(args, "all_held", False)):
+        raise CliError(f"queue {args.sub}: give an ID or --sender ADDR" +
+                       (" or --all-held" if args.sub == "delete" else ""))
+    try:
+        print(run_command(args, cfg.spool_dir))
+    except QueueError as e:
+        raise CliError(str(e)) from None
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("queue", help="the outbound queue: list, show, flush, hold, release, delete")
+    qs = q.add_subparsers(dest="sub", required=True, parser_class=type(q))
+    x = qs.add_parser("list", help="id, age, state, next attempt, sender, recipients, last error")
+    x.add_argument("--json", action="store_true", help="machine-readable output")
+    x.set_defaults(func=cmd_queue)
+    x = qs.add_parser("show", help="an entry's envelope, headers and attempts")
+    x.add_argument("id")
+    x.set_defaults(func=cmd_queue)
+    x = qs.add_parser("flush", help="retry now: one entry, or all (the running server acts within a second)")
+    x.add_argument("id", nargs="?")
+    x.set_defaults(func=cmd_queue)
+    for name, text in (("hold", "never send these until released"), ("release", "send these again")):
+        x = qs.add_parser(name, help=text)
+        g = x.add_mutually_exclusive_group()
+        g.add_argument("id", nargs="?")
+        g.add_argument("--sender", metavar="ADDR", help="every entry with this envelope sender")
+        x.set_defaults(func=cmd_queue)
+    x = qs.add_parser("delete", help="remove entries for good (logged)")
+    g = x.add_mutually_exclusive_group()
+    g.add_argument("id", nargs="?")
+    g.add_argument("--sender", metavar="ADDR", help="every entry with this envelope sender")
+    g.add_argument("--all-held", action="store_true", help="every held entry")
+    x.set_defaults(func=cmd_queue)

@@ -1,0 +1,199 @@
+"""`yuubin queue ...`: look at and steer the outbound queue, like postqueue/postsuper.
+
+It runs in its own process and edits spool entries directly: each change is load → change →
+atomic rewrite under the entry's cross-process lock, so it never races the running scheduler.
+"Retry now" cannot be written into an entry without touching its schedule for good, so flush
+drops a request file in spool/requests/ that the scheduler reads within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from yuubin.durable import GroupCommitter, fsync_dir
+from yuubin.queue.entrylock import EntryLocks
+from yuubin.queue.scheduler import QUEUED, next_due, requests_dir
+from yuubin.queue.spool import Envelope, Spool, SpoolCorrupt
+
+log = logging.getLogger("yuubin.queue")
+
+
+class QueueError(ValueError):
+    """A bad queue id or selection, worded for the admin."""
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= size:
+            return f"{s // size}{unit}"
+    return f"{s}s"
+
+
+def entry_state(env: Envelope) -> str:
+    if env.held:
+        return "held"
+    if env.local:
+        return "local"
+    if any(int(r.get("tries", 0)) > 0 for r in env.remote if r.get("state", QUEUED) == QUEUED):
+        return "deferred"
+    return "queued"
+
+
+class QueueControl:
+    def __init__(self, spool_root: Path):
+        self.spool = Spool(spool_root, GroupCommitter(workers=1))
+        self.locks = EntryLocks(spool_root)
+
+    def close(self) -> None:
+        self.spool.committer.shutdown()
+        self.locks.close()
+
+    def entries(self) -> list[tuple[Envelope, bytes]]:
+        out = []
+        for qid in self.spool.ids():
+            try:
+                out.append(self.spool.load(qid))
+            except (FileNotFoundError, SpoolCorrupt):
+                continue
+        return out
+
+    def row(self, env: Envelope, now: float | None = None) -> dict[str, object]:
+        now = time.time() if now is None else now
+        pending = [r for r in env.remote if r.get("state", QUEUED) == QUEUED]
+        errors = [str(r["error"]) for r in pending if r.get("error")]
+        return {
+            "id": env.id,
+            "age": round(now - env.received),
+            "sender": env.sender,
+            "recipients": [str(r["to"]) for r in pending] + [mb for mb, _ in env.local],
+            "state": entry_state(env),
+            "next_attempt": next_due(env) if not env.held else None,
+            "last_error": errors[-1] if errors else "",
+            "attempts": env.attempts,
+            "size": env.size,
+        }
+
+    def list_text(self, as_json: bool) -> str:
+        rows = [self.row(env) for env, _ in self.entries()]
+        if as_json:
+            return json.dumps(rows, indent=1)
+        if not rows:
+            return "queue is empty"
+        lines = [f"{'ID':<20} {'AGE':>5} {'STATE':<8} {'NEXT ATTEMPT':<19}  SENDER -> RECIPIENTS / LAST ERROR"]
+        for r in rows:
+            rcpts = ", ".join(r["recipients"])  # type: ignore[arg-type]
+            lines.append(f"{r['id']:<20} {_age(r['age']):>5} {r['state']:<8} {_when(r['next_attempt']):<19}  "
+                         f"<{r['sender']}> -> {rcpts}")
+            if r["last_error"]:
+                lines.append(f"{'':<56}{r['last_error']}")
+        lines.append(f"-- {len(rows)} entries")
+        return "\n".join(lines)
+
+    def _load(self, qid: str) -> tuple[Envelope, bytes]:
+        try:
+            return self.spool.load(qid)
+        except FileNotFoundError:
+            raise QueueError(f"ID: no queue entry {qid}") from None
+        except SpoolCorrupt as e:
+            raise QueueError(f"ID: entry {qid} is unreadable: {e}") from None
+
+    def show_text(self, qid: str) -> str:
+        env, data = self._load(qid)
+        end = data.find(b"\r\n\r\n")
+        headers = (data if end < 0 else data[:end]).decode("utf-8", "replace")
+        envelope = {k: v for k, v in env.__dict__.items()}
+        return (f"# entry {qid} ({entry_state(env)})\n"
+                + json.dumps(envelope, indent=1, default=str)
+                + "\n# headers\n" + headers.replace("\r\n", "\n") + "\n")
+
+    def select(self, qid: str | None = None, sender: str | None = None, all_held: bool = False) -> list[str]:
+        if qid:
+            self._load(qid)
+            return [qid]
+        chosen = []
+        for env, _ in self.entries():
+            if (sender is not None and env.sender.lower() == sender.lower()) or (all_held and env.held):
+                chosen.append(env.id)
+        return chosen
+
+    def set_held(self, qids: list[str], held: bool) -> list[str]:
+        changed = []
+        for qid in qids:
+            with self.locks.held(qid):
+                try:
+                    env, data = self.spool.load(qid)
+                except (FileNotFoundError, SpoolCorrupt):
+                    continue
+                if env.held == held:
+                    continue
+                env.held = held
+                asyncio.run(self.spool.rewrite(env, data))
+            changed.append(qid)
+            log.info("event=queue_%s id=%s from=<%s>", "held" if held else "released", qid, env.sender)
+            if not held:
+                self.request_flush(qid)
+        return changed
+
+    def delete(self, qids: list[str]) -> list[str]:
+        deleted = []
+        for qid in qids:
+            with self.locks.held(qid):
+                try:
+                    env, _ = self.spool.load(qid)
+                except SpoolCorrupt:
+                    env = None
+                except FileNotFoundError:
+                    continue
+                self.spool.path(qid).unlink(missing_ok=True)
+                fsync_dir(self.spool.queue_dir)
+            deleted.append(qid)
+            rcpts = ",".join(str(r["to"]) for r in env.remote) if env else "?"
+            log.warning("event=queue_deleted id=%s from=<%s> rcpts=%s by=%s", qid, env.sender if env else "?",
+                        rcpts, os.environ.get("SUDO_USER") or os.environ.get("USER", "?"))
+        return deleted
+
+    def request_flush(self, qid: str | None = None) -> None:
+        d = requests_dir(self.spool.root)
+        d.mkdir(exist_ok=True)
+        name = f"flush-{qid or 'all'}.{time.time_ns()}"
+        fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+
+
+def run_command(args, spool_root: Path) -> str:
+    """One `yuubin queue` subcommand; returns what to print, or raises QueueError."""
+    ctl = QueueControl(spool_root)
+    try:
+        sub = args.sub
+        if sub == "list":
+            return ctl.list_text(args.json)
+        if sub == "show":
+            return ctl.show_text(args.id)
+        if sub == "flush":
+            if args.id:
+                ctl._load(args.id)
+            ctl.request_flush(args.id)
+            return f"flush requested for {args.id or 'all entries'} (the running server retries within a second)"
+        qids = ctl.select(args.id, args.sender, getattr(args, "all_held", False))
+        if sub in ("hold", "release"):
+            done = ctl.set_held(qids, sub == "hold")
+            return f"{sub}: {len(done)} entries" + (f" ({', '.join(done)})" if done else "")
+        if sub == "delete":
+            done = ctl.delete(qids)
+            return f"deleted {len(done)} entries" + (f" ({', '.join(done)})" if done else "")
+        raise QueueError(f"unknown queue command {sub!r}")
+    finally:
+        ctl.close()

@@ -1,0 +1,421 @@
+"""The outbound queue runner: which spool entry goes out when, and what its result changes.
+
+State lives only in the spool entry: each remote recipient dict carries `state` (queued,
+delivered, failed), `tries`, `next` (epoch seconds), `error`, `status`, `host`, `reported`.
+Every change is written with Spool.rewrite (atomic, fsynced) before anything depends on it,
+so kill -9 at any moment loses nothing: at worst a recipient gets a message twice, or a
+sender a DSN twice. A DSN is stored before the failed recipient is marked reported.
+
+The `yuubin queue` tools run in another process and edit entries directly under EntryLocks;
+this runner rereads an entry before each attempt and each rewrite, rescans the spool every
+`queue_scan`, and reads flush requests (files in spool/requests/) every second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from yuubin.auth.accounts import Directory
+from yuubin.config import ConfigError, OutboundConfig
+from yuubin.delivery.remote import (
+    HostUnusable,
+    MxRouter,
+    Outcome,
+    SmtpClient,
+    SmtpTarget,
+    deferred,
+    parse_relayhost,
+    self_address_check,
+    verify_context,
+)
+from yuubin.queue.bounce import DELAYED, FAILED, build_dsn, may_bounce, wants_notice
+from yuubin.queue.entrylock import EntryLocks
+from yuubin.queue.spool import Envelope, Spool, SpoolCorrupt, new_id
+from yuubin.smtp.address import AddressError, parse_path
+
+if TYPE_CHECKING:
+    from yuubin.server import Server
+
+log = logging.getLogger("yuubin.outbound")
+
+QUEUED, DELIVERED, FAILED_STATE = "queued", "delivered", "failed"
+TICK = 1.0  # how often flush requests and due entries are looked at
+RELAY = "[relayhost]"  # the destination key of everything when a relayhost is set
+REQUESTS_DIR = "requests"
+
+
+def requests_dir(spool_root: Path) -> Path:
+    return spool_root / REQUESTS_DIR
+
+
+def rcpt_domain(rcpt: dict[str, object]) -> str:
+    return str(rcpt["to"]).rpartition("@")[2].lower()
+
+
+def next_due(env: Envelope) -> float | None:
+    """When this entry next has something to send; None when nothing is queued."""
+    times = [float(r.get("next", 0)) for r in env.remote if r.get("state", QUEUED) == QUEUED]
+    return min(times) if times else None
+
+
+@dataclass
+class BounceRoute:
+    """Where a DSN for `sender` goes: local mailboxes and/or a remote address."""
+
+    local: list[tuple[str, str]]
+    remote: list[dict[str, object]]
+
+
+class OutboundScheduler:
+    def __init__(self, spool: Spool, cfg: OutboundConfig, hostname: str, router: MxRouter,
+                 client: SmtpClient, relay: SmtpTarget | None,
+                 route_bounce: Callable[[str], BounceRoute | None],
+                 submit_local: Callable[[Envelope, bytes], None]):
+        self.spool = spool
+        self.cfg = cfg
+        self.hostname = hostname
+        self.router = router
+        self.client = client
+        self.relay = relay
+        self.route_bounce = route_bounce
+        self.submit_local = submit_local
+        self.locks = EntryLocks(spool.root)
+        self.requests = requests_dir(spool.root)
+        self.requests.mkdir(exist_ok=True)
+        self._due: dict[str, float] = {}
+        self._flush: set[str] = set()
+        self._flush_all = False
+        self._busy: set[tuple[str, str]] = set()
+        self._per_domain: Counter[str] = Counter()
+        self._entry_locks: dict[str, asyncio.Lock] = {}
+        self._jobs: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+        self._rescan = True
+        self._last_scan = 0.0
+        self._task: asyncio.Task | None = None
+        self.sent = 0
+
+    # ---- life cycle ----
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self, grace: float) -> None:
+        """Stop dispatching; give attempts in flight `grace` seconds, then cancel them (they retry)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._jobs:
+            _done, pending = await asyncio.wait(list(self._jobs), timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        self.locks.close()
+
+    def wake(self) -> None:
+        """A new entry with remote recipients is in the spool: look now, not at the next scan."""
+        self._rescan = True
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(TICK):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                self._read_requests()
+                now = time.time()
+                if self._rescan or now - self._last_scan >= self.cfg.queue_scan:
+                    self._scan()
+                    self._last_scan = now
+                    self._rescan = False
+                self._dispatch(now)
+            except Exception:
+                log.exception("event=scheduler_error")
+
+    # ---- finding work ----
+
+    def _read_requests(self) -> None:
+        try:
+            names = [p.name for p in self.requests.iterdir()]
+        except FileNotFoundError:
+            return
+        for name in names:
+            (self.requests / name).unlink(missing_ok=True)
+            if not name.startswith("flush-"):
+                continue
+            target = name.removeprefix("flush-").split(".", 1)[0]
+            if target == "all":
+                self._flush_all = True
+            else:
+                self._flush.add(target)
+            self._rescan = True
+            log.info("event=flush_requested target=%s", target)
+
+    def _scan(self) -> None:
+        due: dict[str, float] = {}
+        for qid in self.spool.ids():
+            try:
+                env, _ = self.spool.load(qid)
+            except FileNotFoundError:
+                continue
+            except SpoolCorrupt:
+                continue  # set aside by LocalDelivery.recover at start; a torn write is never acked
+            if env.held or env.local:
+                continue  # held: never sent; local part pending: LocalDelivery hands it on
+            when = next_due(env)
+            if when is not None:
+                due[qid] = when
+        if self._flush_all:
+            self._flush |= set(due)
+            self._flush_all = False
+        self._flush &= set(due)  # a flush of a held or finished entry is void
+        for qid in self._flush:
+            due[qid] = 0.0
+        self._due = due
+
+    def _dispatch(self, now: float) -> None:
+        for qid, when in sorted(self._due.items(), key=lambda x: x[1]):
+            if when > now and qid not in self._flush:
+                continue
+            if len(self._jobs) >= self.cfg.max_concurrency:
+                return
+            force = qid in self._flush
+            try:
+                env, _ = self.spool.load(qid)
+            except (FileNotFoundError, SpoolCorrupt):
+                self._due.pop(qid, None)
+                continue
+            if env.held or env.local:
+                self._due.pop(qid, None)
+                continue
+            groups: dict[str, list[int]] = {}
+            for i, r in enumerate(env.remote):
+                if r.get("state", QUEUED) == QUEUED and (force or float(r.get("next", 0)) <= now):
+                    groups.setdefault(RELAY if self.relay else rcpt_domain(r), []).append(i)
+            started_all = True
+            for dest, idx in groups.items():
+                if (qid, dest) in self._busy:
+                    continue
+                if len(self._jobs) >= self.cfg.max_concurrency or self._per_domain[dest] >= self.cfg.max_per_domain:
+                    started_all = False
+                    continue
+                self._busy.add((qid, dest))
+                self._per_domain[dest] += 1
+                task = asyncio.get_running_loop().create_task(self._job(qid, dest, idx))
+                self._jobs.add(task)
+                task.add_done_callback(self._jobs.discard)
+            if started_all:
+                self._flush.discard(qid)
+                self._due[qid] = float("inf")  # recomputed by the job's result
+
+    # ---- one attempt ----
+
+    async def _job(self, qid: str, dest: str, idx: list[int]) -> None:
+        try:
+            try:
+                env, data = self.spool.load(qid)
+            except (FileNotFoundError, SpoolCorrupt):
+                return
+            if env.held:
+                log.info("event=outbound_skipped id=%s reason=held", qid)
+                return
+            todo = [i for i in idx if i < len(env.remote) and env.remote[i].get("state", QUEUED) == QUEUED]
+            if not todo:
+                return
+            outcomes = await self._attempt(env, data, dest, todo)
+            await self._record(qid, dict(zip(todo, outcomes, strict=True)))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("event=outbound_error id=%s dest=%s", qid, dest)
+            self._due[qid] = time.time() + self.cfg.retry_first
+        finally:
+            self._busy.discard((qid, dest))
+            self._per_domain[dest] -= 1
+            if self._per_domain[dest] <= 0:
+                del self._per_domain[dest]
+            self._wake.set()
+
+    async def _attempt(self, env: Envelope, data: bytes, dest: str, todo: list[int]) -> list[Outcome]:
+        rcpts = [(str(env.remote[i]["to"]), _rcpt_params(env.remote[i])) for i in todo]
+        if self.relay is not None:
+            targets = [self.relay]
+        else:
+            route = await self.router.route(dest)
+            if route.error is not None:
+                return [route.error] * len(todo)
+            targets = [SmtpTarget(host, addr, self.cfg.port, "opportunistic")
+                       for host, addrs in route.hosts for addr in addrs]
+        last = deferred("4.4.1", f"no host for {dest} could be reached")
+        for target in targets:
+            try:
+                return await self.client.send(target, env.sender, rcpts, data, env.mail_params, env.id)
+            except HostUnusable as e:
+                last = e.outcome
+                log.info('event=outbound_host_failed id=%s host=%s error="%s"', env.id, target.host,
+                         e.outcome.diagnostic)
+        return [last] * len(todo)
+
+    # ---- recording the result ----
+
+    async def _record(self, qid: str, outcomes: dict[int, Outcome]) -> None:
+        lock = self._entry_locks.setdefault(qid, asyncio.Lock())
+        async with lock:
+            await asyncio.to_thread(self.locks.acquire, qid)
+            try:
+                await self._apply(qid, outcomes)
+            finally:
+                self.locks.release(qid)
+        if not lock.locked():
+            self._entry_locks.pop(qid, None)
+
+    async def _apply(self, qid: str, outcomes: dict[int, Outcome]) -> None:
+        try:
+            env, data = self.spool.load(qid)  # reread: the CLI may have held or deleted it meanwhile
+        except FileNotFoundError:
+            log.info("event=outbound_entry_gone id=%s reason=\"deleted during the attempt\"", qid)
+            self._due.pop(qid, None)
+            return
+        now = time.time()
+        env.attempts += 1
+        for i, o in outcomes.items():
+            r = env.remote[i]
+            r["tries"] = int(r.get("tries", 0)) + 1
+            r.update(error=o.diagnostic, status=o.status, host=o.host)
+            if o.kind == "delivered":
+                r["state"] = DELIVERED
+                self.sent += 1
+                log.info('event=sent id=%s to=<%s> host=%s reply="%s"', qid, r["to"], o.host, o.diagnostic)
+            elif o.kind == "failed":
+                r["state"] = FAILED_STATE
+                log.info('event=failed id=%s to=<%s> host=%s reply="%s"', qid, r["to"], o.host, o.diagnostic)
+            elif now - env.received >= self.cfg.queue_lifetime:
+                r.update(state=FAILED_STATE, status="4.4.7",
+                         error=f"gave up after {self.cfg.queue_lifetime / 86400:g} days: {o.diagnostic}")
+                log.info('event=expired id=%s to=<%s> last="%s"', qid, r["to"], o.diagnostic)
+            else:
+                delay = min(self.cfg.retry_first * 2 ** (r["tries"] - 1), self.cfg.retry_max)
+                r["next"] = now + delay
+                log.info('event=deferred id=%s to=<%s> host=%s reply="%s" retry_in=%.0fs', qid, r["to"],
+                         o.host, o.diagnostic, delay)
+        await self._notify(env, data, now)
+        when = next_due(env)
+        if when is None and not env.local:
+            await self.spool.committer.commit([], unlinks=[self.spool.path(qid)])
+            self._due.pop(qid, None)
+            log.info("event=outbound_done id=%s attempts=%d", qid, env.attempts)
+        else:
+            await self.spool.rewrite(env, data)
+            if when is not None and not env.held:
+                self._due[qid] = when
+
+    async def _notify(self, env: Envelope, data: bytes, now: float) -> None:
+        """DSNs for newly failed recipients, and one delay warning; stored before marked reported."""
+        fresh = [r for r in env.remote if r.get("state") == FAILED_STATE and not r.get("reported")]
+        late = []
+        if (self.cfg.delay_warning and not env.extra.get("warned")
+                and now - env.received >= self.cfg.delay_warning):
+            late = [r for r in env.remote if r.get("state", QUEUED) == QUEUED]
+        if not fresh and not late:
+            return
+        ok, why = may_bounce(env)
+        for action, rcpts in ((FAILED, fresh), (DELAYED, late)):
+            wanted = [r for r in rcpts if wants_notice(r, action)]
+            if not rcpts:
+                continue
+            if not ok or not wanted:
+                if action == FAILED:
+                    log.info('event=bounce_suppressed id=%s from=<%s> rcpts=%d reason="%s"', env.id, env.sender,
+                             len(rcpts), why or "NOTIFY")
+                continue
+            until = env.received + self.cfg.queue_lifetime if action == DELAYED else None
+            await self._send_dsn(env, data, wanted, action, until)
+        for r in fresh:
+            r["reported"] = True
+        if late:
+            env.extra["warned"] = True
+
+    async def _send_dsn(self, env: Envelope, data: bytes, rcpts: list[dict[str, object]], action: str,
+                        until: float | None) -> None:
+        route = self.route_bounce(env.sender)
+        if route is None:
+            log.info('event=bounce_undeliverable id=%s from=<%s> reason="sender is a local address that '
+                     'does not exist"', env.id, env.sender)
+            return
+        dsn = build_dsn(env, data, rcpts, action, self.hostname, retry_until=until)
+        bounce = Envelope(id=new_id(), sender="", mail_params={}, local=route.local, remote=route.remote,
+                          received=time.time(), client="127.0.0.1", helo=self.hostname, listener="bounce")
+        await self.spool.store(bounce, dsn)
+        log.info("event=dsn id=%s original=%s action=%s to=<%s> rcpts=%d", bounce.id, env.id, action,
+                 env.sender, len(rcpts))
+        if bounce.local:
+            self.submit_local(bounce, dsn)
+        else:
+            self.wake()
+
+
+def _rcpt_params(rcpt: dict[str, object]) -> list[str]:
+    """The DSN parameters worth passing on (RFC 3461); everything else stays here."""
+    params = rcpt.get("params") or {}
+    return [f"{k}={v}" for k, v in params.items() if k in ("NOTIFY", "ORCPT") and v]  # type: ignore[union-attr]
+
+
+def bounce_router(directory: Directory) -> Callable[[str], BounceRoute | None]:
+    """DSNs to a local sender go to its mailboxes (aliases followed); others leave by SMTP."""
+    def route(sender: str) -> BounceRoute | None:
+        try:
+            addr = parse_path(f"<{sender}>", smtputf8=True)
+        except AddressError:
+            return None
+        if addr is None:
+            return None
+        if not directory.is_local(addr.domain):
+            return BounceRoute([], [{"to": sender, "params": {}, "rcpt": sender}])
+        res = directory.resolve(addr)
+        if res is None:
+            return None
+        return BounceRoute([(mb, sender) for mb in res.mailboxes],
+                           [{"to": fw, "params": {}, "rcpt": sender} for fw in res.forwards])
+    return route
+
+
+def build_scheduler(server: Server) -> OutboundScheduler:
+    """The scheduler wired to a Server's spool, resolver, directory and local delivery."""
+    cfg = server.config
+    ob = cfg.outbound
+    relay = None
+    client = SmtpClient(cfg.hostname, ob.connect_timeout, ob.command_timeout)
+    if ob.relayhost:
+        try:
+            host, port = parse_relayhost(ob.relayhost, 587)
+        except ValueError as e:
+            raise ConfigError(f"outbound.relayhost: {e}") from None
+        password = ""
+        if ob.relayhost_password_file:
+            try:
+                password = Path(ob.relayhost_password_file).read_text(encoding="utf-8").strip("\r\n")
+            except OSError as e:
+                raise ConfigError(f"outbound.relayhost_password_file: cannot read: {e.strerror}") from None
+        mode = ob.relayhost_tls or ("implicit" if port == 465 else "starttls")
+        relay = SmtpTarget(host, host, port, mode, ob.relayhost_username, password)
+        client = SmtpClient(cfg.hostname, ob.connect_timeout, ob.command_timeout,
+                            verify_context(ob.relayhost_ca_file))
+
+    def listening() -> list[tuple[str, int]]:
+        return [(bl.sockname[0], bl.sockname[1]) for bl in server.listeners]
+
+    router = MxRouter(server.resolver, cfg.hostname, self_address_check(listening, ob.port))
+    return OutboundScheduler(server.spool, ob, cfg.hostname, router, client, relay,
+                             bounce_router(server.directory), server.delivery.submit)
