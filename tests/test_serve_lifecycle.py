@@ -1,0 +1,404 @@
+"""`yuubin serve` and `yuubin localserve` as real processes: start, receive, stop, crash, restart.
+
+The promise under test: a message that got 250 is never lost — not at SIGTERM (sessions in flight
+finish within limits.shutdown_grace) and not at kill -9 (the spool is redelivered at start).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.smtpclient import RawSMTP
+
+pytestmark = pytest.mark.slow
+
+ALICE_PASSWORD = "Tangerine-orbit-71-quasar"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(base: Path, port: int) -> Path:
+    path = base / "yuubin.toml"
+    path.write_text(f"""\
+hostname = "mx.example.test"
+data_dir = "data"
+
+[domains]
+local = ["example.test"]
+
+[network]
+trusted = ["127.0.0.0/16"]
+
+[dnsbl]
+zones = []
+
+[dns]
+nameservers = ["127.0.0.1"]
+port = {free_port()}
+timeout = 0.5
+
+[limits]
+shutdown_grace = "3s"
+idle_timeout = "30s"
+
+[[listener]]
+kind = "mx"
+address = "127.0.0.1:{port}"
+""", encoding="utf-8")
+    return path
+
+
+def yuubin(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "yuubin", *args], capture_output=True, text=True, timeout=60, **kw)
+
+
+class Serve:
+    """`yuubin -c FILE serve` in the background, logging to a file."""
+
+    def __init__(self, config: Path, port: int):
+        self.config, self.port = config, port
+        self.log_path = config.parent / f"serve-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "yuubin", "-c", str(config), "serve"],
+                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while True:
+            assert self.proc.poll() is None, f"serve exited {self.proc.returncode}: {self.log()}"
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.settimeout(5)
+                    if s.recv(512).startswith(b"220"):
+                        s.sendall(b"QUIT\r\n")
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "serve did not start listening: " + self.log()
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def terminate(self, timeout: float) -> tuple[int, float]:
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        finally:
+            self.stop()
+        return rc, time.monotonic() - t0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._log.close()
+
+
+@pytest.fixture
+def served(tmp_path) -> Iterator[tuple[Path, int, list[Serve]]]:
+    port = free_port()
+    config = write_config(tmp_path, port)
+    p = yuubin("-c", str(config), "account", "add", "alice@example.test", input=ALICE_PASSWORD + "\n")
+    assert p.returncode == 0, p.stderr
+    started: list[Serve] = []
+    yield config, port, started
+    for s in started:
+        s.stop()
+
+
+def maildir_ids(base: Path) -> list[str]:
+    new = base / "data" / "mail" / "example.test" / "alice" / "new"
+    if not new.exists():
+        return []
+    out = []
+    for p in new.iterdir():
+        m = re.search(rb"^Message-ID: <([^>]+)>", p.read_bytes(), re.M)
+        out.append(m.group(1).decode() if m else "?")
+    return sorted(out)
+
+
+def wait_ids(base: Path, expected: set[str], timeout: float = 10) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ids = maildir_ids(base)
+        if expected <= set(ids):
+            return ids
+        time.sleep(0.05)
+    return maildir_ids(base)
+
+
+def queue_entries(base: Path) -> list[Path]:
+    q = base / "data" / "spool" / "queue"
+    return sorted(q.iterdir()) if q.exists() else []
+
+
+def msg(mid: str) -> bytes:
+    return f"From: <sender@remote.example>\r\nSubject: {mid}\r\nMessage-ID: <{mid}>\r\n\r\nbody of {mid}\r\n".encode()
+
+
+def send(port: int, mid: str) -> None:
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="lan.example", timeout=10) as s:
+        assert s.sendmail("sender@remote.example", ["alice@example.test"], msg(mid)) == {}
+
+
+def test_sigterm_finishes_sessions_in_flight_and_loses_nothing(served):
+    config, port, started = served
+    base = config.parent
+    srv = Serve(config, port)
+    started.append(srv)
+    accepted = set()
+    for i in range(5):
+        send(port, f"before-{i}@test")
+        accepted.add(f"before-{i}@test")
+
+    idle = RawSMTP(port)
+    assert idle.reply()[0] == 220 and idle.cmd("EHLO lan.example")[0] == 250
+    inflight = RawSMTP(port)
+    assert inflight.reply()[0] == 220
+    inflight.send(b"EHLO lan.example\r\nMAIL FROM:<sender@remote.example>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert [inflight.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+    inflight.send(msg("inflight@test")[:40])
+
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    # The idle session is told at once; new connections are no longer accepted.
+    code, text = idle.reply()
+    assert code == 421 and text[0].startswith("4."), text
+    assert idle.closed_by_peer()
+    deadline = time.monotonic() + 3
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.settimeout(2)
+                banner = s.recv(512)
+            assert not banner.startswith(b"220"), "a new session was greeted after SIGTERM"
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+        time.sleep(0.05)
+    # The transaction in flight may finish and is accepted, then the session is closed.
+    inflight.send(msg("inflight@test")[40:] + b".\r\n")
+    code, text = inflight.reply()
+    assert code == 250, (code, text)
+    accepted.add("inflight@test")
+    code, text = inflight.reply()
+    assert code == 421, (code, text)
+    assert inflight.closed_by_peer()
+
+    rc = srv.proc.wait(3 + 10)
+    elapsed = time.monotonic() - t0
+    srv.stop()
+    assert rc == 0, srv.log()
+    assert elapsed < 3 + 5, elapsed
+    log = srv.log()
+    assert "Traceback" not in log, log
+    assert "event=stopped" in log
+
+    ids = maildir_ids(base)
+    if not accepted <= set(ids):  # a delivery cut off at shutdown must be redelivered at the next start
+        again = Serve(config, port)
+        started.append(again)
+        ids = wait_ids(base, accepted)
+        rc, _ = again.terminate(15)
+        assert rc == 0, again.log()
+    assert accepted <= set(ids), (sorted(accepted - set(ids)), ids)
+    assert queue_entries(base) == []
+
+
+def test_kill_9_after_250_then_restart_delivers(served):
+    config, port, started = served
+    base = config.parent
+    srv = Serve(config, port)
+    started.append(srv)
+    accepted = [f"crash-{i}@test" for i in range(4)]
+    for mid in accepted:
+        send(port, mid)
+    srv.proc.kill()  # SIGKILL right after the last 250
+    srv.proc.wait(10)
+    srv.stop()
+
+    again = Serve(config, port)
+    started.append(again)
+    ids = wait_ids(base, set(accepted))
+    assert set(accepted) <= set(ids), ids
+    rc, _ = again.terminate(15)
+    assert rc == 0, again.log()
+    assert queue_entries(base) == []
+
+
+def test_spooled_message_survives_kill_9_while_delivery_is_failing(served):
+    config, port, started = served
+    base = config.parent
+    # Make local delivery impossible (a file where the domain's directory must be): the message
+    # can then only be in the spool when the process dies.
+    blocker = base / "data" / "mail" / "example.test"
+    blocker.parent.mkdir(parents=True, exist_ok=True)
+    blocker.write_bytes(b"not a directory\n")
+    srv = Serve(config, port)
+    started.append(srv)
+    send(port, "spooled@test")
+    deadline = time.monotonic() + 5
+    while not queue_entries(base) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(queue_entries(base)) == 1
+    time.sleep(0.3)  # the first delivery attempt fails and is deferred
+    assert len(queue_entries(base)) == 1
+    srv.proc.kill()
+    srv.proc.wait(10)
+    srv.stop()
+
+    blocker.unlink()
+    again = Serve(config, port)
+    started.append(again)
+    ids = wait_ids(base, {"spooled@test"})
+    assert ids == ["spooled@test"], ids
+    rc, _ = again.terminate(15)
+    assert rc == 0, again.log()
+    assert queue_entries(base) == []
+
+
+def test_account_added_while_serving_takes_effect_at_once(served):
+    config, port, started = served
+    srv = Serve(config, port)
+    started.append(srv)
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="lan.example", timeout=10) as s:
+        s.ehlo()
+        s.mail("sender@remote.example")
+        assert s.rcpt("newbie@example.test")[0] == 550
+    p = yuubin("-c", str(config), "account", "add", "newbie@example.test", input="Velvet-canyon-38-nimbus\n")
+    assert p.returncode == 0, p.stderr
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="lan.example", timeout=10) as s:
+        assert s.sendmail("sender@remote.example", ["newbie@example.test"], msg("newbie@test")) == {}
+    new = config.parent / "data" / "mail" / "example.test" / "newbie" / "new"
+    deadline = time.monotonic() + 10
+    while not (new.exists() and any(new.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert new.exists() and len(list(new.iterdir())) == 1
+    rc, _ = srv.terminate(15)
+    assert rc == 0, srv.log()
+
+
+# ---- localserve (fixed port 2525) ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def port_2525() -> Iterator[None]:
+    """localserve always listens on 127.0.0.1:2525: one test run at a time may use it."""
+    with open(os.path.join(tempfile.gettempdir(), "yuubin-tests-port-2525.lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another test run holds it; wait (bounded by pytest timeout)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", 2525))
+            except OSError:
+                pytest.skip("127.0.0.1:2525 is in use by something else; localserve needs it")
+        yield
+
+
+class LocalServe:
+    def __init__(self, directory: Path):
+        self.proc = subprocess.Popen([sys.executable, "-m", "yuubin", "localserve", "--dir", str(directory)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.lines: list[str] = []
+        self.err = bytearray()
+        self.done = threading.Event()
+        threading.Thread(target=self._read_out, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    def _read_out(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace").rstrip("\n")
+            self.lines.append(line)
+            if line.startswith("Ctrl-C stops"):
+                self.done.set()
+        self.done.set()
+
+    def _read_err(self) -> None:
+        for raw in self.proc.stderr:
+            self.err += raw
+
+    def banner(self, timeout: float = 20) -> str:
+        assert self.done.wait(timeout), f"no banner: {self.lines} {self.err.decode(errors='replace')}"
+        assert self.proc.poll() is None, f"localserve exited: {self.lines} {self.err.decode(errors='replace')}"
+        return "\n".join(self.lines)
+
+    def interrupt(self) -> int:
+        self.proc.send_signal(signal.SIGINT)  # Ctrl-C
+        try:
+            return self.proc.wait(15)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def test_localserve_runs_everything_on_loopback(tmp_path):
+    d = tmp_path / "ls"
+    with port_2525():
+        ls = LocalServe(d)
+        try:
+            text = ls.banner()
+            assert re.search(r"\bmx\s+127\.0\.0\.1:2525\b", text), text
+            m = re.search(r"demo@localhost\.test\s+password:\s*(\S+)", text)
+            assert m, text
+            password = m.group(1)
+            assert len(password) >= 12
+            cert_path = d / "tls" / "cert.pem"
+            assert cert_path.exists() and (d / "tls" / "key.pem").exists()
+            from cryptography import x509
+
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            assert cert.issuer == cert.subject  # self-signed
+
+            ctx = ssl.create_default_context(cafile=str(cert_path))
+            ctx.check_hostname = False  # trust exactly this certificate, whatever name it carries
+            with smtplib.SMTP("127.0.0.1", 2525, local_hostname="client.example", timeout=10) as s:
+                s.ehlo()
+                assert s.starttls(context=ctx)[0] == 220
+                s.ehlo()
+                assert s.sendmail("friend@remote.example", ["demo@localhost.test"], msg("demo@test")) == {}
+            new = d / "data" / "mail" / "localhost.test" / "demo" / "new"
+            deadline = time.monotonic() + 10
+            while not (new.exists() and any(new.iterdir())) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            (delivered,) = list(new.iterdir())
+            assert b"Message-ID: <demo@test>" in delivered.read_bytes()
+        finally:
+            rc = ls.interrupt()
+        assert rc == 0, (rc, ls.err.decode(errors="replace"))  # Ctrl-C is a clean stop, like SIGTERM
+        assert b"Traceback" not in ls.err, ls.err.decode(errors="replace")
+
+        # The second start reuses everything and does not print a password again.
+        ls = LocalServe(d)
+        try:
+            text = ls.banner()
+            assert password not in text
+            assert "demo@localhost.test" in text
+        finally:
+            ls.interrupt()
+        assert (d / "tls" / "cert.pem").read_bytes() == cert_path.read_bytes()
