@@ -44,6 +44,11 @@ class SmtpSink:
     connections: int = 0
     bare_line_endings: int = 0  # bare CR or LF seen anywhere from the client
     commands: list[str] = field(default_factory=list)
+    size_limit: int = 10_000_000  # advertised with SIZE
+    smtputf8: bool = True  # advertise SMTPUTF8
+    data_delay: float = 0.0  # seconds to sit on the end of DATA (to observe concurrency)
+    active: int = 0  # sessions open now
+    max_active: int = 0  # most sessions ever open at once
 
     def __post_init__(self) -> None:
         self._attempts: dict[str, int] = {}
@@ -97,6 +102,8 @@ class SmtpSink:
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
         tls = None
         if self.implicit_tls:
             tls = writer.get_extra_info("ssl_object").version()
@@ -123,7 +130,9 @@ class SmtpSink:
                 self.commands.append(line)
                 verb = line.split(" ", 1)[0].upper()
                 if verb in ("EHLO", "HELO"):
-                    ext = ["250-sink.test", "250-SIZE 10000000", "250-8BITMIME", "250-SMTPUTF8", "250-DSN"]
+                    ext = ["250-sink.test", f"250-SIZE {self.size_limit}", "250-8BITMIME", "250-DSN"]
+                    if self.smtputf8:
+                        ext.append("250-SMTPUTF8")
                     if self.tls_context is not None and tls is None:
                         ext.append("250-STARTTLS")
                     if self.auth and tls:
@@ -176,6 +185,8 @@ class SmtpSink:
                         raw += chunk
                     data = b"".join(ln[1:] if ln.startswith(b".") else ln
                                     for ln in bytes(raw).splitlines(keepends=True))
+                    if self.data_delay:
+                        await asyncio.sleep(self.data_delay)
                     with self.lock:
                         self.messages.append(SinkMessage(sender or "", rcpts, data, bytes(raw), mail_line,
                                                          rcpt_lines, tls, authed))
@@ -193,4 +204,5 @@ class SmtpSink:
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError, ValueError):
             pass
         finally:
+            self.active -= 1
             writer.close()

@@ -363,3 +363,49 @@ def test_queue_tools_hold_release_flush_delete(make_server, dns_server, mx_port,
     out = _queue_cli(cfg_path, "delete", "--sender", SENDER, capsys=capsys)
     assert "deleted 1 entries" in out and not spool_ids(srv)
     assert cli.main(["-c", str(cfg_path), "queue", "show", "nosuchid"]) == 2
+
+
+def test_delay_warning_then_expiry_after_the_queue_lifetime(make_server, dns_server, mx_port, sinks):
+    dns_server.add("remote.test", "MX", "10 mx.remote.test.")
+    dns_server.add("mx.remote.test", "A", "127.1.0.1")
+    remote = sink("127.1.0.1", mx_port, rcpt_reply=lambda rcpt, n: "451 4.3.0 try again later")
+    sinks.append(remote)
+    srv = server(make_server, mx_port, delay_warning="0.5s", queue_lifetime="2s")
+    send(srv, ["carol@remote.test"], message("slow"))
+    first = srv.wait_delivered(SENDER, 1)[0].decode()
+    assert "Action: delayed" in first and "Will-Retry-Until:" in first and "Status: 4.3.0" in first
+    both = srv.wait_delivered(SENDER, 2, timeout=10)
+    final = both[1].decode() if "Action: failed" in both[1].decode() else both[0].decode()
+    assert "Action: failed" in final and "Status: 4.4.7" in final and "gave up after" in final
+    wait_until(lambda: not spool_ids(srv), what="the spool to empty")
+    time.sleep(0.5)
+    assert len(srv.delivered(SENDER)) == 2  # one warning, one failure: no repeats
+    assert remote.messages == []
+
+
+def test_concurrency_per_destination_domain_is_limited(make_server, dns_server, mx_port, sinks):
+    dns_server.add("remote.test", "MX", "10 mx.remote.test.")
+    dns_server.add("mx.remote.test", "A", "127.1.0.1")
+    remote = sink("127.1.0.1", mx_port, data_delay=0.3)
+    sinks.append(remote)
+    srv = server(make_server, mx_port, max_per_domain=2)
+    for i in range(6):
+        send(srv, [f"user{i}@remote.test"], message(f"parallel {i}"))
+    remote.wait_messages(6)
+    assert remote.max_active == 2  # parallel, but never more than max_per_domain
+
+
+def test_smtputf8_and_size_limits_of_the_peer_are_honoured(make_server, dns_server, mx_port, sinks):
+    dns_server.add("remote.test", "MX", "10 mx.remote.test.")
+    dns_server.add("mx.remote.test", "A", "127.1.0.1")
+    remote = sink("127.1.0.1", mx_port, smtputf8=False, size_limit=2000)
+    sinks.append(remote)
+    srv = server(make_server, mx_port)
+    with smtplib.SMTP("127.0.0.1", srv.port(), timeout=10) as c:
+        c.ehlo()
+        c.sendmail(SENDER, ["ユーザー@remote.test"], message("utf8").encode(), mail_options=["SMTPUTF8"])
+    send(srv, ["carol@remote.test"], message("big", "x" * 3000 + "\r\n"))
+    dsns = [m.decode() for m in srv.wait_delivered(SENDER, 2)]
+    assert any("Status: 5.6.7" in d and "SMTPUTF8" in d for d in dsns)
+    assert any("Status: 5.3.4" in d and "exceeds the limit 2000" in d for d in dsns)
+    assert remote.messages == [] and not any(c.startswith("MAIL") for c in remote.commands)
