@@ -636,3 +636,81 @@ def test_ipv6_listener(make_server):
         s.rset()
     (raw,) = srv.wait_delivered("alice@example.test", 1)
     assert "[::1]" in headers(raw)["Received"]
+
+
+def _free_port_on_both() -> int:
+    for _ in range(50):
+        with socket.socket(socket.AF_INET6) as s6:
+            s6.bind(("::1", 0))
+            port = s6.getsockname()[1]
+            try:
+                with socket.socket() as s4:
+                    s4.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    pytest.skip("no port free on both 127.0.0.1 and ::1")
+
+
+@pytest.mark.skipif(not _have_ipv6(), reason="no IPv6 loopback on this machine")
+def test_ipv4_and_ipv6_listeners_on_the_same_port(make_server, dns_server):
+    """The usual `0.0.0.0:25` + `[::]:25` pair (here on loopback): both bind, each sees its clients right."""
+    dns_server.add("31.0.1.127.zen.dnsbl.test", "A", "127.0.0.2")
+    port = _free_port_on_both()
+    srv = make_server(accounts=ACCOUNTS, listener=[{"kind": "mx", "address": f"127.0.0.1:{port}"},
+                                                   {"kind": "mx", "address": f"[::1]:{port}"}])
+    assert sorted(bl.sockname[0] for bl in srv.server.listeners) == ["127.0.0.1", "::1"]
+    with smtplib.SMTP("::1", port, local_hostname="lan.example", timeout=10) as s:
+        s.ehlo()
+        s.mail(SENDER)
+        assert s.rcpt("carol@remote.example")[0] == 250  # ::1 is trusted
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.remote.example", source_address=("127.1.0.30", 0),
+                      timeout=10) as s:
+        s.ehlo()
+        s.mail(SENDER)
+        assert s.rcpt("carol@remote.example")[0] == 554  # the internet may not relay
+        assert s.rcpt("alice@example.test")[0] == 250
+        assert s.data(message("ipv4 next to ipv6"))[0] == 250
+    (raw,) = srv.wait_delivered("alice@example.test", 1)
+    assert "[127.1.0.30]" in headers(raw)["Received"]
+    with RawSMTP(port, source="127.1.0.31") as c:
+        code, text = c.reply()
+        assert code == 554 and "zen.dnsbl.test" in text[0], text
+
+
+def test_too_many_errors_end_the_session(make_server):
+    srv = make_server(accounts=ACCOUNTS, limits={"max_errors": 3})
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        assert c.reply()[0] == 220
+        c.send(b"FROB\r\nFROB\r\nFROB\r\nNOOP\r\n")
+        assert [c.reply()[0] for _ in range(3)] == [500, 500, 500]
+        code, text = c.reply()
+        assert code == 421 and text[0].startswith("4.7.0"), text
+        assert c.closed_by_peer()
+
+
+def test_helo_and_case_insensitive_recipient(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv) as s:
+        assert s.helo()[0] == 250
+        assert s.mail(SENDER)[0] == 250
+        assert s.rcpt("ALICE@Example.TEST")[0] == 250
+        assert s.data(message("helo"))[0] == 250
+    (raw,) = srv.wait_delivered("alice@example.test", 1)
+    assert b"Delivered-To: alice@example.test\r\n" in raw
+    assert " with SMTP " in " ".join(headers(raw)["Received"].split())
+
+
+def test_bdat_over_the_size_limit_is_refused(make_server):
+    srv = make_server(accounts=ACCOUNTS, limits={"message_size": 1000})
+    chunk = b"x" * 700 + b"\r\n"
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        c.reply()
+        c.send(b"EHLO client.remote.example\r\nMAIL FROM:<sender@remote.example>\r\nRCPT TO:<alice@example.test>\r\n"
+               + b"BDAT %d\r\n" % len(chunk) + chunk + b"BDAT %d LAST\r\n" % len(chunk) + chunk)
+        replies = [c.reply() for _ in range(5)]
+        assert [r[0] for r in replies[:4]] == [250, 250, 250, 250], replies
+        assert replies[4][0] == 552 and replies[4][1][0].startswith("5.3.4"), replies
+        assert c.cmd("NOOP")[0] == 250  # the stream stays in sync after the refused chunk
+    time.sleep(0.2)
+    assert srv.delivered("alice@example.test") == []

@@ -138,22 +138,6 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_account_add(args: argparse.Namespace) -> int:
-    from yuubin.auth.accounts import normalize_address
-    from yuubin.auth.passwords import hash_password
-    cfg = _load(args)
-    address = _address_arg(args.address, "ADDRESS")
-    if address.rpartition("@")[2] not in cfg.local_domains:
-        raise CliError(f"ADDRESS: {address}: domain is not in domains.local {list(cfg.local_domains)}")
-    store = _store(cfg)
-    if store.account_exists(address):
-        raise CliError(f"ADDRESS: {address} already exists")
-    pw = _read_password()
-    store.add_account(normalize_address(address), hash_password(pw))
-    print(f"added {address}")
-    return 0
-
-
 def cmd_account_list(args: argparse.Namespace) -> int:
     import datetime
     store = _store(_load(args))
@@ -240,11 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     x = a.add_parser("add", help="add an account; password from stdin (one line) or prompted twice")
     x.add_argument("address")
     x.add_argument("--allow-weak", action="store_true", help=argparse.SUPPRESS)
-    x.set_defaults(func=cmd_account_add)
+    from yuubin import cli_security
+    x.set_defaults(func=cli_security.cmd_account_add)  # with the password strength check
     a.add_parser("list", help="list accounts").set_defaults(func=cmd_account_list)
     x = a.add_parser("remove", help="remove an account (its mail stays on disk)")
     x.add_argument("address")
     x.set_defaults(func=cmd_account_remove)
+    cli_security.register(sub, a)  # passwd, audit, suspend, enable; auth ...; firewall ...
 
     al = sub.add_parser("alias", help="aliases").add_subparsers(dest="sub", required=True, parser_class=_Parser)
     x = al.add_parser("add", help="ALIAS delivers to every TARGET (local or remote)")

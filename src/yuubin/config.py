@@ -66,6 +66,15 @@ class AuthGuardConfig:
     max_failures: int = 5
     window: float = 900.0
     lockout: float = 3600.0
+    max_lockout: float = 86400.0  # doubling stops here
+    forget_after: float = 604800.0  # a source clean this long starts again at `lockout`
+    account_max_failures: int = 20  # failures on one account (from 2+ sources) that start the slow-down
+    account_delay: float = 3.0  # seconds added for sources that never logged in to that account
+
+
+@dataclass(frozen=True)
+class SubmissionConfig:
+    received_client_ip: bool = False  # show the submitting client's address in Received:
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,6 @@ class OutboundConfig:
     queue_scan: float = 60.0  # full spool rescan (picks up CLI changes); flush requests are seen within 1s
 
 
-
 @dataclass(frozen=True)
 class Config:
     hostname: str
@@ -106,6 +114,7 @@ class Config:
     limits: LimitsConfig
     auth_guard: AuthGuardConfig
     outbound: OutboundConfig
+    submission: SubmissionConfig = SubmissionConfig()
     log_level: str = "info"
     source: str = "<memory>"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -349,7 +358,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         listeners.append(ListenerConfig(kind, host, port, tuple(nets), tuple(countries)))
     seen = set()
     for i, lc in enumerate(listeners):
-        if (lc.host, lc.port) in seen:
+        if lc.port and (lc.host, lc.port) in seen:  # port 0: each gets its own free port
             raise ConfigError(f"listener[{i}].address: {lc.address} is used twice")
         seen.add((lc.host, lc.port))
 
@@ -361,6 +370,17 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     geo = top.table("geo")
     geo_source = geo.get("source", "", str)
     geo.finish()
+    if geo_source and not Path(geo_source).is_absolute():
+        geo_source = str((base / geo_source).resolve())
+    with_country = [(i, lc) for i, lc in enumerate(listeners) if lc.allow_countries]
+    if with_country and not geo_source:
+        i, lc = with_country[0]
+        raise ConfigError(f"listener[{i}].allow: country {lc.allow_countries[0]} needs geo.source "
+                          "(an RIR delegated-stats file or a .mmdb country database)")
+
+    sub_t = top.table("submission")
+    submission = SubmissionConfig(received_client_ip=sub_t.get("received_client_ip", False, bool))
+    sub_t.finish()
 
     lim = top.table("limits")
     defaults = LimitsConfig()
@@ -385,7 +405,13 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         max_failures=ag.positive_int("max_failures", 5),
         window=parse_duration(ag.get("window", "15m", (int, float, str)), "auth_guard.window"),
         lockout=parse_duration(ag.get("lockout", "1h", (int, float, str)), "auth_guard.lockout"),
+        max_lockout=parse_duration(ag.get("max_lockout", "1d", (int, float, str)), "auth_guard.max_lockout"),
+        forget_after=parse_duration(ag.get("forget_after", "7d", (int, float, str)), "auth_guard.forget_after"),
+        account_max_failures=ag.positive_int("account_max_failures", 20),
+        account_delay=parse_duration(ag.get("account_delay", "3s", (int, float, str)), "auth_guard.account_delay"),
     )
+    if auth_guard.max_lockout < auth_guard.lockout:
+        raise ConfigError("auth_guard.max_lockout: must not be shorter than auth_guard.lockout")
     ag.finish()
 
     ob = top.table("outbound")
@@ -426,6 +452,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         limits=limits,
         auth_guard=auth_guard,
         outbound=outbound,
+        submission=submission,
         log_level=log_level,
         source=source,
     )
@@ -491,6 +518,13 @@ def describe(cfg: Config) -> str:
         f"max_failures = {cfg.auth_guard.max_failures}",
         f"window = {q(f'{cfg.auth_guard.window:g}s')}",
         f"lockout = {q(f'{cfg.auth_guard.lockout:g}s')}",
+        f"max_lockout = {q(f'{cfg.auth_guard.max_lockout:g}s')}",
+        f"forget_after = {q(f'{cfg.auth_guard.forget_after:g}s')}",
+        f"account_max_failures = {cfg.auth_guard.account_max_failures}",
+        f"account_delay = {q(f'{cfg.auth_guard.account_delay:g}s')}",
+        "",
+        "[submission]",
+        f"received_client_ip = {q(cfg.submission.received_client_ip)}",
         "",
         "[outbound]",
         f"relayhost = {q(cfg.outbound.relayhost)}",

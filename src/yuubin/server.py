@@ -15,13 +15,18 @@ from collections import Counter
 from dataclasses import dataclass
 
 from yuubin.auth.accounts import Directory
-from yuubin.config import Config, ListenerConfig
+from yuubin.auth.sasl import MECHANISMS
+from yuubin.config import Config, ConfigError, ListenerConfig
 from yuubin.delivery.local import LocalDelivery
 from yuubin.delivery.maildir import Maildirs
 from yuubin.dns import Resolver
 from yuubin.durable import GroupCommitter
+from yuubin.geo import AccessList, GeoDatabase, GeoError
+from yuubin.policy.authguard import AuthGuard
+from yuubin.policy.containment import AccountContainment
 from yuubin.policy.dnsbl import DnsblChecker
 from yuubin.policy.mx import MxPolicy
+from yuubin.policy.submission import SubmissionPolicy
 from yuubin.queue.scheduler import build_scheduler
 from yuubin.queue.spool import Spool
 from yuubin.smtp.listener import ListenerContext, SMTPSession
@@ -31,7 +36,8 @@ from yuubin.tls import server_context
 
 log = logging.getLogger("yuubin.server")
 
-SMTP_KINDS = ("mx",)
+SMTP_KINDS = ("mx", "submission", "submissions")
+SUBMISSION_KINDS = ("submission", "submissions")  # AUTH mandatory; 465 is TLS from the first byte
 
 
 @dataclass
@@ -56,8 +62,21 @@ class Server:
         self.resolver = Resolver(list(config.dns.nameservers), config.dns.port, config.dns.timeout)
         dnsbl = DnsblChecker(self.resolver, list(config.dnsbl_zones)) if config.dnsbl_zones else None
         self.mx_policy = MxPolicy(self.directory, dnsbl)
+        self.auth_guard = AuthGuard(self.store, config.auth_guard, self.is_trusted)
+        self.containment = AccountContainment(self.store, self.spool, self.delivery, self.directory,
+                                              config.hostname)
+        self.delivery.hold_check = self.containment.is_held
         self.outbound = build_scheduler(self)  # remote delivery, retries, DSNs (queue/scheduler.py)
         self.delivery.outbound = self.outbound
+        # A hold must not race the scheduler recording a delivery result: share its entry locks.
+        self.containment.locks = getattr(self.outbound, "locks", None)
+        self.containment.entry_locks = getattr(self.outbound, "_entry_locks", None)
+        self.geo: GeoDatabase | None = None
+        if any(lc.allow_countries for lc in config.listeners if lc.kind in SUBMISSION_KINDS):
+            try:  # a country in `allow` without its data would be an open door: refuse to start
+                self.geo = GeoDatabase.load(config.geo_source)
+            except GeoError as e:
+                raise ConfigError(str(e)) from None
         self.tls_context = server_context(config.tls.cert, config.tls.key) if config.tls.cert else None
         self.sessions: set[SMTPSession] = set()
         self.listeners: list[BoundListener] = []
@@ -102,12 +121,20 @@ class Server:
                 log.warning("event=listener_skipped kind=%s address=%s reason=\"not implemented yet\"",
                             lc.kind, lc.address)
                 continue
+            submission = lc.kind in SUBMISSION_KINDS
             ctx = ListenerContext(
-                kind=lc.kind, server=self, tls_context=self.tls_context, implicit_tls=False,
+                kind=lc.kind, server=self, tls_context=self.tls_context, implicit_tls=lc.kind == "submissions",
                 limits=Limits(lim.line_length, lim.message_size, lim.recipients, lim.max_errors),
+                policy=SubmissionPolicy(
+                    self.directory, self.store, self.config.outbound,
+                    AccessList(lc.allow_networks, lc.allow_countries, self.geo), self.containment.limit_broken,
+                ) if submission else None,
+                auth_mechanisms=MECHANISMS if submission else (),
             )
             srv = await loop.create_server(lambda ctx=ctx: SMTPSession(ctx), lc.host, lc.port,
-                                           reuse_address=True, backlog=1024)
+                                           reuse_address=True, backlog=1024,
+                                           ssl=self.tls_context if ctx.implicit_tls else None,
+                                           ssl_handshake_timeout=30.0 if ctx.implicit_tls else None)
             self.listeners.append(BoundListener(lc, srv))
             log.info("event=listening kind=%s address=%s", lc.kind, lc.address)
         self.outbound.start()
@@ -130,6 +157,7 @@ class Server:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         await self.outbound.stop(grace=self.config.limits.shutdown_grace)
+        await self.containment.drain(timeout=self.config.limits.shutdown_grace)
         await self.delivery.drain(timeout=self.config.limits.shutdown_grace)
         self.committer.shutdown()
         self.store.close()

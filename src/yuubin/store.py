@@ -1,4 +1,4 @@
-"""SQLite state (accounts, aliases; later lockouts, rate counters, reports).
+"""SQLite state (accounts, aliases, auth lockouts, submission counters; later reports).
 
 Everything that touches SQL lives here, so another database can take its place when several
 hosts share state. WAL mode lets the server read while the CLI writes; each call reads the
@@ -24,6 +24,38 @@ CREATE TABLE IF NOT EXISTS aliases (
     target TEXT NOT NULL,
     PRIMARY KEY (alias, target)
 );
+CREATE TABLE IF NOT EXISTS auth_failures (
+    scope TEXT NOT NULL,              -- "source" (an IP or an IPv6 /64) or "account"
+    key TEXT NOT NULL,
+    source TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS auth_failures_key ON auth_failures(scope, key, at);
+CREATE TABLE IF NOT EXISTS auth_lockouts (
+    source TEXT PRIMARY KEY,
+    until REAL NOT NULL,
+    offences INTEGER NOT NULL,        -- how many times locked: the next lockout doubles
+    last REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS auth_known_sources (
+    account TEXT NOT NULL,
+    source TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (account, source)
+);
+CREATE TABLE IF NOT EXISTS submissions (
+    account TEXT NOT NULL,
+    at REAL NOT NULL,
+    client TEXT NOT NULL,
+    recipients INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS submissions_account ON submissions(account, at);
+CREATE TABLE IF NOT EXISTS submission_recipients (
+    account TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS submission_recipients_account ON submission_recipients(account, at);
 """
 
 
@@ -67,6 +99,10 @@ class Store:
                                "ORDER BY address").fetchall()
         return [AccountRow(r[0], r[1], r[2], bool(r[3])) for r in rows]
 
+    def set_password(self, address: str, password_hash: str) -> bool:
+        return self.db.execute("UPDATE accounts SET password_hash = ? WHERE address = ?",
+                               (password_hash, address)).rowcount > 0
+
     def remove_account(self, address: str) -> bool:
         return self.db.execute("DELETE FROM accounts WHERE address = ?", (address,)).rowcount > 0
 
@@ -89,3 +125,86 @@ class Store:
 
     def remove_alias(self, alias: str) -> bool:
         return self.db.execute("DELETE FROM aliases WHERE alias = ?", (alias,)).rowcount > 0
+
+    # account suspension (compromised-account containment)
+    def set_suspended(self, address: str, suspended: bool) -> bool:
+        return self.db.execute("UPDATE accounts SET suspended = ? WHERE address = ?",
+                               (int(suspended), address)).rowcount > 0
+
+    # auth guard: failures, lockouts, sources that logged in successfully
+    def record_auth_failure(self, scope: str, key: str, source: str, at: float) -> None:
+        self.db.execute("INSERT INTO auth_failures(scope, key, source, at) VALUES (?, ?, ?, ?)",
+                        (scope, key, source, at))
+
+    def auth_failures_since(self, scope: str, key: str, since: float) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM auth_failures WHERE scope = ? AND key = ? AND at > ?",
+                               (scope, key, since)).fetchone()[0]
+
+    def auth_failure_sources_since(self, scope: str, key: str, since: float) -> int:
+        return self.db.execute("SELECT COUNT(DISTINCT source) FROM auth_failures "
+                               "WHERE scope = ? AND key = ? AND at > ?", (scope, key, since)).fetchone()[0]
+
+    def clear_auth_failures(self, scope: str, key: str) -> int:
+        return self.db.execute("DELETE FROM auth_failures WHERE scope = ? AND key = ?", (scope, key)).rowcount
+
+    def prune_auth_failures(self, before: float) -> None:
+        self.db.execute("DELETE FROM auth_failures WHERE at <= ?", (before,))
+
+    def accounts_with_failures_since(self, since: float) -> list[tuple[str, int, int]]:
+        """(account, failures, distinct sources) for accounts that failed within the window."""
+        rows = self.db.execute("SELECT key, COUNT(*), COUNT(DISTINCT source) FROM auth_failures "
+                               "WHERE scope = 'account' AND at > ? GROUP BY key ORDER BY key", (since,))
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def auth_lockout(self, source: str) -> tuple[float, int, float] | None:
+        row = self.db.execute("SELECT until, offences, last FROM auth_lockouts WHERE source = ?",
+                              (source,)).fetchone()
+        return (row[0], row[1], row[2]) if row else None
+
+    def set_auth_lockout(self, source: str, until: float, offences: int, last: float) -> None:
+        self.db.execute("INSERT INTO auth_lockouts(source, until, offences, last) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT(source) DO UPDATE SET until = excluded.until, "
+                        "offences = excluded.offences, last = excluded.last", (source, until, offences, last))
+
+    def active_auth_lockouts(self, now: float) -> list[tuple[str, float, int]]:
+        rows = self.db.execute("SELECT source, until, offences FROM auth_lockouts WHERE until > ? "
+                               "ORDER BY until", (now,))
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def remove_auth_lockout(self, source: str) -> bool:
+        return self.db.execute("DELETE FROM auth_lockouts WHERE source = ?", (source,)).rowcount > 0
+
+    def add_known_source(self, account: str, source: str, at: float) -> None:
+        self.db.execute("INSERT INTO auth_known_sources(account, source, at) VALUES (?, ?, ?) "
+                        "ON CONFLICT(account, source) DO UPDATE SET at = excluded.at", (account, source, at))
+
+    def is_known_source(self, account: str, source: str) -> bool:
+        return self.db.execute("SELECT 1 FROM auth_known_sources WHERE account = ? AND source = ?",
+                               (account, source)).fetchone() is not None
+
+    # outbound limits per account
+    def record_submission(self, account: str, at: float, client: str, recipients: list[str]) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("INSERT INTO submissions(account, at, client, recipients) VALUES (?, ?, ?, ?)",
+                            (account, at, client, len(recipients)))
+            self.db.executemany("INSERT INTO submission_recipients(account, recipient, at) VALUES (?, ?, ?)",
+                                [(account, r, at) for r in recipients])
+
+    def submissions_since(self, account: str, since: float) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM submissions WHERE account = ? AND at > ?",
+                               (account, since)).fetchone()[0]
+
+    def submission_recipients_since(self, account: str, since: float) -> set[str]:
+        rows = self.db.execute("SELECT DISTINCT recipient FROM submission_recipients "
+                               "WHERE account = ? AND at > ?", (account, since))
+        return {r[0] for r in rows}
+
+    def submission_clients_since(self, account: str, since: float) -> list[tuple[str, int]]:
+        rows = self.db.execute("SELECT client, COUNT(*) FROM submissions WHERE account = ? AND at > ? "
+                               "GROUP BY client ORDER BY COUNT(*) DESC", (account, since))
+        return [(r[0], r[1]) for r in rows]
+
+    def prune_submissions(self, before: float) -> None:
+        self.db.execute("DELETE FROM submissions WHERE at <= ?", (before,))
+        self.db.execute("DELETE FROM submission_recipients WHERE at <= ?", (before,))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from yuubin.delivery.maildir import Maildirs
 from yuubin.durable import GroupCommitter
@@ -29,6 +30,7 @@ class LocalDelivery:
         self.retry_first = retry_first
         self._tasks: set[asyncio.Task] = set()
         self.delivered = 0
+        self.hold_check: Callable[[Envelope], bool] | None = None  # set by the server (containment)
         self.outbound = None  # the OutboundScheduler: told when an entry has only remote recipients left
 
     def submit(self, env: Envelope, data: bytes) -> None:
@@ -63,6 +65,8 @@ class LocalDelivery:
         if env.remote:
             await self.committer.commit(writes)
             env.local = []
+            if self.hold_check is not None and self.hold_check(env):
+                env.held = True  # the account was suspended meanwhile: never undo its hold
             await self.spool.rewrite(env, data)
             if self.outbound is not None:
                 self.outbound.wake()

@@ -19,6 +19,7 @@ class Decision:
     reply: Reply | None  # None: accepted (the core's default positive reply)
     check: str
     reason: str
+    close: bool = False  # a refusal at connect that ends the session at once (no QUIT wait)
 
     @property
     def accepted(self) -> bool:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import ipaddress
 import errno
+import ipaddress
 import itertools
 import logging
 import ssl
@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from yuubin import tls as tlsmod
+from yuubin.auth import sasl
 from yuubin.auth.accounts import Resolution
 from yuubin.policy.decision import Decision, SessionFacts
+from yuubin.policy.submission import missing_headers
 from yuubin.queue.spool import Envelope, new_id
 from yuubin.smtp import replies as R
 from yuubin.smtp.protocol import (
@@ -27,6 +29,7 @@ from yuubin.smtp.protocol import (
     NEED_DATA,
     PAUSED,
     AuthRequested,
+    AuthResponse,
     Hello,
     Limits,
     MailFrom,
@@ -46,6 +49,9 @@ log = logging.getLogger("yuubin.smtp")
 READ_PAUSE_BYTES = 1 << 20
 WRITE_HIGH_BYTES = 1 << 20
 _session_ids = itertools.count(1)
+AUTH_FAILED = Reply(535, "5.7.8", "authentication credentials invalid")
+# The same for every account, existing or not: a lockout must not reveal who exists.
+AUTH_LOCKED = Reply(454, "4.7.0", "too many failed logins from your address; try again later")
 
 
 def client_address(peer: tuple) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -62,6 +68,8 @@ class ListenerContext:
     tls_context: ssl.SSLContext | None
     implicit_tls: bool
     limits: Limits
+    policy: object = None  # per-listener policy (submission: its allow list); None: server.policy_for(kind)
+    auth_mechanisms: tuple[str, ...] = ()  # non-empty: AUTH is offered (after TLS) and required before MAIL
 
 
 class SMTPSession(asyncio.Protocol):
@@ -80,6 +88,7 @@ class SMTPSession(asyncio.Protocol):
         self._lost = False
         self._paused = False
         self._ip = None
+        self._sasl = None
 
     # ---- Protocol callbacks ----
 
@@ -102,6 +111,8 @@ class SMTPSession(asyncio.Protocol):
             srv.config.hostname, self.ctx.limits,
             tls_available=self.ctx.tls_context is not None,
             tls_active=self.ctx.implicit_tls,
+            auth_mechanisms=self.ctx.auth_mechanisms,
+            auth_required=bool(self.ctx.auth_mechanisms),
         )
         self.task = asyncio.get_running_loop().create_task(self.run())
         srv.sessions.add(self)
@@ -178,10 +189,13 @@ class SMTPSession(asyncio.Protocol):
         log.info("event=connect session=%s listener=%s client=%s trusted=%s tls=%s", facts.session,
                  self.ctx.kind, facts.client, facts.trusted, facts.tls is not None)
         try:
-            decision = await self.server.policy_for(self.ctx.kind).connect(facts)
+            decision = await self._policy().connect(facts)
             if not decision.accepted:
                 self._log_reject("connect", decision)
-            conn.start(decision.reply if not decision.accepted else None)
+            if not decision.accepted and decision.close:
+                conn.close(decision.reply)
+            else:
+                conn.start(decision.reply if not decision.accepted else None)
             while True:
                 ev = conn.next_event()
                 if ev is NEED_DATA:
@@ -218,9 +232,12 @@ class SMTPSession(asyncio.Protocol):
         log.info('event=reject session=%s client=%s stage=%s check=%s reason="%s" reply="%s"',
                  self.facts.session, self.facts.client, stage, d.check, d.reason, d.reply)
 
+    def _policy(self):
+        return self.ctx.policy or self.server.policy_for(self.ctx.kind)
+
     async def _handle(self, ev) -> None:
         conn, facts = self.conn, self.facts
-        policy = self.server.policy_for(self.ctx.kind)
+        policy = self._policy()
         if isinstance(ev, Hello):
             facts.helo = ev.name
             conn.accept()
@@ -239,13 +256,50 @@ class SMTPSession(asyncio.Protocol):
                 self._log_reject("rcpt", route.decision)
                 conn.reject(route.decision.reply)
         elif isinstance(ev, MessageReceived):
-            await self._store(ev)
+            check = getattr(policy, "message", None)
+            d = check(facts, ev.data) if check is not None else None
+            if d is not None and not d.accepted:
+                self._log_reject("data", d)
+                conn.reject(d.reply)
+            else:
+                await self._store(ev)
         elif isinstance(ev, StartTLS):
             await self._start_tls()
-        elif isinstance(ev, AuthRequested):
-            conn.reject(R.AUTH_NOT_HERE)
+        elif isinstance(ev, AuthRequested | AuthResponse):
+            if self.ctx.auth_mechanisms:
+                await self._auth(ev)
+            else:
+                conn.reject(R.AUTH_NOT_HERE)
         elif isinstance(ev, Quit):
             conn.accept()
+
+    async def _auth(self, ev: AuthRequested | AuthResponse) -> None:
+        """One step of a SASL exchange; the password check and its bookkeeping are the guard's."""
+        conn, facts = self.conn, self.facts
+        try:
+            if isinstance(ev, AuthRequested):
+                self._sasl = sasl.server_for(ev.mechanism)
+                step = self._sasl.step(sasl.decode_initial(ev.initial))
+            else:
+                step = self._sasl.step(ev.data)
+        except sasl.SaslError as e:
+            self._sasl = None
+            log.info('event=auth_malformed session=%s client=%s reason="%s"', facts.session, facts.client, e)
+            conn.reject(Reply(501, "5.5.2", f"malformed authentication exchange: {e}"))
+            return
+        if isinstance(step, sasl.Challenge):
+            conn.challenge(step.data)
+            return
+        self._sasl = None
+        result = await self.server.auth_guard.login(facts.client, step.username, step.password,
+                                                    facts.session, step.authzid)
+        if result.ok:
+            facts.auth_user = result.account
+            conn.accept()
+        elif result.locked is not None:
+            conn.reject(AUTH_LOCKED)
+        else:
+            conn.reject(AUTH_FAILED)
 
     async def _start_tls(self) -> None:
         await self._flush()
@@ -281,8 +335,13 @@ class SMTPSession(asyncio.Protocol):
         for_ = f"\r\n\tfor <{ev.recipients[0].address.text}>" if len(ev.recipients) == 1 else ""
         helo = (facts.helo or "unknown").replace("\r", "").replace("\n", "")[:255]
         date = email.utils.formatdate(time.time(), localtime=True)
+        if facts.auth_user and not self.server.config.submission.received_client_ip:
+            # A submitting client is a user's device: its (often private) address and its EHLO
+            # name (often an address literal) stay out of the headers, as Gmail does.
+            return (f"Received: by {self.server.config.hostname} (yuubin) with {with_} id {qid}{tls}{for_};"
+                    f"\r\n\t{date}\r\n").encode()
         return (f"Received: from {helo} ([{facts.client}])\r\n\tby {self.server.config.hostname} "
-                f"(yuubin) with {with_} id {qid}{tls}{for_};\r\n\t{date}\r\n").encode("utf-8")
+                f"(yuubin) with {with_} id {qid}{tls}{for_};\r\n\t{date}\r\n").encode()
 
     async def _store(self, ev: MessageReceived) -> None:
         conn, facts = self.conn, self.facts
@@ -294,11 +353,16 @@ class SMTPSession(asyncio.Protocol):
             local.extend((mb, r.address.text) for mb in res.mailboxes)
             remote.extend({"to": fw, "params": r.params, "rcpt": r.address.text} for fw in res.forwards)
         data = self._received_header(ev, qid) + ev.data
+        if facts.auth_user:
+            data = self._received_header(ev, qid) + missing_headers(ev.data, qid, self.server.config.hostname) \
+                + ev.data
         env = Envelope(
             id=qid, sender=ev.sender.text if ev.sender else "", mail_params=ev.mail_params,
             local=local, remote=remote, received=time.time(), client=str(facts.client),
             helo=facts.helo or "", listener=self.ctx.kind, auth=facts.auth_user, trusted=facts.trusted,
         )
+        if facts.auth_user and self.server.containment.is_held(env):
+            env.held = True  # suspended while this message was in DATA
         try:
             await self.server.spool.store(env, data)
         except OSError as e:
@@ -311,6 +375,9 @@ class SMTPSession(asyncio.Protocol):
             conn.reject(reply)
             return
         conn.accept(Reply(250, "2.0.0", f"OK queued as {qid}"))
+        stored = getattr(self._policy(), "stored", None)
+        if stored is not None:
+            stored(facts, [r.address.key for r in ev.recipients])
         log.info("event=accepted session=%s id=%s from=<%s> rcpts=%d size=%d", facts.session, qid,
                  env.sender, len(ev.recipients), len(data))
         self.server.delivery.submit(env, data)
