@@ -37,7 +37,7 @@ class LocalDelivery:
         """Deliver in the background; the message is already durable in the spool."""
         if not env.local:
             if self.outbound is not None:
-                self.outbound.wake()  # only remote recipients: outbound delivery takes it from the spool
+                self.outbound.wake(env.id)  # only remote recipients: outbound delivery takes it from the spool
             return
         task = asyncio.get_running_loop().create_task(self._deliver_with_retry(env, data))
         self._tasks.add(task)
@@ -69,7 +69,7 @@ class LocalDelivery:
                 env.held = True  # the account was suspended meanwhile: never undo its hold
             await self.spool.rewrite(env, data)
             if self.outbound is not None:
-                self.outbound.wake()
+                self.outbound.wake(env.id)
         else:
             await self.committer.commit(writes, unlinks=[self.spool.path(env.id)])
         self.delivered += len(writes)

@@ -86,6 +86,8 @@ class OutboundScheduler:
         self.relay = relay
         self.route_bounce = route_bounce
         self.submit_local = submit_local
+        self.hold_check: Callable[[Envelope], bool] | None = None  # e.g. a suspended account (issue 3)
+        self._new: set[str] = set()
         self.locks = EntryLocks(spool.root)
         self.requests = requests_dir(spool.root)
         self.requests.mkdir(exist_ok=True)
@@ -120,10 +122,33 @@ class OutboundScheduler:
                 await asyncio.wait(pending, timeout=5)
         self.locks.close()
 
-    def wake(self) -> None:
-        """A new entry with remote recipients is in the spool: look now, not at the next scan."""
-        self._rescan = True
+    def wake(self, qid: str | None = None) -> None:
+        """An entry with remote recipients is ready (or, without an id, something changed): look now."""
+        if qid is None:
+            self._rescan = True
+        else:
+            self._new.add(qid)
         self._wake.set()
+
+    def _peek(self, qid: str) -> Envelope | None:
+        """The envelope line only: scans and dispatch decisions need no message bytes."""
+        try:
+            with open(self.spool.path(qid), "rb") as f:
+                return Envelope.decode(f.readline(1 << 20))
+        except (FileNotFoundError, SpoolCorrupt, ValueError, TypeError, KeyError):
+            return None
+
+    def _held(self, env: Envelope) -> bool:
+        return env.held or (self.hold_check is not None and self.hold_check(env))
+
+    def _consider(self, qid: str) -> None:
+        env = self._peek(qid)
+        if env is None or self._held(env) or env.local:
+            self._due.pop(qid, None)
+            return
+        when = next_due(env)
+        if when is not None:
+            self._due[qid] = when
 
     async def _run(self) -> None:
         while True:
@@ -137,9 +162,12 @@ class OutboundScheduler:
                 self._read_requests()
                 now = time.time()
                 if self._rescan or now - self._last_scan >= self.cfg.queue_scan:
+                    self._new.clear()
                     self._scan()
                     self._last_scan = now
                     self._rescan = False
+                while self._new:
+                    self._consider(self._new.pop())
                 self._dispatch(now)
             except Exception:
                 log.exception("event=scheduler_error")
@@ -166,13 +194,8 @@ class OutboundScheduler:
     def _scan(self) -> None:
         due: dict[str, float] = {}
         for qid in self.spool.ids():
-            try:
-                env, _ = self.spool.load(qid)
-            except FileNotFoundError:
-                continue
-            except SpoolCorrupt:
-                continue  # set aside by LocalDelivery.recover at start; a torn write is never acked
-            if env.held or env.local:
+            env = self._peek(qid)  # None: gone, or torn (set aside by LocalDelivery.recover at start)
+            if env is None or self._held(env) or env.local:
                 continue  # held: never sent; local part pending: LocalDelivery hands it on
             when = next_due(env)
             if when is not None:
@@ -192,12 +215,8 @@ class OutboundScheduler:
             if len(self._jobs) >= self.cfg.max_concurrency:
                 return
             force = qid in self._flush
-            try:
-                env, _ = self.spool.load(qid)
-            except (FileNotFoundError, SpoolCorrupt):
-                self._due.pop(qid, None)
-                continue
-            if env.held or env.local:
+            env = self._peek(qid)
+            if env is None or self._held(env) or env.local:
                 self._due.pop(qid, None)
                 continue
             groups: dict[str, list[int]] = {}
@@ -228,7 +247,7 @@ class OutboundScheduler:
                 env, data = self.spool.load(qid)
             except (FileNotFoundError, SpoolCorrupt):
                 return
-            if env.held:
+            if self._held(env):
                 log.info("event=outbound_skipped id=%s reason=held", qid)
                 return
             todo = [i for i in idx if i < len(env.remote) and env.remote[i].get("state", QUEUED) == QUEUED]
@@ -317,6 +336,8 @@ class OutboundScheduler:
             self._due.pop(qid, None)
             log.info("event=outbound_done id=%s attempts=%d", qid, env.attempts)
         else:
+            if not env.held and self.hold_check is not None and self.hold_check(env):
+                env.held = True  # the account was suspended meanwhile: never undo its hold
             await self.spool.rewrite(env, data)
             if when is not None and not env.held:
                 self._due[qid] = when
@@ -363,7 +384,7 @@ class OutboundScheduler:
         if bounce.local:
             self.submit_local(bounce, dsn)
         else:
-            self.wake()
+            self.wake(bounce.id)
 
 
 def _rcpt_params(rcpt: dict[str, object]) -> list[str]:
@@ -417,5 +438,12 @@ def build_scheduler(server: Server) -> OutboundScheduler:
         return [(bl.sockname[0], bl.sockname[1]) for bl in server.listeners]
 
     router = MxRouter(server.resolver, cfg.hostname, self_address_check(listening, ob.port))
-    return OutboundScheduler(server.spool, ob, cfg.hostname, router, client, relay,
-                             bounce_router(server.directory), server.delivery.submit)
+    scheduler = OutboundScheduler(server.spool, ob, cfg.hostname, router, client, relay,
+                                  bounce_router(server.directory), server.delivery.submit)
+
+    def hold_check(env: Envelope) -> bool:  # the same check LocalDelivery uses, when there is one
+        check = getattr(server.delivery, "hold_check", None)
+        return bool(check is not None and check(env))
+
+    scheduler.hold_check = hold_check
+    return scheduler
