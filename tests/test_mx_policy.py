@@ -7,11 +7,13 @@ internet".
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import functools
 import json
 import logging
+import os
 import re
 import smtplib
 import socket
@@ -714,3 +716,134 @@ def test_bdat_over_the_size_limit_is_refused(make_server):
         assert c.cmd("NOOP")[0] == 250  # the stream stays in sync after the refused chunk
     time.sleep(0.2)
     assert srv.delivered("alice@example.test") == []
+
+
+# ---- framing edge cases, pipelining, volume --------------------------------------------------
+
+
+def _data_session(srv, parts: list[bytes]) -> tuple[int, list[str]]:
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        c.reply()
+        c.send(b"EHLO client.remote.example\r\nMAIL FROM:<sender@remote.example>\r\n"
+               b"RCPT TO:<alice@example.test>\r\nDATA\r\n")
+        assert [c.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        for part in parts:
+            c.send(part)
+            time.sleep(0.1)  # separate reads on the server
+        return c.reply()
+
+
+def test_size_limit_is_exact_whatever_the_packet_boundaries(make_server):
+    srv = make_server(accounts=ACCOUNTS, limits={"message_size": 1000})
+    body = b"Subject: exact\r\n\r\n" + b"y" * (1000 - 20) + b"\r\n"
+    assert len(body) == 1000
+    assert _data_session(srv, [body + b".\r\n"])[0] == 250
+    assert _data_session(srv, [body + b".\r", b"\n"])[0] == 250
+    assert _data_session(srv, [body[:500], body[500:] + b".", b"\r\n"])[0] == 250
+    assert _data_session(srv, [b"z" + body + b".\r\n"])[0] == 552
+    assert _data_session(srv, [b"z" + body, b".\r\n"])[0] == 552
+    assert len(srv.wait_delivered("alice@example.test", 3)) == 3
+
+
+def test_long_line_arriving_in_pieces_gets_one_500(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        assert c.reply()[0] == 220
+        c.send(b"NOOP " + b"x" * 600)
+        time.sleep(0.1)
+        c.send(b"x" * 600)
+        time.sleep(0.1)
+        c.send(b"xx\r\nNOOP\r\n")
+        code, text = c.reply()
+        assert (code, text[0][:5]) == (500, "5.5.2"), text
+        assert c.reply()[0] == 250
+        assert c.pending(0.2) == b""
+
+
+def test_many_pipelined_transactions_in_one_packet(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    n = 10
+    blob = b"EHLO client.remote.example\r\n"
+    for i in range(n):
+        blob += (b"MAIL FROM:<sender@remote.example>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<bob@example.test>\r\n"
+                 b"DATA\r\nMessage-ID: <p%d@remote.example>\r\n\r\nbody %d\r\n.\r\n" % (i, i))
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        c.reply()
+        c.send(blob + b"QUIT\r\n")
+        codes = [c.reply()[0] for _ in range(1 + 5 * n + 1)]
+    assert codes == [250] + [250, 250, 250, 354, 250] * n + [221]
+    for mailbox in ("alice@example.test", "bob@example.test"):
+        msgs = srv.wait_delivered(mailbox, n)
+        ids = sorted(re.search(rb"Message-ID: <(p\d+)@", m).group(1) for m in msgs)
+        assert ids == sorted(b"p%d" % i for i in range(n))
+
+
+def test_large_message_by_data_and_by_bdat_arrives_intact(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    hexdata = os.urandom(1536 * 1024).hex().encode()  # 3 MiB, more than the read-pause threshold
+    lines = b"\r\n".join(hexdata[i:i + 76] for i in range(0, len(hexdata), 76)) + b"\r\n"
+    msg = b"Subject: big\r\n\r\n" + lines
+    with connect(srv) as s:
+        assert s.sendmail(SENDER, ["alice@example.test"], msg) == {}
+    (raw,) = srv.wait_delivered("alice@example.test", 1, timeout=30)
+    assert raw.endswith(b"\r\n" + msg)
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED, timeout=30) as c:
+        c.reply()
+        c.send(b"EHLO client.remote.example\r\nMAIL FROM:<sender@remote.example>\r\nRCPT TO:<bob@example.test>\r\n"
+               + b"BDAT %d LAST\r\n" % len(msg) + msg + b"QUIT\r\n")
+        assert [c.reply()[0] for _ in range(5)] == [250, 250, 250, 250, 221]
+    (raw,) = srv.wait_delivered("bob@example.test", 1, timeout=30)
+    assert raw.endswith(b"\r\n" + msg)
+
+
+async def test_concurrent_sessions_lose_nothing(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+
+    async def client(k: int) -> None:
+        smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=srv.port("mx"), source_address=(f"127.2.0.{k + 1}", 0),
+                               start_tls=False, timeout=20)
+        async with smtp:
+            for j in range(3):
+                await smtp.sendmail(SENDER, ["alice@example.test"], f"Message-ID: <c{k}-{j}@x>\r\n\r\nhi\r\n")
+
+    await asyncio.gather(*(client(k) for k in range(30)))
+    msgs = await asyncio.to_thread(srv.wait_delivered, "alice@example.test", 90, 20)
+    ids = {re.search(rb"Message-ID: <([^>]+)>", m).group(1) for m in msgs}
+    assert len(msgs) == 90 and len(ids) == 90
+    await asyncio.sleep(0.2)
+    assert spool_entries(srv) == []
+
+
+def test_null_sender_from_the_internet_is_accepted(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv, UNTRUSTED) as s:
+        s.ehlo()
+        assert s.mail("<>")[0] == 250
+        assert s.rcpt("alice@example.test")[0] == 250
+        assert s.data(message("a bounce"))[0] == 250
+    (raw,) = srv.wait_delivered("alice@example.test", 1)
+    assert raw.startswith(b"Return-Path: <>\r\n")
+
+
+def test_every_rejection_is_logged_with_session_and_reason(make_server, caplog):
+    caplog.set_level(logging.INFO, logger="yuubin")
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv, UNTRUSTED) as s:
+        s.ehlo()
+        assert s.mail("alice@example.test")[0] == 550
+        s.mail(SENDER)
+        assert s.rcpt("nobody@example.test")[0] == 550
+        assert s.rcpt("carol@remote.example")[0] == 554
+        assert s.rcpt("alice@example.test")[0] == 250
+        assert s.data(message("logged"))[0] == 250
+    srv.wait_delivered("alice@example.test", 1)
+    time.sleep(0.1)
+    smtp = [r.getMessage() for r in caplog.records if r.name == "yuubin.smtp"]
+    assert all("\n" not in m and re.match(r"event=\w+ ", m) for m in smtp), smtp
+    session = re.search(r"session=(\S+)", next(m for m in smtp if m.startswith("event=connect "))).group(1)
+    mine = [m for m in smtp if f"session={session} " in m or m.endswith(f"session={session}")]
+    rejects = [m for m in mine if m.startswith("event=reject ")]
+    assert [re.search(r"check=(\S+)", m).group(1) for m in rejects] == ["sender", "recipient", "relay"], rejects
+    assert all('reason="' in m and 'reply="5' in m for m in rejects), rejects
+    assert any(m.startswith("event=accepted ") for m in mine), mine
+    assert any(m.startswith("event=disconnect ") for m in mine), mine
