@@ -409,3 +409,22 @@ def test_smtputf8_and_size_limits_of_the_peer_are_honoured(make_server, dns_serv
     assert any("Status: 5.6.7" in d and "SMTPUTF8" in d for d in dsns)
     assert any("Status: 5.3.4" in d and "exceeds the limit 2000" in d for d in dsns)
     assert remote.messages == [] and not any(c.startswith("MAIL") for c in remote.commands)
+
+
+def test_authenticated_submission_that_fails_is_bounced_to_its_sender(make_server, dns_server, mx_port, sinks,
+                                                                     client_tls):
+    dns_server.add("remote.test", "MX", "10 mx.remote.test.")
+    dns_server.add("mx.remote.test", "A", "127.1.0.1")
+    remote = sink("127.1.0.1", mx_port, rcpt_reply=lambda rcpt, n: "550 5.7.1 rejected by policy")
+    sinks.append(remote)
+    srv = make_server(listener=[{"kind": "mx", "address": "127.0.0.1:0"},
+                                {"kind": "submission", "address": "127.0.0.1:0"}],
+                      outbound={**FAST, "port": mx_port})
+    with smtplib.SMTP("127.0.0.1", srv.port("submission"), source_address=("127.1.0.10", 0), timeout=10) as c:
+        c.starttls(context=client_tls)  # from "the internet": only AUTH makes it ours
+        c.login(SENDER, "correct horse battery staple")
+        c.sendmail(SENDER, ["carol@remote.test"], message("submitted"))
+    [raw] = srv.wait_delivered(SENDER, 1)
+    text = raw.decode()
+    assert "Action: failed" in text and "Status: 5.7.1" in text and "Subject: submitted" in text
+    wait_until(lambda: not spool_ids(srv), what="the spool to empty")
