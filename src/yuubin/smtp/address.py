@@ -18,7 +18,9 @@ _DOT_STRING_UTF8 = re.compile(rf"(?:[{_ATEXT}]|[^\x00-\x7f])+(?:\.(?:[{_ATEXT}]|
 _QUOTED = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*)"')
 _QUOTED_UTF8 = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|[^\x00-\x7f]|\\[\x20-\x7e])*)"')
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
-_LABEL_UTF8 = re.compile(r"(?:[A-Za-z0-9]|[^\x00-\x7f])(?:(?:[A-Za-z0-9-]|[^\x00-\x7f]){0,61}(?:[A-Za-z0-9]|[^\x00-\x7f]))?")
+_LABEL_UTF8 = re.compile(
+    r"(?:[A-Za-z0-9]|[^\x00-\x7f])(?:(?:[A-Za-z0-9-]|[^\x00-\x7f]){0,61}(?:[A-Za-z0-9]|[^\x00-\x7f]))?"
+)
 _SOURCE_ROUTE = re.compile(r"^@[^:,<>]+(?:,@[^:,<>]+)*:")
 
 MAX_LOCAL = 64
@@ -75,7 +77,8 @@ def _domain(text: str, utf8: bool) -> str:
         inner = text[1:-1]
         try:
             if inner[:5].lower() == "ipv6:":
-                ipaddress.IPv6Address(inner[5:])
+                if ipaddress.IPv6Address(inner[5:]).scope_id is not None:
+                    raise ValueError("a zone index (fe80::1%eth0) is not an address literal")
             else:
                 ipaddress.IPv4Address(inner)
         except ValueError:
@@ -98,7 +101,7 @@ def parse_path(path: str, *, smtputf8: bool) -> Address | None:
     inner = path[1:-1]
     if inner == "":
         return None
-    if len(inner) > MAX_PATH:
+    if len(path.encode()) > MAX_PATH:  # octets, brackets included (RFC 5321 4.5.3.1.3)
         raise AddressError(BAD_SYNTAX)
     if not inner.isascii() and not smtputf8:
         raise AddressError(NEEDS_SMTPUTF8)

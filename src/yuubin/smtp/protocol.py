@@ -360,7 +360,8 @@ class SMTPServerConnection:
             self._error(R.BAD_COMMAND_ENCODING)
             return None
         verb, _, arg = text.partition(" ")
-        verb = verb.upper()
+        # Verbs are ASCII: str.upper() would also read "quıt" as QUIT and "ſtarttls" as STARTTLS.
+        verb = verb.upper() if verb.isascii() else verb
         if self._state is _State.REFUSED:
             if verb == "QUIT":
                 return Quit()
@@ -470,7 +471,7 @@ class SMTPServerConnection:
 
     def _cmd_bdat(self, arg: str) -> Event | None:
         parts = arg.split()
-        if not parts or len(parts) > 2 or not parts[0].isdigit() or (
+        if not parts or len(parts) > 2 or not (parts[0].isascii() and parts[0].isdigit()) or (
                 len(parts) == 2 and parts[1].upper() != "LAST"):
             # Without a valid size the chunk cannot be skipped: the stream is lost, so close.
             self._send(Reply(501, "5.5.4", "syntax: BDAT size [LAST]; closing connection"))
@@ -634,7 +635,7 @@ class SMTPServerConnection:
     def _check_mail_params(self, params: dict[str, str]) -> Reply | None:
         for key, value in params.items():
             if key == "SIZE":
-                if not value.isdigit():
+                if not (value.isascii() and value.isdigit()):  # isdigit() alone takes "²" and "١"
                     return Reply(501, "5.5.4", "SIZE needs a number")
                 if int(value) > self.limits.message_size:
                     return R.MESSAGE_TOO_BIG
@@ -683,7 +684,9 @@ class SMTPServerConnection:
             self._in.clear()
         end = msg.find(b"\r\n.\r\n", self._scan)
         if end < 0:
-            if self._oversize or len(msg) - 2 > self.limits.message_size:
+            # msg is CRLF + content so far, whose last bytes may be the terminator's ".\r": the
+            # size (`end` below) is at least len(msg) - 4, whatever the next read brings.
+            if self._oversize or len(msg) - 4 > self.limits.message_size:
                 # Past the limit only the terminator matters: keep its possible prefix.
                 self._oversize = True
                 del msg[:-4]
