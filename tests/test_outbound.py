@@ -428,3 +428,40 @@ def test_authenticated_submission_that_fails_is_bounced_to_its_sender(make_serve
     text = raw.decode()
     assert "Action: failed" in text and "Status: 5.7.1" in text and "Subject: submitted" in text
     wait_until(lambda: not spool_ids(srv), what="the spool to empty")
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0, reason="needs root to own the spool as another user")
+def test_queue_tools_run_as_root_keep_entries_readable_by_the_spool_owner():
+    import asyncio
+    import os
+    import pwd
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from yuubin.durable import GroupCommitter
+    from yuubin.queue.spool import Spool
+
+    nobody = pwd.getpwnam("nobody")
+    base = Path(tempfile.mkdtemp(prefix="yuubin-owner-"))
+    try:
+        os.chmod(base, 0o755)
+        spool = Spool(base / "data" / "spool", GroupCommitter(workers=1))
+        env = _env(remote=[{"to": "carol@remote.test", "params": {}, "rcpt": "carol@remote.test"}])
+        asyncio.run(spool.store(env, b"Subject: x\r\n\r\nbody\r\n"))
+        spool.committer.shutdown()
+        for p in [base / "data", *(base / "data").rglob("*")]:
+            os.chown(p, nobody.pw_uid, nobody.pw_gid)
+        cfg = base / "yuubin.toml"
+        cfg.write_text(f'hostname = "mx.test.example"\ndata_dir = "{base / "data"}"\n'
+                       '[domains]\nlocal = ["example.test"]\n')
+        r = subprocess.run([sys.executable, "-m", "yuubin", "-c", str(cfg), "queue", "hold", env.id],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        entry = base / "data" / "spool" / "queue" / env.id
+        assert entry.stat().st_uid == nobody.pw_uid  # rewritten as the owner, not as root
+        assert (base / "data" / "spool" / "queue.lock").stat().st_uid == nobody.pw_uid
+        assert Spool(base / "data" / "spool", None).load(env.id)[0].held
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -52,8 +52,20 @@ def entry_state(env: Envelope) -> str:
     return "queued"
 
 
+def become_spool_owner(spool_root: Path) -> None:
+    """Run as the spool's owner, like postsuper: files root would create are unreadable to the server."""
+    st = spool_root.stat()
+    if os.geteuid() == 0 and st.st_uid != 0:
+        os.setgroups([])
+        os.setgid(st.st_gid)
+        os.setuid(st.st_uid)
+
+
 class QueueControl:
     def __init__(self, spool_root: Path):
+        if not (spool_root / "queue").is_dir():
+            raise QueueError(f"no queue at {spool_root} (has the server run with this config?)")
+        become_spool_owner(spool_root)
         self.spool = Spool(spool_root, GroupCommitter(workers=1))
         self.locks = EntryLocks(spool_root)
 
