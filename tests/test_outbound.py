@@ -93,7 +93,7 @@ def test_wire_message_makes_every_line_end_in_crlf():
 
 
 @pytest.mark.parametrize("bad", ["a@b.test\r\nRCPT TO:<x@y>", "a@b.test\n", "a\x00@b.test", "a@b.test>x",
-                                 "a b@c.test", "nodomain"])
+                                 "a b@c.test", "nodomain", "\"a\x01b\"@c.test"])
 def test_addresses_that_could_inject_commands_are_refused(bad):
     with pytest.raises(UnsafeInput):
         check_address(bad, smtputf8=True)

@@ -9,6 +9,7 @@ verified TLS channel with AUTH, instead of MX lookup and opportunistic STARTTLS.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import random
@@ -26,6 +27,7 @@ from yuubin.dns import Resolver
 log = logging.getLogger("yuubin.outbound")
 
 _UNSAFE = re.compile(r"[\x00-\x20\x7f<>]")  # no controls, spaces or brackets in an address
+_CONTROL = re.compile(r"[\x00-\x1f\x7f<>]")  # not even inside a quoted local part
 _PARAM = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*(=[\x21-\x3c\x3e-\x7e]+)?")  # esmtp-keyword[=esmtp-value]
 _BARE_EOL = re.compile(rb"\r\n|\r|\n")
 
@@ -50,8 +52,7 @@ def check_address(addr: str, smtputf8: bool) -> str:
     """An envelope address safe to put in MAIL FROM/RCPT TO, or UnsafeInput."""
     if addr == "":
         return addr
-    if _UNSAFE.search(addr) and not (addr.startswith('"') and "\r" not in addr and "\n" not in addr
-                                     and "\x00" not in addr and "<" not in addr and ">" not in addr):
+    if _CONTROL.search(addr) or (_UNSAFE.search(addr) and not addr.startswith('"')):
         raise UnsafeInput(f"address {addr!r} contains a control character, space or bracket")
     if not smtputf8 and not addr.isascii():
         raise UnsafeInput(f"address {addr!r} needs SMTPUTF8")
@@ -375,7 +376,8 @@ class SmtpClient:
                 except aiosmtplib.SMTPResponseException as e:
                     results[i] = _outcome(e.code, e.message, where)
             if not accepted:
-                await smtp.rset()
+                with contextlib.suppress(aiosmtplib.SMTPResponseException):
+                    await smtp.rset()  # a refused RSET changes nothing: the results stand, QUIT follows
                 return [r for r in results if r is not None]
             try:
                 resp = await smtp.data(wire)
