@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,60 @@ def test_alias_errors(config):
     assert_usage_error(run(["alias", "add", "loop@example.test", "loop@example.test"], config=config), "TARGET")
     assert_usage_error(run(["alias", "remove", "@@"], config=config), "ALIAS")
     assert run(["alias", "list"], config=config).stdout == ""
+
+
+# ---- password prompt on a terminal -------------------------------------------------------------
+
+
+def _run_on_a_terminal(args: list[str], answers: list[str], timeout: float = 30) -> tuple[int, str]:
+    """Run yuubin with a pseudo-terminal as its controlling terminal; answer each prompt in turn."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child
+        try:
+            env = {k: v for k, v in os.environ.items() if k != "YUUBIN_CONFIG"}
+            os.execve(sys.executable, [sys.executable, "-m", "yuubin", *args], env)
+        finally:
+            os._exit(127)
+    out = b""
+    pending = list(answers)
+    answered_at = 0
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+            if pending and out.endswith(b": ") and len(out) > answered_at:  # a new prompt, echo off
+                os.write(fd, pending.pop(0).encode() + b"\n")
+                answered_at = len(out)
+        else:
+            os.kill(pid, 9)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+
+def test_account_add_prompts_twice_on_a_terminal(config):
+    pw = "Quartz-harbor-84-lichen"
+    rc, out = _run_on_a_terminal(["-c", str(config), "account", "add", "erin@example.test"], [pw, pw])
+    assert rc == 0, out
+    assert out.lower().count("password") + out.lower().count("again") >= 2, out  # two prompts
+    assert pw not in out  # not echoed
+    assert "erin@example.test" in run(["account", "list"], config=config).stdout
+
+    rc, out = _run_on_a_terminal(["-c", str(config), "account", "add", "frank@example.test"],
+                                 [pw, "Something-else-entirely-9"])
+    assert rc == 2, out
+    assert "Traceback" not in out and "password" in out.lower()
+    assert "frank@example.test" not in run(["account", "list"], config=config).stdout
