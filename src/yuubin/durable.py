@@ -9,6 +9,7 @@ once. Parallel batches keep the disk's queue busy while the event loop goes on p
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,13 +25,13 @@ class FileWrite:
 
 @dataclass(slots=True)
 class _Job:
-    writes: list[FileWrite]
+    writes: list[tuple[int, FileWrite]]  # open descriptors, data already written
     unlinks: list[Path]
     future: asyncio.Future
 
 
 class GroupCommitter:
-    def __init__(self, workers: int = 4):
+    def __init__(self, workers: int = 2):
         self._workers = workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fsync")
         self._queue: list[_Job] = []
@@ -41,12 +42,28 @@ class GroupCommitter:
     async def commit(self, writes: list[FileWrite], unlinks: list[Path] = ()) -> None:
         """Return once every write is durable; raise OSError (e.g. ENOSPC) if any failed.
 
-        Unlinks run after the writes of the same job; they need no fsync: a file that comes
-        back after a crash means a duplicate delivery at worst, never a loss.
+        Files are created and written here, in the loop thread (page-cache work, microseconds);
+        only fsync, close and rename go to the worker threads, so a worker needs the GIL few
+        times per file. Unlinks run after the writes of the same job; they need no fsync: a
+        file that comes back after a crash means a duplicate delivery at worst, never a loss.
         """
         loop = asyncio.get_running_loop()
+        opened: list[tuple[int, FileWrite]] = []
+        try:
+            for w in writes:
+                fd = os.open(w.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                opened.append((fd, w))
+                if isinstance(w.data, list):
+                    os.writev(fd, w.data)  # short writes do not happen on regular files
+                else:
+                    os.write(fd, w.data)
+        except OSError:
+            for fd, w in opened:
+                os.close(fd)
+                _unlink_quietly(w.path)
+            raise
         fut = loop.create_future()
-        self._queue.append(_Job(writes, list(unlinks), fut))
+        self._queue.append(_Job(opened, list(unlinks), fut))
         self._kick(loop)
         await fut
 
@@ -76,19 +93,11 @@ class GroupCommitter:
         self._executor.shutdown(wait=True)
 
 
-def _write_one(w: FileWrite) -> None:
-    fd = os.open(w.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def _sync_one(fd: int, w: FileWrite) -> None:
     try:
-        if isinstance(w.data, list):
-            os.writev(fd, w.data)  # short writes are impossible for regular files
-        else:
-            os.write(fd, w.data)
         os.fsync(fd)
-    except BaseException:
+    finally:
         os.close(fd)
-        _unlink_quietly(w.path)
-        raise
-    os.close(fd)
     if w.rename_to is not None:
         os.rename(w.path, w.rename_to)
 
@@ -102,10 +111,8 @@ def fsync_dir(path: Path) -> None:
 
 
 def _unlink_quietly(path: Path) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _flush(batch: list[_Job]) -> list[BaseException | None]:
@@ -113,16 +120,21 @@ def _flush(batch: list[_Job]) -> list[BaseException | None]:
     dirs: dict[Path, list[int]] = {}
     for i, job in enumerate(batch):
         err: BaseException | None = None
-        done: list[FileWrite] = []
-        try:
-            for w in job.writes:
-                _write_one(w)
-                done.append(w)
+        for fd, w in job.writes:
+            if err is not None:
+                os.close(fd)  # an earlier file of this job failed: the job fails whole
+                _unlink_quietly(w.path)
+                continue
+            try:
+                _sync_one(fd, w)
                 dirs.setdefault((w.rename_to or w.path).parent, []).append(i)
-        except OSError as e:
-            err = e
-            for w in done:  # all or nothing per job: the caller retries the whole job
-                _unlink_quietly(w.rename_to or w.path)
+            except OSError as e:
+                err = e
+        if err is not None:  # all or nothing per job: the caller retries the whole job
+            for _fd, w in job.writes:
+                _unlink_quietly(w.path)
+                if w.rename_to is not None:
+                    _unlink_quietly(w.rename_to)
         results.append(err)
     for d, owners in dirs.items():
         try:
