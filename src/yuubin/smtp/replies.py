@@ -6,7 +6,7 @@ what the peer (or its human) should do next.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,6 +14,7 @@ class Reply:
     code: int
     status: str  # enhanced status code "x.y.z"; "" only for the greeting/banner lines
     text: str | tuple[str, ...]
+    wire: bytes = field(default=b"", init=False, compare=False, repr=False)
 
     @property
     def lines(self) -> tuple[str, ...]:
@@ -27,7 +28,14 @@ class Reply:
     def is_permanent(self) -> bool:
         return self.code >= 500
 
+    def __post_init__(self) -> None:
+        # Encoded once: the fixed replies below are sent for every message.
+        object.__setattr__(self, "wire", self._encode())
+
     def encode(self) -> bytes:
+        return self.wire
+
+    def _encode(self) -> bytes:
         lines = self.lines
         prefix = f"{self.status} " if self.status else ""
         out = []
