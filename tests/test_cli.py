@@ -295,3 +295,34 @@ def test_account_add_prompts_twice_on_a_terminal(config):
     assert rc == 2, out
     assert "Traceback" not in out and "password" in out.lower()
     assert "frank@example.test" not in run(["account", "list"], config=config).stdout
+
+
+# ---- TLS files named in the config -------------------------------------------------------------
+
+
+def _config_with_tls(tmp_path: Path, cert: str, key: str) -> Path:
+    path = tmp_path / "tls.toml"
+    path.write_text(CONFIG.replace('"127.0.0.1:2525"', '"127.0.0.1:0"')
+                    + f'\n[tls]\ncert = "{cert}"\nkey = "{key}"\n', encoding="utf-8")
+    return path
+
+
+TLS_FILES_BUG = ("BUG: a [tls] cert/key path that does not exist or is not PEM makes `serve` exit 1 with "
+                 "'yuubin: error: : No such file or directory' (or ': [SSL] PEM lib'), naming neither the key "
+                 "tls.cert nor the file; expected exit 2 naming tls.cert")
+
+
+@pytest.mark.parametrize("case", ["missing", "not PEM"])
+def test_serve_with_bad_tls_files_names_the_key(tmp_path, case):
+    if case == "not PEM":
+        (tmp_path / "cert.pem").write_text("garbage\n")
+        (tmp_path / "key.pem").write_text("garbage\n")
+    config = _config_with_tls(tmp_path, "cert.pem", "key.pem") if case == "not PEM" else \
+        _config_with_tls(tmp_path, "missing/cert.pem", "missing/key.pem")
+    p = run(["serve"], config=config)
+    assert_usage_error(p, "tls.cert")
+
+
+def test_config_check_finds_a_missing_certificate(tmp_path):
+    config = _config_with_tls(tmp_path, "missing/cert.pem", "missing/key.pem")
+    assert_usage_error(run(["config", "check"], config=config), "tls.cert")

@@ -94,7 +94,7 @@ def test_465_plaintext_client_gets_no_banner(srv):
 def test_login_mechanisms(srv, client_tls, kind, mech):
     s = connect(srv, kind, client_tls)
     s.user, s.password = ALICE, ALICE_PW
-    code, text = s.auth(mech, getattr(s, f"auth_{mech.lower()}"), initial_response_ok=(mech == "PLAIN"))
+    code, _text = s.auth(mech, getattr(s, f"auth_{mech.lower()}"), initial_response_ok=(mech == "PLAIN"))
     assert code == 235
     s.quit()
 
@@ -293,13 +293,13 @@ def test_refused_client_cannot_even_try_auth(allow_srv, client_tls):
 
 def test_country_without_geo_source_is_config_error(make_server):
     from yuubin.config import ConfigError
-    with pytest.raises(ConfigError, match="geo.source"):
+    with pytest.raises(ConfigError, match=r"geo\.source"):
         make_server(listener=[{"kind": "submission", "address": "127.0.0.1:0", "allow": ["JP"]}])
 
 
 def test_unreadable_geo_source_refuses_to_start(make_server, tmp_path):
     from yuubin.config import ConfigError
-    with pytest.raises(ConfigError, match="geo.source"):
+    with pytest.raises(ConfigError, match=r"geo\.source"):
         make_server(geo={"source": str(tmp_path / "missing-file")},
                     listener=[{"kind": "submission", "address": "127.0.0.1:0", "allow": ["JP"]}])
 
@@ -424,7 +424,7 @@ def test_account_over_hourly_limit_is_suspended_and_its_queue_held(make_server, 
     while True:
         envs = [spool.load(q)[0] for q in spool.ids()]
         mine = [e for e in envs if e.auth == ALICE]
-        if len(mine) == 3 and all(e.held for e in mine) or time.monotonic() > deadline:
+        if (len(mine) == 3 and all(e.held for e in mine)) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert len(mine) == 3 and all(e.held for e in mine)  # kept, not sent, not deleted

@@ -62,7 +62,7 @@ class GeoDatabase:
                 db._load_delegated(path.read_text(encoding="ascii", errors="replace"))
         except OSError as e:
             raise GeoError(f"geo.source: cannot read {source}: {e.strerror or e}") from None
-        except ValueError as e:  # maxminddb.InvalidDatabaseError is a ValueError
+        except (ValueError, RuntimeError) as e:  # maxminddb.InvalidDatabaseError is a RuntimeError
             raise GeoError(f"geo.source: {source}: not a country database: {e}") from None
         return db
 

@@ -60,4 +60,5 @@ def audit_guesses(address: str) -> list[str]:
     for b in bases:
         variants += [b, b + "1", b + "123", b + "1234", b + "!", b + "2024", b + "2025", b + "2026",
                      b + "@123", b + b]
-    return list(dict.fromkeys([*COMMON_PASSWORDS, *variants, domain, address]))
+    # Targeted guesses first: a name variant is what falls to the fewest tries.
+    return list(dict.fromkeys([*variants, domain, address, *COMMON_PASSWORDS]))

@@ -89,6 +89,7 @@ class SMTPSession(asyncio.Protocol):
         self._paused = False
         self._ip = None
         self._sasl = None
+        self._tls_early: bytearray | None = None
 
     # ---- Protocol callbacks ----
 
@@ -120,6 +121,11 @@ class SMTPSession(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         if conn is None:
+            return
+        if self._tls_early is not None:
+            # Decrypted bytes that arrived with the end of the STARTTLS handshake (GnuTLS clients
+            # such as msmtp send EHLO at once): kept for the core until tls_started().
+            self._tls_early += data
             return
         conn.receive_data(data)
         if conn.unprocessed > READ_PAUSE_BYTES and not self._paused and self.transport:
@@ -304,15 +310,20 @@ class SMTPSession(asyncio.Protocol):
     async def _start_tls(self) -> None:
         await self._flush()
         loop = asyncio.get_running_loop()
+        # From here on (no await in between) data_received only ever sees decrypted bytes: the
+        # plaintext stream now feeds the TLS layer. Keep them until the core leaves its TLS state.
+        self._tls_early = bytearray()
         try:
             new = await loop.start_tls(self.transport, self, self.ctx.tls_context, server_side=True,
                                        ssl_handshake_timeout=30.0)
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
+            self._tls_early = None
             log.info("event=tls_failed session=%s error=%r", self.facts.session, str(e))
             self._lost = True
             self.conn.close(Reply(421, "4.7.0", "TLS handshake failed"))
             return
         if new is None:
+            self._tls_early = None
             self._lost = True
             self.conn.close(Reply(421, "4.7.0", "TLS handshake failed"))
             return
@@ -320,6 +331,9 @@ class SMTPSession(asyncio.Protocol):
         self.facts.tls = tlsmod.describe(new.get_extra_info("ssl_object"))
         self.facts.helo = None
         self.conn.tls_started()
+        early, self._tls_early = self._tls_early, None
+        if early:
+            self.conn.receive_data(bytes(early))
         log.info("event=starttls session=%s tls=%r", self.facts.session, self.facts.tls)
 
     def _received_header(self, ev: MessageReceived, qid: str) -> bytes:
