@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import getpass
 import json
 import logging
 import os
@@ -22,6 +23,13 @@ from yuubin.queue.scheduler import QUEUED, next_due, requests_dir
 from yuubin.queue.spool import Envelope, Spool, SpoolCorrupt
 
 log = logging.getLogger("yuubin.queue")
+
+
+def _login() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid{os.getuid()}"
 
 
 class QueueError(ValueError):
@@ -127,7 +135,11 @@ class QueueControl:
         end = data.find(b"\r\n\r\n")
         headers = (data if end < 0 else data[:end]).decode("utf-8", "replace")
         envelope = {k: v for k, v in env.__dict__.items()}
-        return (f"# entry {qid} ({entry_state(env)})\n"
+        rcpts = [f"  {r['to']}  {r.get('state', QUEUED)}  tries={r.get('tries', 0)}  "
+                 f"next={_when(float(r['next'])) if r.get('state', QUEUED) == QUEUED and r.get('next') else '-'}  "
+                 f"last={r.get('error') or '-'}" for r in env.remote]
+        return (f"# entry {qid} ({entry_state(env)}), received {_when(env.received)}, "
+                f"{env.attempts} attempts\n" + "\n".join(rcpts) + "\n# envelope\n"
                 + json.dumps(envelope, indent=1, default=str)
                 + "\n# headers\n" + headers.replace("\r\n", "\n") + "\n")
 
@@ -174,7 +186,7 @@ class QueueControl:
             deleted.append(qid)
             rcpts = ",".join(str(r["to"]) for r in env.remote) if env else "?"
             log.warning("event=queue_deleted id=%s from=<%s> rcpts=%s by=%s", qid, env.sender if env else "?",
-                        rcpts, os.environ.get("SUDO_USER") or os.environ.get("USER", "?"))
+                        rcpts, os.environ.get("SUDO_USER") or _login())
         return deleted
 
     def request_flush(self, qid: str | None = None) -> None:
