@@ -454,11 +454,6 @@ def _maildir_files(srv) -> list[bytes]:
     return srv.delivered("alice@example.test")
 
 
-SHORT_WRITE_BUG = ("BUG: src/yuubin/durable.py GroupCommitter.commit ignores the byte count returned by "
-                   "os.writev/os.write, so a short write (what a nearly full disk does) counts as complete: ")
-
-
-@pytest.mark.xfail(strict=True, reason=SHORT_WRITE_BUG + "a message larger than the free space gets 250, not 452 4.3.1")
 def test_full_disk_at_receive_time_gives_452(small_fs, cached_hashes, make_server):
     data_dir = small_fs("1m") / "data"
     srv = make_server(accounts={"alice@example.test": ALICE_PASSWORD}, data_dir=data_dir,
@@ -473,8 +468,6 @@ def test_full_disk_at_receive_time_gives_452(small_fs, cached_hashes, make_serve
     assert raw.endswith(body)
 
 
-@pytest.mark.xfail(strict=True, reason=SHORT_WRITE_BUG + "the cut-short Maildir copy goes to new/ and the spool entry "
-                                                         "(the only whole copy) is deleted")
 def test_full_disk_at_delivery_keeps_the_message_in_the_spool(small_fs, cached_hashes, make_server):
     mnt = small_fs("3m")
     filler = mnt / "filler"
@@ -514,7 +507,6 @@ class _ShortWritingOs:
         return os.write(fd, data[: max(1, len(data) // 2)]) if data else 0
 
 
-@pytest.mark.xfail(strict=True, reason=SHORT_WRITE_BUG + "truncated spool entry and Maildir copy after a 250")
 def test_short_writes_never_truncate_an_accepted_message(cached_hashes, make_server, monkeypatch):
     import yuubin.durable
 

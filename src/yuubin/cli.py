@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from yuubin import __version__
-from yuubin.config import Config, ConfigError, describe, load
+from yuubin.config import Config, ConfigError, check_tls_files, describe, load
 
 EXIT_USAGE = 2
 
@@ -87,6 +87,7 @@ def _store(cfg: Config):
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    check_tls_files(cfg)
     _setup_logging(cfg.log_level)
     from yuubin.server import run
     run(cfg)
@@ -105,6 +106,7 @@ def cmd_localserve(args: argparse.Namespace) -> int:
     cfg = load(cfg_path)
     if cfg.tls.cert and not cfg.tls.cert.exists():
         make_self_signed(cfg.tls.cert, cfg.tls.key, cfg.hostname)
+    check_tls_files(cfg)
     store = _store(cfg)
     password = None
     if not store.account_exists(DEMO_ACCOUNT):
@@ -134,6 +136,7 @@ def cmd_localserve(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    check_tls_files(cfg)
     print(f"# {cfg.source}: OK\n" + describe(cfg), end="")
     return 0
 

@@ -458,6 +458,26 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     )
 
 
+def check_tls_files(cfg: Config) -> None:
+    """Load the certificate and key once, so a bad path fails at `config check` and start-up
+    with the key's name instead of later in a TLS handshake."""
+    import ssl
+
+    if cfg.tls.cert is None:
+        return
+    for key, path in (("tls.cert", cfg.tls.cert), ("tls.key", cfg.tls.key)):
+        if not path.is_file():
+            raise ConfigError(f"{key}: {path}: no such file")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        ctx.load_cert_chain(cfg.tls.cert, cfg.tls.key)
+    except PermissionError as e:
+        raise ConfigError(f"tls.cert: {e.filename or cfg.tls.cert}: permission denied") from None
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"tls.cert: {cfg.tls.cert} / tls.key: {cfg.tls.key}: not a matching PEM "
+                          f"certificate and key ({getattr(e, 'reason', None) or e})") from None
+
+
 def describe(cfg: Config) -> str:
     """The effective settings as TOML-like text, for `yuubin config check`."""
     def q(v: Any) -> str:

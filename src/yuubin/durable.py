@@ -53,10 +53,7 @@ class GroupCommitter:
             for w in writes:
                 fd = os.open(w.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 opened.append((fd, w))
-                if isinstance(w.data, list):
-                    os.writev(fd, w.data)  # short writes do not happen on regular files
-                else:
-                    os.write(fd, w.data)
+                _write_all(fd, w.data if isinstance(w.data, list) else [w.data])
         except OSError:
             for fd, w in opened:
                 os.close(fd)
@@ -91,6 +88,18 @@ class GroupCommitter:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True)
+
+
+def _write_all(fd: int, parts: list[bytes]) -> None:
+    """writev until every byte is written: a nearly full disk writes short before ENOSPC."""
+    total = sum(len(p) for p in parts)
+    written = os.writev(fd, parts)
+    while written < total:
+        rest = b"".join(parts)[written:]
+        n = os.write(fd, rest)
+        if n == 0:
+            raise OSError(28, "No space left on device")  # ENOSPC
+        written += n
 
 
 def _sync_one(fd: int, w: FileWrite) -> None:

@@ -90,6 +90,8 @@ class SMTPSession(asyncio.Protocol):
         self._ip = None
         self._sasl = None
         self._tls_early: bytearray | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
 
     # ---- Protocol callbacks ----
 
@@ -141,6 +143,9 @@ class SMTPSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._wake_lost()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._ip is not None and self.facts is not None:
             self.server.release(self._ip)
             self.server.sessions.discard(self)
@@ -180,15 +185,34 @@ class SMTPSession(asyncio.Protocol):
         conn = self.conn
         timeout = self.server.config.limits.data_timeout if conn.receiving_content else \
             self.server.config.limits.idle_timeout
-        self._waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        self._deadline = loop.time() + timeout
+        if self._timer is None or self._timer.when() > self._deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(self._deadline, self._check_deadline)
         self.idle = not conn.in_transaction and not conn.receiving_content
         try:
-            async with asyncio.timeout(timeout):
-                await self._waiter
+            await self._waiter
         finally:
             self.idle = False
             self._waiter = None
         return not self._lost or conn.unprocessed > 0
+
+    def _check_deadline(self) -> None:
+        """One lazily re-armed timer per session instead of a new timeout for every read."""
+        loop = asyncio.get_running_loop()
+        w = self._waiter
+        if w is not None and not w.done() and loop.time() >= self._deadline:
+            self._timer = None
+            w.set_exception(TimeoutError())
+            return
+        if self._lost:
+            self._timer = None
+            return
+        when = self._deadline if w is not None else loop.time() + 1.0
+        self._timer = loop.call_at(max(when, loop.time() + 0.01), self._check_deadline)
 
     async def run(self) -> None:
         conn, facts = self.conn, self.facts
