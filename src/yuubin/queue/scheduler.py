@@ -297,7 +297,9 @@ class OutboundScheduler:
                 await self._apply(qid, outcomes)
             finally:
                 self.locks.release(qid)
-        if not lock.locked():
+        # The lock object stays while the entry exists: dropping it while another editor waits on it
+        # would let a third one create a fresh lock and edit concurrently.
+        if not self.spool.path(qid).exists():
             self._entry_locks.pop(qid, None)
 
     async def _apply(self, qid: str, outcomes: dict[int, Outcome]) -> None:
