@@ -234,3 +234,23 @@ def test_firewall_nftables_ruleset_is_valid(cfg_file, tmp_path, capsys, monkeypa
         pytest.skip(f"`nft -c` cannot validate here (no privileges?): {bad.stderr.strip()[:200]}")
     res = nft_check(rules)
     assert res.returncode == 0, res.stderr
+
+
+def test_mmdb_country_database(tmp_path):
+    writer = pytest.importorskip("mmdb_writer", reason="mmdb-writer (test extra) makes the .mmdb fixture")
+    from netaddr import IPSet
+    w = writer.MMDBWriter(ip_version=6, ipv4_compatible=True, database_type="GeoLite2-Country", languages=["en"],
+                          description="yuubin test")
+    w.insert_network(IPSet(["1.0.16.0/20"]), {"country": {"iso_code": "JP"}})
+    w.insert_network(IPSet(["2001:db8::/32"]), {"registered_country": {"iso_code": "DE"}})
+    path = tmp_path / "country.mmdb"
+    w.to_db_file(str(path))
+    geo = GeoDatabase.load(str(path))
+    a = ipaddress.ip_address
+    assert geo.country(a("1.0.16.5")) == "JP"
+    assert geo.country(a("1.0.32.1")) is None
+    assert geo.country(a("2001:db8::1")) == "DE"
+    assert [str(n) for n in geo.networks("JP")] == ["1.0.16.0/20"]
+    acl = AccessList((), ("JP",), geo)
+    assert acl.allows(a("1.0.16.5")) == (True, "country JP")
+    assert acl.allows(a("8.8.8.8")) == (False, "country unknown not in allow list")
