@@ -465,3 +465,23 @@ def test_queue_tools_run_as_root_keep_entries_readable_by_the_spool_owner():
         assert Spool(base / "data" / "spool", None).load(env.id)[0].held
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_one_message_to_two_domains_is_tracked_per_recipient(make_server, dns_server, mx_port, sinks):
+    dns_server.add("remote.test", "MX", "10 mx.remote.test.")
+    dns_server.add("mx.remote.test", "A", "127.1.0.1")
+    dns_server.add("other.example", "MX", "10 mx.other.example.")
+    dns_server.add("mx.other.example", "A", "127.1.0.7")
+    good = sink("127.1.0.1", mx_port, data_delay=0.2)
+    bad = sink("127.1.0.7", mx_port, rcpt_reply=lambda rcpt, n: "451 4.3.0 later" if n == 1 else "550 5.1.1 gone")
+    sinks.extend([good, bad])
+    srv = server(make_server, mx_port)
+    send(srv, ["carol@remote.test", "dave@other.example"], message("two domains"))
+    [msg] = good.wait_messages(1)
+    assert msg.recipients == ["carol@remote.test"]
+    [raw] = srv.wait_delivered(SENDER, 1)
+    text = raw.decode()
+    assert "Final-Recipient: rfc822; dave@other.example" in text and "carol@remote.test" not in text.split(
+        "Content-Type: message/delivery-status")[1].split("Content-Type: text/rfc822-headers")[0]
+    wait_until(lambda: not spool_ids(srv), what="the spool to empty")
+    assert len(good.messages) == 1  # the retry for dave did not resend to carol
