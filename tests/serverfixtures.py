@@ -7,6 +7,7 @@ trustme CA, the test DNS server as resolver), so blocking clients like smtplib c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import ssl
 import threading
@@ -22,7 +23,7 @@ from yuubin.config import Config, from_dict
 from yuubin.server import Server
 from yuubin.store import Store
 
-__all__ = ["ca", "make_server", "tls_files", "client_tls"]
+__all__ = ["ca", "client_tls", "make_server", "tls_files"]
 
 
 @pytest.fixture(scope="session")
@@ -94,10 +95,8 @@ class RunningServer:
 
     def stop(self) -> None:
         if self.server is not None and self.loop is not None and not self.server.stopping:
-            try:
+            with contextlib.suppress(RuntimeError):
                 self.call(self.server.stop, timeout=60)
-            except RuntimeError:
-                pass
         if self._thread is not None:
             self._thread.join(30)
 

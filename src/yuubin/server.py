@@ -151,7 +151,7 @@ class Server:
                 s.task.cancel()
         tasks = [s.task for s in self.sessions if s.task is not None]
         if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=self.config.limits.shutdown_grace)
+            _done, pending = await asyncio.wait(tasks, timeout=self.config.limits.shutdown_grace)
             for t in pending:
                 t.cancel()
             if pending:

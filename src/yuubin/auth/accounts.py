@@ -51,10 +51,7 @@ class Directory:
 
     def resolve(self, address: Address) -> Resolution | None:
         """The mailboxes a local recipient reaches, or None when nobody by that name lives here."""
-        if not address.domain:  # bare <postmaster>
-            key = self.postmaster
-        else:
-            key = address.key
+        key = address.key if address.domain else self.postmaster  # bare <postmaster>
         out = Resolution()
         if not self._expand(key, out, 0, set()):
             return None

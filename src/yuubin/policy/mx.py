@@ -47,10 +47,9 @@ class MxPolicy:
         return accept("sender")
 
     def rcpt(self, facts: SessionFacts, rcpt: Address) -> RecipientRoute:
-        if rcpt.routing_trick:
-            if not facts.trusted or self.directory.is_local(rcpt.domain):
-                return RecipientRoute(reject("relay", f"routing syntax in {rcpt.text!r}", 554, "5.7.1",
-                                             "relay access denied: address routes through another host"))
+        if rcpt.routing_trick and (not facts.trusted or self.directory.is_local(rcpt.domain)):
+            return RecipientRoute(reject("relay", f"routing syntax in {rcpt.text!r}", 554, "5.7.1",
+                                         "relay access denied: address routes through another host"))
         if not rcpt.domain or self.directory.is_local(rcpt.domain):
             res = self.directory.resolve(rcpt)
             if res is None:
