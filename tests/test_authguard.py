@@ -155,3 +155,12 @@ def test_one_source_hammering_an_account_does_not_slow_the_owner(guard):
     fail(guard, "203.0.113.5", 3)  # locked: that is its own punishment
     fail(guard, "203.0.113.5", 5)
     assert guard.delay(ip("198.51.100.7"), "alice@example.test") == 0.0
+
+
+def test_old_failures_are_pruned(guard):
+    fail(guard, "203.0.113.5", 2)
+    guard.clock_ref.now += 2 * 86400
+    guard._until_prune = 1
+    fail(guard, "203.0.113.9", 1)
+    assert guard.store.auth_failures_since("source", "203.0.113.5", 0) == 0
+    assert guard.store.auth_failures_since("source", "203.0.113.9", 0) == 1

@@ -434,3 +434,18 @@ def test_account_over_hourly_limit_is_suspended_and_its_queue_held(make_server, 
     store.close()
     lines = [r.getMessage() for r in caplog.records if "event=account_suspended" in r.getMessage()]
     assert len(lines) == 1 and "account=alice@example.test" in lines[0] and "clients=127.1.9.9" in lines[0]
+
+
+def test_distinct_recipients_per_day_limit(make_server, dns_server, client_tls):
+    dns_server.set_behaviour("far.test", "timeout")
+    srv = make_server(listener=LISTENERS, outbound={"max_recipients_per_day": 2})
+    s = connect(srv, "submissions", client_tls, login=(ALICE, ALICE_PW))
+    s.sendmail(ALICE, ["r1@far.test", "r2@far.test"], msg(to="r1@far.test"))
+    s.sendmail(ALICE, ["r1@far.test"], msg(to="r1@far.test"))  # already counted today: no new recipient
+    s.mail(ALICE)
+    code, text = s.rcpt("r3@far.test")
+    assert (code, text[:5]) == (451, b"4.7.1")
+    s.rset()
+    code, text = s.mail(ALICE)
+    assert (code, text[:5]) == (550, b"5.7.1")
+    s.quit()

@@ -28,6 +28,7 @@ from yuubin.store import Store
 log = logging.getLogger("yuubin.auth")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+PRUNE_EVERY = 1000  # failures between deletions of rows older than the window
 
 
 def source_key(ip: IPAddress) -> str:
@@ -66,6 +67,7 @@ class AuthGuard:
         self.config = config
         self.is_trusted = is_trusted
         self.clock = clock
+        self._until_prune = PRUNE_EVERY
 
     # ---- the login itself --------------------------------------------------------------
 
@@ -125,6 +127,10 @@ class AuthGuard:
         now = self.clock()
         key = source_key(ip)
         self.store.record_auth_failure("account", account, key, now)
+        self._until_prune -= 1
+        if self._until_prune <= 0:  # keep the table to what the window needs
+            self._until_prune = PRUNE_EVERY
+            self.prune()
         log.info("event=auth_failed session=%s client=%s source=%s account=%s", session, ip, key, account)
         if self.is_trusted(ip):
             return None

@@ -21,10 +21,12 @@ from yuubin.geo import AccessList
 from yuubin.policy.decision import Decision, SessionFacts, accept, reject
 from yuubin.policy.mx import RecipientRoute
 from yuubin.smtp.address import Address, AddressError, parse_path
+from yuubin.smtp.replies import Reply
 from yuubin.store import Store
 
 HOUR = 3600.0
 DAY = 86400.0
+PRUNE_EVERY = 1000  # submissions between deletions of counter rows older than a day
 
 SUSPENDED_TEXT = "account suspended after unusual sending; contact the postmaster"
 
@@ -38,13 +40,14 @@ class SubmissionPolicy:
         self.access = access
         self.on_limit = on_limit  # suspends the account, holds its queue, tells postmaster
         self.clock = clock
+        self._until_prune = PRUNE_EVERY
 
     async def connect(self, facts: SessionFacts) -> Decision:
         ok, why = self.access.allows(facts.client)
         if ok:
             return accept("allow", why)
-        return Decision(reject("allow", why, 554, "5.7.1", f"service refused: [{facts.client}] may not "
-                               "submit mail here").reply, "allow", why, close=True)
+        return Decision(Reply(554, "5.7.1", f"service refused: [{facts.client}] may not submit mail here"),
+                        "allow", why, close=True)
 
     def owns(self, account: str, address: Address) -> bool:
         """The account's own address, its plus-addresses, or aliases that reach only it."""
@@ -115,7 +118,12 @@ class SubmissionPolicy:
     def stored(self, facts: SessionFacts, recipients: list[str]) -> None:
         """Count an accepted submission towards the account's limits."""
         if facts.auth_user:
-            self.store.record_submission(facts.auth_user, self.clock(), str(facts.client), recipients)
+            now = self.clock()
+            self.store.record_submission(facts.auth_user, now, str(facts.client), recipients)
+            self._until_prune -= 1
+            if self._until_prune <= 0:  # the counters only need the last day
+                self._until_prune = PRUNE_EVERY
+                self.store.prune_submissions(now - DAY)
 
     def _limit_broken(self, facts: SessionFacts, what: str) -> Decision:
         account = facts.auth_user or ""
