@@ -847,3 +847,77 @@ def test_every_rejection_is_logged_with_session_and_reason(make_server, caplog):
     assert all('reason="' in m and 'reply="5' in m for m in rejects), rejects
     assert any(m.startswith("event=accepted ") for m in mine), mine
     assert any(m.startswith("event=disconnect ") for m in mine), mine
+
+
+# ---- timeouts: activity re-arms them; DATA has its own ------------------------------------------
+
+
+@pytest.mark.slow
+def test_activity_keeps_a_session_alive_past_the_idle_timeout(make_server):
+    srv = make_server(accounts=ACCOUNTS, limits={"idle_timeout": "1s"})
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        assert c.reply()[0] == 220
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.2:  # more than twice the idle timeout, never idle for long
+            assert c.cmd("NOOP")[0] == 250
+            time.sleep(0.3)
+        t1 = time.monotonic()
+        code, text = c.reply()  # now silent: the timeout counts from the last command
+        assert (code, text[0][:5]) == (421, "4.4.2"), text
+        assert 0.7 < time.monotonic() - t1 < 2.5
+
+
+@pytest.mark.slow
+def test_data_timeout_applies_inside_data_and_idle_timeout_outside(make_server):
+    srv = make_server(accounts=ACCOUNTS, limits={"idle_timeout": "3s", "data_timeout": "1s"})
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        assert c.reply()[0] == 220
+        assert c.cmd("EHLO client.remote.example")[0] == 250
+        time.sleep(1.5)  # idle longer than data_timeout, shorter than idle_timeout: still fine
+        c.send(b"MAIL FROM:<sender@remote.example>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+        assert [c.reply()[0] for _ in range(3)] == [250, 250, 354]
+        c.send(b"Subject: stalled\r\n\r\nhalf a messa")
+        t0 = time.monotonic()
+        code, text = c.reply()
+        assert (code, text[0][:2]) == (421, "4."), text
+        assert 0.7 < time.monotonic() - t0 < 2.5  # data_timeout, not idle_timeout
+        assert c.closed_by_peer()
+    assert srv.delivered("alice@example.test") == []
+
+
+def test_partial_command_line_still_times_out(make_server):
+    srv = make_server(accounts=ACCOUNTS, limits={"idle_timeout": "1s"})
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        assert c.reply()[0] == 220
+        c.send(b"EHLO half-a-line")
+        t0 = time.monotonic()
+        code, _ = c.reply()
+        assert code == 421 and 0.7 < time.monotonic() - t0 < 2.5
+
+
+def test_client_vanishing_mid_data_leaves_nothing_behind(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        c.reply()
+        c.send(b"EHLO client.remote.example\r\nMAIL FROM:<sender@remote.example>\r\n"
+               b"RCPT TO:<alice@example.test>\r\nDATA\r\n")
+        assert [c.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        c.send(b"Subject: cut\r\n\r\nthe client dies here\r\n")
+    time.sleep(0.3)
+    assert spool_entries(srv) == [] and srv.delivered("alice@example.test") == []
+    with connect(srv) as s:  # the server is fine
+        assert s.sendmail(SENDER, ["alice@example.test"], message("after a vanished client")) == {}
+    srv.wait_delivered("alice@example.test", 1)
+
+
+def test_failed_tls_handshake_closes_only_that_session(make_server):
+    srv = make_server(accounts=ACCOUNTS)
+    with RawSMTP(srv.port("mx"), source=UNTRUSTED) as c:
+        c.reply()
+        c.cmd("EHLO client.remote.example")
+        assert c.cmd("STARTTLS")[0] == 220
+        c.send(b"this is not a TLS ClientHello\r\n" * 4)
+        assert c.closed_by_peer(5)
+    with connect(srv) as s:
+        assert s.sendmail(SENDER, ["alice@example.test"], message("after a bad handshake")) == {}
+    srv.wait_delivered("alice@example.test", 1)
