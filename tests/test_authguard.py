@@ -164,3 +164,37 @@ def test_old_failures_are_pruned(guard):
     fail(guard, "203.0.113.9", 1)
     assert guard.store.auth_failures_since("source", "203.0.113.5", 0) == 0
     assert guard.store.auth_failures_since("source", "203.0.113.9", 0) == 1
+
+
+def test_unknown_accounts_cost_a_full_hash():
+    """The dummy hash has the production parameters, so an unknown account costs the same time."""
+    from argon2 import extract_parameters
+
+    from yuubin.auth import passwords
+    assert extract_parameters(passwords._DUMMY_HASH) == extract_parameters(hash_password("x"))
+    assert extract_parameters(hash_password("x")).type.name == "ID"
+
+
+async def test_password_checks_run_a_bounded_number_at_once(tmp_path, alice_hash, monkeypatch):
+    import asyncio
+
+    from yuubin.policy import authguard
+    store = Store(tmp_path / "state.db")
+    store.add_account("alice@example.test", alice_hash)
+    g = AuthGuard(store, AuthGuardConfig(max_failures=100, concurrent_checks=2), lambda a: False)
+    running, peak = 0, 0
+    real = authguard.verify_password
+
+    def counting(h, pw):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            return real(h, pw)
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(authguard, "verify_password", counting)
+    await asyncio.gather(*(g.login(ip(f"203.0.113.{i}"), "alice@example.test", "nope") for i in range(6)))
+    assert peak == 2
+    store.close()

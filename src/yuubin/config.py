@@ -70,6 +70,7 @@ class AuthGuardConfig:
     forget_after: float = 604800.0  # a source clean this long starts again at `lockout`
     account_max_failures: int = 20  # failures on one account (from 2+ sources) that start the slow-down
     account_delay: float = 3.0  # seconds added for sources that never logged in to that account
+    concurrent_checks: int = 4  # password hashes verified at once (each Argon2id check uses ~64 MiB)
 
 
 @dataclass(frozen=True)
@@ -409,6 +410,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         forget_after=parse_duration(ag.get("forget_after", "7d", (int, float, str)), "auth_guard.forget_after"),
         account_max_failures=ag.positive_int("account_max_failures", 20),
         account_delay=parse_duration(ag.get("account_delay", "3s", (int, float, str)), "auth_guard.account_delay"),
+        concurrent_checks=ag.positive_int("concurrent_checks", 4),
     )
     if auth_guard.max_lockout < auth_guard.lockout:
         raise ConfigError("auth_guard.max_lockout: must not be shorter than auth_guard.lockout")
@@ -542,6 +544,7 @@ def describe(cfg: Config) -> str:
         f"forget_after = {q(f'{cfg.auth_guard.forget_after:g}s')}",
         f"account_max_failures = {cfg.auth_guard.account_max_failures}",
         f"account_delay = {q(f'{cfg.auth_guard.account_delay:g}s')}",
+        f"concurrent_checks = {cfg.auth_guard.concurrent_checks}",
         "",
         "[submission]",
         f"received_client_ip = {q(cfg.submission.received_client_ip)}",

@@ -68,6 +68,9 @@ class AuthGuard:
         self.is_trusted = is_trusted
         self.clock = clock
         self._until_prune = PRUNE_EVERY
+        # Each Argon2id check takes ~64 MiB and a core for a moment: a flood of logins must queue
+        # here rather than exhaust the memory of a small home server.
+        self._checks = asyncio.Semaphore(config.concurrent_checks)
 
     # ---- the login itself --------------------------------------------------------------
 
@@ -88,7 +91,8 @@ class AuthGuard:
                      session, ip, account, delay)
             await asyncio.sleep(delay)
         row = self.store.account(account) if account else None
-        ok = await asyncio.to_thread(verify_password, row.password_hash if row else None, password)
+        async with self._checks:
+            ok = await asyncio.to_thread(verify_password, row.password_hash if row else None, password)
         if ok and authzid:
             try:
                 ok = normalize_address(authzid) == account  # no acting as someone else
