@@ -859,12 +859,13 @@ def test_activity_keeps_a_session_alive_past_the_idle_timeout(make_server):
         assert c.reply()[0] == 220
         t0 = time.monotonic()
         while time.monotonic() - t0 < 2.2:  # more than twice the idle timeout, never idle for long
-            assert c.cmd("NOOP")[0] == 250
-            time.sleep(0.3)
+            code, text = c.cmd("NOOP")
+            assert code == 250, (round(time.monotonic() - t0, 2), code, text)
+            time.sleep(0.2)
         t1 = time.monotonic()
         code, text = c.reply()  # now silent: the timeout counts from the last command
         assert (code, text[0][:5]) == (421, "4.4.2"), text
-        assert 0.7 < time.monotonic() - t1 < 2.5
+        assert 0.7 < time.monotonic() - t1 < 4
 
 
 @pytest.mark.slow
@@ -880,7 +881,7 @@ def test_data_timeout_applies_inside_data_and_idle_timeout_outside(make_server):
         t0 = time.monotonic()
         code, text = c.reply()
         assert (code, text[0][:2]) == (421, "4."), text
-        assert 0.7 < time.monotonic() - t0 < 2.5  # data_timeout, not idle_timeout
+        assert 0.7 < time.monotonic() - t0 < 2.8  # data_timeout (1 s), not idle_timeout (3 s)
         assert c.closed_by_peer()
     assert srv.delivered("alice@example.test") == []
 
@@ -892,7 +893,7 @@ def test_partial_command_line_still_times_out(make_server):
         c.send(b"EHLO half-a-line")
         t0 = time.monotonic()
         code, _ = c.reply()
-        assert code == 421 and 0.7 < time.monotonic() - t0 < 2.5
+        assert code == 421 and 0.7 < time.monotonic() - t0 < 4
 
 
 def test_client_vanishing_mid_data_leaves_nothing_behind(make_server):
