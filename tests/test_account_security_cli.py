@@ -254,3 +254,14 @@ def test_mmdb_country_database(tmp_path):
     acl = AccessList((), ("JP",), geo)
     assert acl.allows(a("1.0.16.5")) == (True, "country JP")
     assert acl.allows(a("8.8.8.8")) == (False, "country unknown not in allow list")
+
+
+def test_config_check_reports_an_unreadable_geo_source(cfg_file, tls_files, capsys, monkeypatch):
+    shutil.copy(tls_files[0], cfg_file.parent / "cert.pem")
+    shutil.copy(tls_files[1], cfg_file.parent / "key.pem")
+    code, out, _ = run(cfg_file, "config", "check", capsys=capsys, monkeypatch=monkeypatch)
+    assert code == 0 and "OK" in out
+    (cfg_file.parent / "delegated-ripencc-latest").unlink()
+    code, _, err = run(cfg_file, "config", "check", capsys=capsys, monkeypatch=monkeypatch)
+    assert code == 2
+    assert "geo.source: cannot read" in err

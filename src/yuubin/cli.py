@@ -137,6 +137,8 @@ def cmd_localserve(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = _load(args)
     check_tls_files(cfg)
+    from yuubin import cli_security
+    cli_security.check_geo_source(cfg)  # a country in `allow` needs readable data, as at start
     print(f"# {cfg.source}: OK\n" + describe(cfg), end="")
     return 0
 

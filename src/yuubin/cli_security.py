@@ -165,6 +165,17 @@ def cmd_auth_unlock(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_geo_source(cfg) -> None:
+    """Raise ConfigError when a listener allows a country and geo.source cannot be read."""
+    from yuubin.config import ConfigError
+    from yuubin.geo import GeoDatabase, GeoError
+    if any(lc.allow_countries for lc in cfg.listeners):
+        try:
+            GeoDatabase.load(cfg.geo_source)
+        except GeoError as e:
+            raise ConfigError(str(e)) from None
+
+
 def nftables_ruleset(cfg) -> str:
     """An nftables table that admits 587/465 only from each listener's allow list."""
     from yuubin.geo import GeoDatabase, GeoError
