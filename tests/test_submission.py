@@ -449,3 +449,24 @@ def test_distinct_recipients_per_day_limit(make_server, dns_server, client_tls):
     code, text = s.mail(ALICE)
     assert (code, text[:5]) == (550, b"5.7.1")
     s.quit()
+
+
+def test_message_finished_after_suspension_is_held(make_server, dns_server, client_tls):
+    from yuubin.store import Store
+    dns_server.set_behaviour("far.test", "timeout")
+    srv = make_server(listener=LISTENERS)
+    s = connect(srv, "submission", client_tls, login=(ALICE, ALICE_PW))
+    s.mail(ALICE)
+    s.rcpt("carol@far.test")
+    assert s.docmd("DATA")[0] == 354
+    s.send(msg().encode())
+    store = Store(srv.config.state_db)
+    store.set_suspended(ALICE, True)  # what `yuubin account suspend` does, mid-DATA
+    store.close()
+    s.send(b".\r\n")
+    code, text = s.getreply()
+    assert code == 250
+    s.quit()
+    qid = text.decode().rsplit(" ", 1)[1]
+    env, _ = Spool(srv.config.spool_dir, None).load(qid)
+    assert env.held and env.auth == ALICE

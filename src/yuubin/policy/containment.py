@@ -81,9 +81,12 @@ class AccountContainment:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def hold(self, account: str) -> int:
+        return await hold_account_mail(self.spool, account, True, self.locks, self.entry_locks)
+
     async def contain(self, account: str, what: str, facts: SessionFacts) -> None:
         now = time.time()
-        held = await hold_account_mail(self.spool, account, True, self.locks, self.entry_locks)
+        held = await self.hold(account)
         clients = self.store.submission_clients_since(account, now - 86400.0)
         if str(facts.client) not in {c for c, _ in clients}:
             clients.append((str(facts.client), 0))

@@ -412,6 +412,9 @@ class SMTPSession(asyncio.Protocol):
                       e.strerror or str(e), reply)
             conn.reject(reply)
             return
+        if facts.auth_user and not env.held and self.server.containment.is_held(env):
+            await self.server.containment.hold(facts.auth_user)  # suspended while it was being written
+            env.held = True
         conn.accept(Reply(250, "2.0.0", f"OK queued as {qid}"))
         stored = getattr(self._policy(), "stored", None)
         if stored is not None:
