@@ -922,3 +922,49 @@ def test_failed_tls_handshake_closes_only_that_session(make_server):
     with connect(srv) as s:
         assert s.sendmail(SENDER, ["alice@example.test"], message("after a bad handshake")) == {}
     srv.wait_delivered("alice@example.test", 1)
+
+
+def test_global_connection_limit(make_server):
+    srv = make_server(accounts=ACCOUNTS, limits={"max_connections": 2})
+    port = srv.port("mx")
+    with RawSMTP(port, source="127.1.0.40") as a, RawSMTP(port, source="127.1.0.41") as b:
+        assert a.reply()[0] == 220 and b.reply()[0] == 220
+        with RawSMTP(port, source="127.1.0.42") as c:
+            code, _ = c.reply()
+            assert code == 421
+            assert c.closed_by_peer()
+
+
+def test_without_a_certificate_starttls_is_not_offered(make_server):
+    srv = make_server(accounts=ACCOUNTS, tls={})
+    assert srv.config.tls.cert is None
+    with connect(srv) as s:
+        s.ehlo()
+        assert not s.has_extn("starttls")
+        code, text = s.docmd("STARTTLS")
+        assert 500 <= code < 600 and ENHANCED.match(text.decode()), (code, text)
+        assert s.sendmail(SENDER, ["alice@example.test"], message("no tls here")) == {}
+    srv.wait_delivered("alice@example.test", 1)
+
+
+def test_second_starttls_is_refused(make_server, client_tls):
+    srv = make_server(accounts=ACCOUNTS)
+    with connect(srv) as s:
+        s.ehlo()
+        s.starttls(context=client_tls)
+        s.ehlo()
+        code, text = s.docmd("STARTTLS")
+        assert code == 503 and text.startswith(b"5.5.1"), text
+        assert s.noop()[0] == 250
+
+
+@pytest.mark.skipif(not _have_ipv6(), reason="no IPv6 loopback on this machine")
+def test_untrusted_ipv6_client_is_checked_against_dnsbl_by_nibbles(make_server, dns_server):
+    nibbles = ".".join(reversed(socket.inet_pton(socket.AF_INET6, "::1").hex()))
+    dns_server.add(f"{nibbles}.bl.dnsbl.test", "A", "127.0.0.2")
+    srv = make_server(accounts=ACCOUNTS, network={"trusted": ["127.0.0.0/16"]},
+                      listener=[{"kind": "mx", "address": "[::1]:0"}])
+    with RawSMTP(srv.port("mx"), source="::1", host="::1") as c:
+        code, text = c.reply()
+        assert code == 554 and "bl.dnsbl.test" in text[0], text
+    assert (f"{nibbles}.zen.dnsbl.test", "A") in dns_server.queries
