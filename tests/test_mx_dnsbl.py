@@ -189,3 +189,18 @@ def test_answers_are_cached(make_server, dns_server):
             c.cmd("QUIT")
     assert sorted(queried(dns_server, listed)) == sorted((rev(listed, z), "A") for z in ZONES)
     assert sorted(queried(dns_server, clean)) == sorted((rev(clean, z), "A") for z in ZONES)
+
+
+def test_cached_answer_expires_with_its_ttl(make_server, dns_server):
+    client = "127.1.0.13"
+    dns_server.add(rev(client, "zen.dnsbl.test"), "A", "127.0.0.2", ttl=1)
+    srv = make_server(accounts=ACCOUNTS)
+    with RawSMTP(srv.port("mx"), source=client) as c:
+        assert c.reply()[0] == 554
+    dns_server.clear()  # delisted
+    with RawSMTP(srv.port("mx"), source=client) as c:
+        assert c.reply()[0] == 554  # still cached
+    time.sleep(1.3)
+    with RawSMTP(srv.port("mx"), source=client) as c:
+        assert c.reply()[0] == 220  # the listing expired with its TTL
+        c.cmd("QUIT")
