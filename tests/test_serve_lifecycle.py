@@ -227,6 +227,28 @@ def test_sigterm_finishes_sessions_in_flight_and_loses_nothing(served):
     assert queue_entries(base) == []
 
 
+def test_sigterm_stops_within_the_grace_even_if_a_client_never_finishes(served):
+    config, port, started = served
+    srv = Serve(config, port)
+    started.append(srv)
+    stuck = RawSMTP(port, timeout=15)
+    assert stuck.reply()[0] == 220
+    stuck.send(b"EHLO lan.example\r\nMAIL FROM:<sender@remote.example>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert [stuck.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+    stuck.send(b"Subject: never finished\r\n\r\nstill typing")
+    t0 = time.monotonic()
+    srv.proc.send_signal(signal.SIGTERM)
+    code, text = stuck.reply()  # after shutdown_grace (3 s) the session is ended, the message not taken
+    assert code == 421, (code, text)
+    rc = srv.proc.wait(15)
+    elapsed = time.monotonic() - t0
+    srv.stop()
+    assert rc == 0, srv.log()
+    assert 2.5 < elapsed < 3 + 5, elapsed
+    stuck.close()
+    assert maildir_ids(config.parent) == [] and queue_entries(config.parent) == []
+
+
 def test_kill_9_after_250_then_restart_delivers(served):
     config, port, started = served
     base = config.parent
