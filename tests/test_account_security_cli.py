@@ -7,6 +7,7 @@ import ipaddress
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -149,8 +150,11 @@ def test_suspend_holds_queued_mail_and_enable_releases_on_request(cfg_file, caps
     assert code == 0 and "2 queued messages put on hold" in out
     assert store.account("taro@example.jp").suspended
     assert [spool.load(i)[0].held for i in ids] == [True, True, False]
+    store.record_submission("taro@example.jp", time.time(), "203.0.113.1", ["a@far.test", "b@far.test"])
     code, out, _ = run(cfg_file, "account", "enable", "taro@example.jp", capsys=capsys, monkeypatch=monkeypatch)
     assert code == 0 and not store.account("taro@example.jp").suspended
+    assert store.submissions_since("taro@example.jp", 0) == 0  # a fresh start, not an instant re-suspension
+    assert store.submission_recipients_since("taro@example.jp", 0) == set()
     assert [spool.load(i)[0].held for i in ids] == [True, True, False]  # enabling alone releases nothing
     code, out, _ = run(cfg_file, "account", "enable", "--release", "taro@example.jp", capsys=capsys,
                        monkeypatch=monkeypatch)

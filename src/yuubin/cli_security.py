@@ -130,6 +130,7 @@ def cmd_account_enable(args: argparse.Namespace) -> int:
     address = cli._address_arg(args.address, "ADDRESS")
     if not store.set_suspended(address, False):
         raise cli.CliError(f"ADDRESS: no account {address}")
+    store.clear_submissions(address)  # else the counts that tripped the limit would suspend it again at once
     if args.release:
         print(f"enabled {address}; {_hold(cfg, address, False)} held messages released")
     else:

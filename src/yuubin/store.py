@@ -205,6 +205,13 @@ class Store:
                                "GROUP BY client ORDER BY COUNT(*) DESC", (account, since))
         return [(r[0], r[1]) for r in rows]
 
+    def clear_submissions(self, account: str) -> None:
+        """Forget an account's counters (after an admin reviewed and re-enabled it)."""
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("DELETE FROM submissions WHERE account = ?", (account,))
+            self.db.execute("DELETE FROM submission_recipients WHERE account = ?", (account,))
+
     def prune_submissions(self, before: float) -> None:
         self.db.execute("DELETE FROM submissions WHERE at <= ?", (before,))
         self.db.execute("DELETE FROM submission_recipients WHERE at <= ?", (before,))
