@@ -238,6 +238,10 @@ def test_alias_errors(config):
     assert_usage_error(run(["alias", "add", "loop@example.test", "loop@example.test"], config=config), "TARGET")
     assert_usage_error(run(["alias", "remove", "@@"], config=config), "ALIAS")
     assert run(["alias", "list"], config=config).stdout == ""
+    added = run(["account", "add", "alice@example.test"], config=config, stdin="Tangerine-orbit-71-quasar\n")
+    assert added.returncode == 0, added.stderr
+    assert_usage_error(run(["alias", "add", "alice@example.test", "bob@remote.example"], config=config), "ALIAS")
+    assert run(["alias", "list"], config=config).stdout == ""
 
 
 # ---- password prompt on a terminal -------------------------------------------------------------

@@ -215,6 +215,11 @@ def test_sigterm_finishes_sessions_in_flight_and_loses_nothing(served):
     log = srv.log()
     assert "Traceback" not in log, log
     assert "event=stopped" in log
+    # key=value logs on stderr, with the session id on every line of a session
+    connects = re.findall(r"event=connect session=(\S+) ", log)
+    assert len(connects) >= 7, log
+    for sid in connects:
+        assert re.search(rf"event=disconnect session={re.escape(sid)} ", log), sid
 
     ids = maildir_ids(base)
     if not accepted <= set(ids):  # a delivery cut off at shutdown must be redelivered at the next start
