@@ -60,3 +60,36 @@ def test_msmtp_wrong_password_fails_cleanly(make_server, ca, tmp_path):
     assert res.returncode != 0
     assert "535" in res.stderr or "authentication failed" in res.stderr.lower()
     assert srv.delivered("bob@example.test") == []
+
+
+def test_localserve_demo_account_submits_on_2587_and_2465(tmp_path):
+    """The README's "point a mail client at 2587/2465" works out of the box (msmtp as the client)."""
+    import re
+    import time
+
+    from tests.test_serve_lifecycle import LocalServe, port_2525
+    d = tmp_path / "ls"
+    with port_2525():
+        ls = LocalServe(d)
+        try:
+            text = ls.banner()
+            password = re.search(r"demo@localhost\.test\s+password:\s*(\S+)", text).group(1)
+            assert re.search(r"submission\s+127\.0\.0\.1:2587\b", text), text
+            assert re.search(r"submissions\s+127\.0\.0\.1:2465\b", text), text
+            for port, starttls in ((2587, True), (2465, False)):
+                rc = tmp_path / f"rc{port}"
+                rc.write_text(f"account default\nhost 127.0.0.1\nport {port}\ntls on\n"
+                              f"tls_starttls {'on' if starttls else 'off'}\ntls_trust_file {d / 'tls' / 'cert.pem'}\n"
+                              "tls_host_override localhost\nauth on\nuser demo@localhost.test\n"
+                              f"password {password}\nfrom demo@localhost.test\n")
+                rc.chmod(0o600)
+                res = subprocess.run(["msmtp", "-C", str(rc), "demo@localhost.test"], capture_output=True, text=True,
+                                     input=f"From: demo@localhost.test\nSubject: port {port}\n\nhi\n", timeout=60)
+                assert res.returncode == 0, res.stderr
+            new = d / "data" / "mail" / "localhost.test" / "demo" / "new"
+            deadline = time.monotonic() + 10
+            while len(list(new.glob("*"))) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(list(new.glob("*"))) == 2
+        finally:
+            assert ls.interrupt() == 0

@@ -40,6 +40,14 @@ zones = []                      # no DNS blocklists on loopback
 [[listener]]
 kind = "mx"
 address = "127.0.0.1:2525"
+
+[[listener]]
+kind = "submission"             # a mail client sends here: STARTTLS, then AUTH
+address = "127.0.0.1:2587"
+
+[[listener]]
+kind = "submissions"            # the same with TLS from the first byte
+address = "127.0.0.1:2465"
 """
 
 DEMO_ACCOUNT = "demo@localhost.test"
