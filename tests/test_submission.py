@@ -470,3 +470,19 @@ def test_message_finished_after_suspension_is_held(make_server, dns_server, clie
     qid = text.decode().rsplit(" ", 1)[1]
     env, _ = Spool(srv.config.spool_dir, None).load(qid)
     assert env.held and env.auth == ALICE
+
+
+def test_ipv6_allow_cidr(make_server, client_tls):
+    srv = make_server(listener=[
+        {"kind": "mx", "address": "127.0.0.1:0"},
+        {"kind": "submission", "address": "[::1]:0", "allow": ["::1/128"]},
+        {"kind": "submissions", "address": "127.0.0.1:0", "allow": ["::1/128"]},
+    ])
+    try:
+        s = smtplib.SMTP("::1", srv.port("submission"), timeout=10)
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    assert s.ehlo("client.test")[0] == 250
+    s.quit()
+    first, closed = raw_banner(srv, "submissions", INTERNET, client_tls)
+    assert first.startswith(b"554 5.7.1 ") and closed
