@@ -52,8 +52,8 @@ async def hold_account_mail(spool: Spool, account: str, held: bool = True, locks
             finally:
                 if locks is not None:
                     locks.release(qid)
-        if lock is not None and not lock.locked():
-            entry_locks.pop(qid, None)
+        if lock is not None and not spool.path(qid).exists():
+            entry_locks.pop(qid, None)  # as the scheduler does: the lock lives as long as its entry
     return count
 
 
