@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import signal
@@ -25,10 +26,18 @@ from pathlib import Path
 import pytest
 
 from tests.smtpclient import RawSMTP
+from yuubin.auth.passwords import hash_password
+from yuubin.config import load
+from yuubin.store import Store
 
 pytestmark = pytest.mark.slow
 
 ALICE_PASSWORD = "Tangerine-orbit-71-quasar"
+
+
+@functools.cache
+def _alice_hash() -> str:
+    return hash_password(ALICE_PASSWORD)
 
 
 def free_port() -> int:
@@ -120,8 +129,9 @@ class Serve:
 def served(tmp_path) -> Iterator[tuple[Path, int, list[Serve]]]:
     port = free_port()
     config = write_config(tmp_path, port)
-    p = yuubin("-c", str(config), "account", "add", "alice@example.test", input=ALICE_PASSWORD + "\n")
-    assert p.returncode == 0, p.stderr
+    store = Store(load(config).state_db)  # (`account add` itself is tested in test_cli.py)
+    store.add_account("alice@example.test", _alice_hash())
+    store.close()
     started: list[Serve] = []
     yield config, port, started
     for s in started:
