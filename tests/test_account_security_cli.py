@@ -269,3 +269,10 @@ def test_config_check_reports_an_unreadable_geo_source(cfg_file, tls_files, caps
     code, _, err = run(cfg_file, "config", "check", capsys=capsys, monkeypatch=monkeypatch)
     assert code == 2
     assert "geo.source: cannot read" in err
+
+
+def test_weakness_names_and_short_user_names():
+    from yuubin.auth.strength import weakness
+    assert "'yamada'" in weakness("sunny-yamada-orbit-4", "taro.yamada@example.jp")
+    assert weakness("mojo river tulip 88", "jo@example.jp") is None  # a 2-letter user name is no signal
+    assert weakness("violet staple orbit 93", "taro@example.jp") is None

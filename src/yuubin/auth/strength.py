@@ -36,7 +36,7 @@ def weakness(password: str, address: str) -> str | None:
     import zxcvbn
 
     user, _, domain = address.lower().rpartition("@")
-    names = [user, *[p for p in re.split(r"[._+-]", user) if len(p) >= 3]]
+    names = [p for p in [user, *re.split(r"[._+-]", user)] if len(p) >= 3]  # "jo" would refuse half the dictionary
     names += [label for label in domain.split(".") if len(label) >= 3 and label not in ("com", "net", "org")]
     low = password.lower()
     for name in dict.fromkeys(names):
