@@ -970,12 +970,6 @@ def test_untrusted_ipv6_client_is_checked_against_dnsbl_by_nibbles(make_server, 
     assert (f"{nibbles}.zen.dnsbl.test", "A") in dns_server.queries
 
 
-POSTMASTER_BUG = ("BUG: with the default domains.postmaster (postmaster@<first local domain>) and no account or "
-                  "alias of that name (e.g. every `localserve`), RCPT TO:<postmaster@DOMAIN> gets 550 5.1.1 "
-                  "(auth/accounts.py Directory._expand); issue 2 / RFC 5321 4.5.1: postmaster@ is always accepted")
-
-
-@pytest.mark.xfail(strict=True, reason=POSTMASTER_BUG)
 @pytest.mark.parametrize("rcpt", ["postmaster@example.test", "postmaster@other.test", "postmaster"])
 def test_postmaster_is_accepted_even_without_a_postmaster_account(make_server, rcpt):
     srv = make_server(accounts=ACCOUNTS)  # domains.postmaster left at its default
@@ -985,3 +979,7 @@ def test_postmaster_is_accepted_even_without_a_postmaster_account(make_server, r
         s.mail(SENDER)
         code, text = s.docmd("RCPT", f"TO:<{rcpt}>")
         assert code == 250, (code, text)
+        code, text = s.data(b"Subject: to postmaster\r\n\r\nhello\r\n")
+        assert code == 250, (code, text)
+    msgs = srv.wait_delivered("postmaster@example.test", 1)
+    assert b"Delivered-To: postmaster@example.test" in msgs[0]

@@ -26,6 +26,7 @@ data_dir = "data"
 
 [domains]
 local = ["localhost.test"]
+postmaster = "demo@localhost.test"      # mail to postmaster@ lands in the demo account
 
 [network]
 trusted = []                    # nobody relays without AUTH, not even loopback
@@ -269,5 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except OSError as e:
-        print(f"yuubin: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"yuubin: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1

@@ -83,4 +83,9 @@ class Directory:
         if local.split("+", 1)[0] == "postmaster" and key != self.postmaster:
             # RFC 5321 4.5.1: postmaster@ every local domain must work.
             return self._expand(self.postmaster, out, depth + 1, seen)
+        if key == self.postmaster:
+            # No account or alias holds the postmaster address yet: its mail still must not
+            # bounce. It waits in that address's Maildir; `account add` for it gives access.
+            out.mailboxes.append(key)
+            return True
         return False
