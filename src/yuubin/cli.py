@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import logging
 import os
 import secrets
 import sys
@@ -59,11 +58,8 @@ class CliError(Exception):
 
 
 def _setup_logging(level: str = "info") -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
+    from yuubin import logs
+    logs.setup(level)
 
 
 def _config_path(args: argparse.Namespace) -> str:
