@@ -69,6 +69,8 @@ def empty_maildir(maildir: Path) -> int:
     Deleting thousands of files makes file creation slow on this ext4 for about a minute, which
     would slow whichever server runs next; the trash goes when the instance's temp dir goes.
     """
+    if not maildir.is_dir():
+        return 0
     trash = maildir.parent / f".trash-{maildir.name}"
     trash.mkdir(exist_ok=True)
     n = 0

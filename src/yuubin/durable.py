@@ -1,9 +1,10 @@
 """Durable file writes with group commit.
 
 The rule is: no 250 before the bytes and the directory entry are on disk. fsync is the price;
-batching lets many sessions share it. Writes are queued; up to `workers` threads each take the
-whole queue, write and fsync every file, rename where asked, then fsync each touched directory
-once. Parallel batches keep the disk's queue busy while the event loop goes on parsing.
+batching lets many sessions share it. Jobs queued during one turn of the event loop form a
+batch; up to `workers` threads each take a batch, fsync every file, rename where asked, then
+fsync each touched directory once. Parallel batches keep the disk busy while the event loop
+goes on parsing.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -23,29 +25,46 @@ class FileWrite:
     rename_to: Path | None = None  # then renamed here (Maildir tmp/ → new/, spool rewrite)
 
 
-@dataclass(slots=True)
-class _Job:
+@dataclass(slots=True, eq=False)
+class Commit:
+    """One queued job; await it (or its `future`) for durability."""
+
     writes: list[tuple[int, FileWrite]]  # open descriptors, data already written
     unlinks: list[Path]
     future: asyncio.Future
+    after: Commit | None = None  # fails without touching the disk further if this one failed
+    error: BaseException | None = field(default=None)
+    finished: bool = False
+
+    def __await__(self):
+        return self.future.__await__()
 
 
 class GroupCommitter:
     def __init__(self, workers: int = 2):
         self._workers = workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fsync")
-        self._queue: list[_Job] = []
+        self._queue: list[Commit] = []
         self._active = 0
+        self._kick_scheduled = False
         self.batches = 0
         self.jobs = 0
 
     async def commit(self, writes: list[FileWrite], unlinks: list[Path] = ()) -> None:
-        """Return once every write is durable; raise OSError (e.g. ENOSPC) if any failed.
+        """Return once every write is durable; raise OSError (e.g. ENOSPC) if any failed."""
+        await self.enqueue(writes, unlinks)
+
+    def enqueue(self, writes: list[FileWrite], unlinks: list[Path] = (),
+                after: Commit | None = None) -> Commit:
+        """Create and write the files now; the returned future resolves once they are durable.
 
         Files are created and written here, in the loop thread (page-cache work, microseconds);
         only fsync, close and rename go to the worker threads, so a worker needs the GIL few
-        times per file. Unlinks run after the writes of the same job; they need no fsync: a
-        file that comes back after a crash means a duplicate delivery at worst, never a loss.
+        times per file. Unlinks run after the writes of the same job are durable; they need no
+        fsync: a file that comes back after a crash means a duplicate delivery at worst, never
+        a loss. With `after` (an earlier Commit), the job fails whole if that
+        one failed — e.g. no Maildir copy of a message whose spool write failed.
+        Raises OSError at once when a file cannot even be created or written.
         """
         loop = asyncio.get_running_loop()
         opened: list[tuple[int, FileWrite]] = []
@@ -60,24 +79,29 @@ class GroupCommitter:
                 _unlink_quietly(w.path)
             raise
         fut = loop.create_future()
-        self._queue.append(_Job(opened, list(unlinks), fut))
-        self._kick(loop)
-        await fut
+        job = Commit(opened, list(unlinks), fut, after)
+        self._queue.append(job)
+        if not self._kick_scheduled:
+            # Wait for the rest of this loop turn: other sessions' writes join the batch.
+            self._kick_scheduled = True
+            loop.call_soon(self._kick, loop)
+        return job
 
     def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._kick_scheduled = False
         if self._queue and self._active < self._workers:
             batch, self._queue = self._queue, []
             self._active += 1
             cf = loop.run_in_executor(self._executor, _flush, batch)
             cf.add_done_callback(lambda f: self._done(loop, batch, f))
 
-    def _done(self, loop: asyncio.AbstractEventLoop, batch: list[_Job], f: asyncio.Future) -> None:
+    def _done(self, loop: asyncio.AbstractEventLoop, batch: list[Commit], f: asyncio.Future) -> None:
         self._active -= 1
         self.batches += 1
         self.jobs += len(batch)
         exc = f.exception()
-        results = [exc] * len(batch) if exc else f.result()
-        for job, err in zip(batch, results, strict=True):
+        for job in batch:
+            err = exc or job.error
             if job.future.done():
                 continue
             if err is None:
@@ -124,35 +148,41 @@ def _unlink_quietly(path: Path) -> None:
         os.unlink(path)
 
 
-def _flush(batch: list[_Job]) -> list[BaseException | None]:
-    results: list[BaseException | None] = []
-    dirs: dict[Path, list[int]] = {}
-    for i, job in enumerate(batch):
-        err: BaseException | None = None
+def _flush(batch: list[Commit]) -> None:
+    """Worker thread: make each job durable, all or nothing per job; errors go on the job."""
+    dirs: dict[Path, list[Commit]] = {}
+    members = set(map(id, batch))
+    for job in batch:
+        dep = job.after
+        if dep is not None:
+            # Same batch: it was synced just before (jobs run in order). Another batch: wait
+            # for the worker running it (batches are short; this is rare).
+            while id(dep) not in members and not dep.finished:
+                time.sleep(0.001)
+            if dep.error is not None:
+                job.error = dep.error
         for fd, w in job.writes:
-            if err is not None:
+            if job.error is not None:
                 os.close(fd)  # an earlier file of this job failed: the job fails whole
-                _unlink_quietly(w.path)
                 continue
             try:
                 _sync_one(fd, w)
-                dirs.setdefault((w.rename_to or w.path).parent, []).append(i)
+                dirs.setdefault((w.rename_to or w.path).parent, []).append(job)
             except OSError as e:
-                err = e
-        if err is not None:  # all or nothing per job: the caller retries the whole job
+                job.error = e
+        if job.error is not None:  # the caller retries the whole job
             for _fd, w in job.writes:
                 _unlink_quietly(w.path)
                 if w.rename_to is not None:
                     _unlink_quietly(w.rename_to)
-        results.append(err)
     for d, owners in dirs.items():
         try:
             fsync_dir(d)
         except OSError as e:
-            for i in owners:
-                results[i] = results[i] or e
-    for i, job in enumerate(batch):
-        if results[i] is None:
+            for job in owners:
+                job.error = job.error or e
+    for job in batch:
+        if job.error is None:
             for p in job.unlinks:
                 _unlink_quietly(p)
-    return results
+        job.finished = True

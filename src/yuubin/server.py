@@ -161,7 +161,7 @@ class Server:
         await self.delivery.drain(timeout=self.config.limits.shutdown_grace)
         self.committer.shutdown()
         self.store.close()
-        log.info("event=stopped")
+        log.info("event=stopped commit_batches=%d commit_jobs=%d", self.committer.batches, self.committer.jobs)
         self._stopped.set()
 
     async def serve_forever(self) -> None:

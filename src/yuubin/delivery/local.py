@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 
 from yuubin.delivery.maildir import Maildirs
-from yuubin.durable import GroupCommitter
+from yuubin.durable import Commit, FileWrite, GroupCommitter
 from yuubin.queue.spool import Envelope, Spool, SpoolCorrupt
 
 log = logging.getLogger("yuubin.delivery")
@@ -33,21 +33,46 @@ class LocalDelivery:
         self.hold_check: Callable[[Envelope], bool] | None = None  # set by the server (containment)
         self.outbound = None  # the OutboundScheduler: told when an entry has only remote recipients left
 
-    def submit(self, env: Envelope, data: bytes) -> None:
-        """Deliver in the background; the message is already durable in the spool."""
+    def submit(self, env: Envelope, data: bytes, stored: Commit | None = None) -> None:
+        """Deliver in the background.
+
+        With `stored` (the spool write still on its way to disk), the Maildir copies of a
+        local-only message are queued right now behind it, so both usually share one group
+        commit: the copies become durable only if the spool entry did, and the entry goes
+        once they are. Otherwise the message is already durable in the spool.
+        """
         if not env.local:
             if self.outbound is not None:
                 self.outbound.wake(env.id)  # only remote recipients: outbound delivery takes it from the spool
             return
-        task = asyncio.get_running_loop().create_task(self._deliver_with_retry(env, data))
+        first: Commit | None = None
+        if stored is not None and not env.remote:
+            try:
+                first = self._enqueue_local_only(env, data, after=stored)
+            except OSError:
+                first = None  # could not even create the files: the retry loop takes over
+        task = asyncio.get_running_loop().create_task(self._deliver_with_retry(env, data, first, stored))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver_with_retry(self, env: Envelope, data: bytes) -> None:
+    async def _deliver_with_retry(self, env: Envelope, data: bytes, first: Commit | None = None,
+                                  stored: Commit | None = None) -> None:
+        if stored is not None:
+            try:
+                await stored
+            except OSError:
+                if first is not None:  # failed with the spool write; retrieve its error quietly
+                    first.future.add_done_callback(lambda f: f.exception())
+                return  # never acknowledged (452/451 sent): nothing to deliver
         delay = self.retry_first
         while True:
             try:
-                await self.deliver(env, data)
+                if first is not None:
+                    attempt, first = first, None
+                    await attempt
+                    self._delivered(env, list(env.local))
+                else:
+                    await self.deliver(env, data)
                 return
             except OSError as e:
                 log.warning("event=delivery_deferred id=%s error=%r retry_in=%.0fs", env.id,
@@ -55,26 +80,37 @@ class LocalDelivery:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
 
-    async def deliver(self, env: Envelope, data: bytes) -> None:
+    def _copies(self, env: Envelope, data: bytes) -> list[FileWrite]:
         return_path = f"Return-Path: <{env.sender}>\r\n".encode()
         writes = []
-        targets = list(env.local)
-        for mailbox, _rcpt in targets:
+        for mailbox, _rcpt in env.local:
             self.maildirs.ensure(mailbox)
             writes.append(self.maildirs.write(mailbox, [return_path, f"Delivered-To: {mailbox}\r\n".encode(), data]))
-        if env.remote:
-            await self.committer.commit(writes)
-            env.local = []
-            if self.hold_check is not None and self.hold_check(env):
-                env.held = True  # the account was suspended meanwhile: never undo its hold
-            await self.spool.rewrite(env, data)
-            if self.outbound is not None:
-                self.outbound.wake(env.id)
-        else:
-            await self.committer.commit(writes, unlinks=[self.spool.path(env.id)])
-        self.delivered += len(writes)
+        return writes
+
+    def _enqueue_local_only(self, env: Envelope, data: bytes, after: Commit | None) -> Commit:
+        return self.committer.enqueue(self._copies(env, data), unlinks=[self.spool.path(env.id)], after=after)
+
+    def _delivered(self, env: Envelope, targets: list[tuple[str, str]]) -> None:
+        self.delivered += len(targets)
         for mailbox, rcpt in targets:
             log.info("event=delivered id=%s to=%s rcpt=%s", env.id, mailbox, rcpt)
+
+    async def deliver(self, env: Envelope, data: bytes) -> None:
+        targets = list(env.local)
+        if not env.remote:
+            await self._enqueue_local_only(env, data, after=None)
+            self._delivered(env, targets)
+            return
+        writes = self._copies(env, data)
+        await self.committer.commit(writes)
+        env.local = []
+        if self.hold_check is not None and self.hold_check(env):
+            env.held = True  # the account was suspended meanwhile: never undo its hold
+        await self.spool.rewrite(env, data)
+        if self.outbound is not None:
+            self.outbound.wake(env.id)
+        self._delivered(env, targets)
 
     async def recover(self) -> int:
         """Redeliver what a previous run left in the spool; returns how many entries."""

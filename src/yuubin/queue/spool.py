@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from yuubin.durable import FileWrite, GroupCommitter, fsync_dir
+from yuubin.durable import Commit, FileWrite, GroupCommitter, fsync_dir
 
 MAGIC = b"YUUBIN-SPOOL-1 "
 _counter = itertools.count()
@@ -80,8 +80,12 @@ class Spool:
 
     async def store(self, env: Envelope, data: bytes) -> None:
         """Durable on return: file and directory fsynced (group-committed)."""
+        await self.enqueue_store(env, data)
+
+    def enqueue_store(self, env: Envelope, data: bytes) -> Commit:
+        """Queue the entry's durable write now; await the result before saying 250."""
         env.size = len(data)
-        await self.committer.commit([FileWrite(self.path(env.id), [env.encode(), data])])
+        return self.committer.enqueue([FileWrite(self.path(env.id), [env.encode(), data])])
 
     async def rewrite(self, env: Envelope, data: bytes) -> None:
         """Replace an entry's envelope atomically (write aside, fsync, rename over)."""

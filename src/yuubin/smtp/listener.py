@@ -390,10 +390,11 @@ class SMTPSession(asyncio.Protocol):
             res: Resolution = r.context or Resolution()
             local.extend((mb, r.address.text) for mb in res.mailboxes)
             remote.extend({"to": fw, "params": r.params, "rcpt": r.address.text} for fw in res.forwards)
-        data = self._received_header(ev, qid) + ev.data
         if facts.auth_user:
             data = self._received_header(ev, qid) + missing_headers(ev.data, qid, self.server.config.hostname) \
                 + ev.data
+        else:
+            data = self._received_header(ev, qid) + ev.data
         env = Envelope(
             id=qid, sender=ev.sender.text if ev.sender else "", mail_params=ev.mail_params,
             local=local, remote=remote, received=time.time(), client=str(facts.client),
@@ -401,8 +402,13 @@ class SMTPSession(asyncio.Protocol):
         )
         if facts.auth_user and self.server.containment.is_held(env):
             env.held = True  # suspended while this message was in DATA
+        delivery = self.server.delivery
         try:
-            await self.server.spool.store(env, data)
+            stored = self.server.spool.enqueue_store(env, data)
+            if not env.remote:
+                # Local-only: the Maildir copies ride the same group commit as the spool entry.
+                delivery.submit(env, data, stored=stored)
+            await stored
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 reply = Reply(452, "4.3.1", "insufficient system storage; try again later")
@@ -421,4 +427,5 @@ class SMTPSession(asyncio.Protocol):
             stored(facts, [r.address.key for r in ev.recipients])
         log.info("event=accepted session=%s id=%s from=<%s> rcpts=%d size=%d", facts.session, qid,
                  env.sender, len(ev.recipients), len(data))
-        self.server.delivery.submit(env, data)
+        if env.remote:
+            delivery.submit(env, data)
