@@ -20,9 +20,9 @@ from pathlib import Path
 
 @dataclass(slots=True)
 class FileWrite:
-    path: Path  # written with O_EXCL and fsynced
+    path: str | Path  # written with O_EXCL and fsynced
     data: bytes | list[bytes]
-    rename_to: Path | None = None  # then renamed here (Maildir tmp/ → new/, spool rewrite)
+    rename_to: str | Path | None = None  # then renamed here (Maildir tmp/ → new/, spool rewrite)
 
 
 @dataclass(slots=True, eq=False)
@@ -30,7 +30,7 @@ class Commit:
     """One queued job; await it (or its `future`) for durability."""
 
     writes: list[tuple[int, FileWrite]]  # open descriptors, data already written
-    unlinks: list[Path]
+    unlinks: list[str | Path]
     future: asyncio.Future
     after: Commit | None = None  # fails without touching the disk further if this one failed
     error: BaseException | None = field(default=None)
@@ -135,7 +135,7 @@ def _sync_one(fd: int, w: FileWrite) -> None:
         os.rename(w.path, w.rename_to)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -143,14 +143,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: str | Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
 
 
 def _flush(batch: list[Commit]) -> None:
     """Worker thread: make each job durable, all or nothing per job; errors go on the job."""
-    dirs: dict[Path, list[Commit]] = {}
+    dirs: dict[str, list[Commit]] = {}
     members = set(map(id, batch))
     for job in batch:
         dep = job.after
@@ -167,7 +167,7 @@ def _flush(batch: list[Commit]) -> None:
                 continue
             try:
                 _sync_one(fd, w)
-                dirs.setdefault((w.rename_to or w.path).parent, []).append(job)
+                dirs.setdefault(os.path.dirname(w.rename_to or w.path), []).append(job)
             except OSError as e:
                 job.error = e
         if job.error is not None:  # the caller retries the whole job

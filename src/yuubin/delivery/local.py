@@ -89,7 +89,7 @@ class LocalDelivery:
         return writes
 
     def _enqueue_local_only(self, env: Envelope, data: bytes, after: Commit | None) -> Commit:
-        return self.committer.enqueue(self._copies(env, data), unlinks=[self.spool.path(env.id)], after=after)
+        return self.committer.enqueue(self._copies(env, data), unlinks=[self.spool.file(env.id)], after=after)
 
     def _delivered(self, env: Envelope, targets: list[tuple[str, str]]) -> None:
         self.delivered += len(targets)

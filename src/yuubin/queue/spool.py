@@ -68,6 +68,7 @@ class Spool:
     def __init__(self, root: Path, committer: GroupCommitter):
         self.root = root
         self.queue_dir = root / "queue"
+        self._queue_prefix = str(self.queue_dir) + os.sep
         self.tmp_dir = root / "tmp"
         self.corrupt_dir = root / "corrupt"
         for d in (self.queue_dir, self.tmp_dir, self.corrupt_dir):
@@ -78,6 +79,10 @@ class Spool:
     def path(self, qid: str) -> Path:
         return self.queue_dir / qid
 
+    def file(self, qid: str) -> str:
+        """`path()` as a plain string: pathlib costs tens of microseconds per message."""
+        return self._queue_prefix + qid
+
     async def store(self, env: Envelope, data: bytes) -> None:
         """Durable on return: file and directory fsynced (group-committed)."""
         await self.enqueue_store(env, data)
@@ -85,7 +90,7 @@ class Spool:
     def enqueue_store(self, env: Envelope, data: bytes) -> Commit:
         """Queue the entry's durable write now; await the result before saying 250."""
         env.size = len(data)
-        return self.committer.enqueue([FileWrite(self.path(env.id), [env.encode(), data])])
+        return self.committer.enqueue([FileWrite(self.file(env.id), [env.encode(), data])])
 
     async def rewrite(self, env: Envelope, data: bytes) -> None:
         """Replace an entry's envelope atomically (write aside, fsync, rename over)."""
