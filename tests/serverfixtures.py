@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import ssl
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,12 +20,13 @@ from typing import Any
 import pytest
 import trustme
 
+from yuubin.auth import passwords
 from yuubin.auth.passwords import hash_password
 from yuubin.config import Config, from_dict
 from yuubin.server import Server
 from yuubin.store import Store
 
-__all__ = ["ca", "client_tls", "make_server", "tls_files"]
+__all__ = ["ca", "cached_hashes", "client_tls", "make_server", "tls_files"]
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +122,17 @@ class RunningServer:
                 return msgs
             time.sleep(0.02)
         raise AssertionError(f"{mailbox}: {len(self.delivered(mailbox))} messages, expected {count}")
+
+
+@functools.cache
+def _hash_once(password: str) -> str:
+    return passwords.hash_password(password)
+
+
+@pytest.fixture
+def cached_hashes(monkeypatch) -> None:
+    """Argon2id costs ~0.15 s per hash; tests that never check a password reuse the hashes."""
+    monkeypatch.setattr(sys.modules[__name__], "hash_password", _hash_once)
 
 
 BASE_CONFIG: dict[str, Any] = {

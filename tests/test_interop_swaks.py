@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import email
 import email.policy
-import functools
 import shutil
 import subprocess
 
 import pytest
 import trustme
-
-from tests import serverfixtures
-from yuubin.auth.passwords import hash_password
 
 SWAKS = shutil.which("swaks")
 pytestmark = pytest.mark.skipif(SWAKS is None, reason="swaks is not installed (Debian package 'swaks'; CI installs it)")
@@ -24,13 +20,8 @@ ACCOUNTS = {"alice@example.test": "correct horse battery staple"}
 
 
 @pytest.fixture(autouse=True)
-def _hash_each_password_once(monkeypatch):
-    monkeypatch.setattr(serverfixtures, "hash_password", _cached_hash)
-
-
-@functools.cache
-def _cached_hash(password: str) -> str:
-    return hash_password(password)
+def _hash_each_password_once(cached_hashes):
+    """Port 25 never checks passwords: reuse the accounts' Argon2id hashes."""
 
 
 def swaks(srv, *args: str, source: str = "127.0.0.1") -> subprocess.CompletedProcess:

@@ -7,30 +7,21 @@ gets checked; 127.0.x.y is in network.trusted and must never be looked up.
 
 from __future__ import annotations
 
-import functools
 import logging
 import smtplib
 import time
 
 import pytest
 
-from tests import serverfixtures
 from tests.smtpclient import RawSMTP
-from yuubin.auth.passwords import hash_password
 
 ZONES = ("zen.dnsbl.test", "bl.dnsbl.test")
 ACCOUNTS = {"alice@example.test": "correct horse battery staple"}
 
 
 @pytest.fixture(autouse=True)
-def _hash_each_password_once(monkeypatch):
-    """Argon2id costs ~0.15 s per hash; port 25 never checks passwords, so reuse the hashes."""
-    monkeypatch.setattr(serverfixtures, "hash_password", _cached_hash)
-
-
-@functools.cache
-def _cached_hash(password: str) -> str:
-    return hash_password(password)
+def _hash_each_password_once(cached_hashes):
+    """Port 25 never checks passwords: reuse the accounts' Argon2id hashes."""
 
 
 def rev(ip: str, zone: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import functools
 import json
 import logging
 import os
@@ -23,9 +22,7 @@ import time
 import aiosmtplib
 import pytest
 
-from tests import serverfixtures
 from tests.smtpclient import RawSMTP
-from yuubin.auth.passwords import hash_password
 
 TRUSTED = "127.0.3.1"  # inside 127.0.0.0/16
 UNTRUSTED = "127.1.0.1"
@@ -42,14 +39,8 @@ ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3} ")
 
 
 @pytest.fixture(autouse=True)
-def _hash_each_password_once(monkeypatch):
-    """Argon2id costs ~0.15 s per hash; port 25 never checks passwords, so reuse the hashes."""
-    monkeypatch.setattr(serverfixtures, "hash_password", _cached_hash)
-
-
-@functools.cache
-def _cached_hash(password: str) -> str:
-    return hash_password(password)
+def _hash_each_password_once(cached_hashes):
+    """Port 25 never checks passwords: reuse the accounts' Argon2id hashes."""
 
 
 def connect(srv, source: str = UNTRUSTED, host: str = "127.0.0.1") -> smtplib.SMTP:

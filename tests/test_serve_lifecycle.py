@@ -467,16 +467,6 @@ def small_fs(tmp_path) -> Iterator:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=30)
 
 
-@pytest.fixture
-def cached_hashes(monkeypatch):
-    import functools
-
-    from tests import serverfixtures
-    from yuubin.auth.passwords import hash_password
-
-    monkeypatch.setattr(serverfixtures, "hash_password", functools.cache(hash_password))
-
-
 def _send_big(srv, lines: int, subject: str) -> tuple[int, bytes]:
     body = f"Subject: {subject}\r\nMessage-ID: <{subject}@test>\r\n\r\n".encode() + MESSAGE_LINE * lines
     with smtplib.SMTP("127.0.0.1", srv.port("mx"), local_hostname="lan.example", timeout=30) as s:

@@ -22,6 +22,20 @@ class RecipientRoute:
     resolution: Resolution | None = None  # local targets; None with a remote recipient
 
 
+def routing_trick(rcpt: Address) -> RecipientRoute:
+    return RecipientRoute(reject("relay", f"routing syntax in {rcpt.text!r}", 554, "5.7.1",
+                                 "relay access denied: address routes through another host"))
+
+
+def local_route(directory: Directory, rcpt: Address) -> RecipientRoute:
+    """Accept a local recipient that exists (with where it goes), else 550 at RCPT time."""
+    res = directory.resolve(rcpt)
+    if res is None:
+        return RecipientRoute(reject("recipient", f"unknown local recipient {rcpt.text}", 550, "5.1.1",
+                                     f"no such user here: {rcpt.text}"))
+    return RecipientRoute(accept("recipient", "local"), res)
+
+
 class MxPolicy:
     def __init__(self, directory: Directory, dnsbl: DnsblChecker | None):
         self.directory = directory
@@ -48,14 +62,9 @@ class MxPolicy:
 
     def rcpt(self, facts: SessionFacts, rcpt: Address) -> RecipientRoute:
         if rcpt.routing_trick and (not facts.trusted or self.directory.is_local(rcpt.domain)):
-            return RecipientRoute(reject("relay", f"routing syntax in {rcpt.text!r}", 554, "5.7.1",
-                                         "relay access denied: address routes through another host"))
+            return routing_trick(rcpt)
         if not rcpt.domain or self.directory.is_local(rcpt.domain):
-            res = self.directory.resolve(rcpt)
-            if res is None:
-                return RecipientRoute(reject("recipient", f"unknown local recipient {rcpt.text}", 550, "5.1.1",
-                                             f"no such user here: {rcpt.text}"))
-            return RecipientRoute(accept("recipient", "local"), res)
+            return local_route(self.directory, rcpt)
         if facts.trusted:
             return RecipientRoute(accept("relay", "trusted network"), Resolution(forwards=[rcpt.text]))
         return RecipientRoute(reject("relay", f"untrusted client, remote domain {rcpt.domain}", 554, "5.7.1",

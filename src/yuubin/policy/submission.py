@@ -19,7 +19,7 @@ from yuubin.auth.accounts import Directory, Resolution
 from yuubin.config import OutboundConfig
 from yuubin.geo import AccessList
 from yuubin.policy.decision import Decision, SessionFacts, accept, reject
-from yuubin.policy.mx import RecipientRoute
+from yuubin.policy.mx import RecipientRoute, local_route, routing_trick
 from yuubin.smtp.address import Address, AddressError, parse_path
 from yuubin.smtp.replies import Reply
 from yuubin.store import Store
@@ -74,14 +74,11 @@ class SubmissionPolicy:
 
     def rcpt(self, facts: SessionFacts, rcpt: Address) -> RecipientRoute:
         if rcpt.routing_trick:
-            return RecipientRoute(reject("relay", f"routing syntax in {rcpt.text!r}", 554, "5.7.1",
-                                         "relay access denied: address routes through another host"))
+            return routing_trick(rcpt)
         if not rcpt.domain or self.directory.is_local(rcpt.domain):
-            res = self.directory.resolve(rcpt)
-            if res is None:
-                return RecipientRoute(reject("recipient", f"unknown local recipient {rcpt.text}", 550, "5.1.1",
-                                             f"no such user here: {rcpt.text}"))
-            route = RecipientRoute(accept("recipient", "local"), res)
+            route = local_route(self.directory, rcpt)
+            if not route.decision.accepted:
+                return route
         else:
             route = RecipientRoute(accept("relay", f"authenticated as {facts.auth_user}"),
                                    Resolution(forwards=[rcpt.text]))
