@@ -69,8 +69,8 @@ class Server:
         self.outbound = build_scheduler(self)  # remote delivery, retries, DSNs (queue/scheduler.py)
         self.delivery.outbound = self.outbound
         # A hold must not race the scheduler recording a delivery result: share its entry locks.
-        self.containment.locks = getattr(self.outbound, "locks", None)
-        self.containment.entry_locks = getattr(self.outbound, "_entry_locks", None)
+        self.containment.locks = self.outbound.locks
+        self.containment.entry_locks = self.outbound.entry_locks
         self.geo: GeoDatabase | None = None
         if any(lc.allow_countries for lc in config.listeners if lc.kind in SUBMISSION_KINDS):
             try:  # a country in `allow` without its data would be an open door: refuse to start

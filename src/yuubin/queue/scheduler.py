@@ -96,7 +96,7 @@ class OutboundScheduler:
         self._flush_all = False
         self._busy: set[tuple[str, str]] = set()
         self._per_domain: Counter[str] = Counter()
-        self._entry_locks: dict[str, asyncio.Lock] = {}
+        self.entry_locks: dict[str, asyncio.Lock] = {}
         self._jobs: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._rescan = True
@@ -290,7 +290,7 @@ class OutboundScheduler:
     # ---- recording the result ----
 
     async def _record(self, qid: str, outcomes: dict[int, Outcome]) -> None:
-        lock = self._entry_locks.setdefault(qid, asyncio.Lock())
+        lock = self.entry_locks.setdefault(qid, asyncio.Lock())
         async with lock:
             await asyncio.to_thread(self.locks.acquire, qid)
             try:
@@ -300,7 +300,7 @@ class OutboundScheduler:
         # The lock object stays while the entry exists: dropping it while another editor waits on it
         # would let a third one create a fresh lock and edit concurrently.
         if not self.spool.path(qid).exists():
-            self._entry_locks.pop(qid, None)
+            self.entry_locks.pop(qid, None)
 
     async def _apply(self, qid: str, outcomes: dict[int, Outcome]) -> None:
         try:
