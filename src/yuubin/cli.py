@@ -95,8 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_tls_files(cfg)
     _setup_logging(cfg.log_level)
     from yuubin.server import run
-    run(cfg)
-    return 0
+    return run(cfg)
 
 
 def cmd_localserve(args: argparse.Namespace) -> int:

@@ -117,6 +117,7 @@ class Config:
     outbound: OutboundConfig
     submission: SubmissionConfig = SubmissionConfig()
     log_level: str = "info"
+    workers: int = 1
     source: str = "<memory>"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -427,6 +428,12 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     )
     ob.finish()
 
+    srv = top.table("server")
+    workers = srv.positive_int("workers", 1)
+    if workers > 64:
+        raise ConfigError(f"server.workers: at most 64, got {workers}")
+    srv.finish()
+
     log = top.table("log")
     log_level = log.get("level", "info", str).lower()
     if log_level not in ("debug", "info", "warning", "error"):
@@ -456,6 +463,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         outbound=outbound,
         submission=submission,
         log_level=log_level,
+        workers=workers,
         source=source,
     )
 
@@ -567,6 +575,9 @@ def describe(cfg: Config) -> str:
         f"connect_timeout = {q(f'{cfg.outbound.connect_timeout:g}s')}",
         f"command_timeout = {q(f'{cfg.outbound.command_timeout:g}s')}",
         f"queue_scan = {q(f'{cfg.outbound.queue_scan:g}s')}",
+        "",
+        "[server]",
+        f"workers = {cfg.workers}",
         "",
         "[log]",
         f"level = {q(cfg.log_level)}",

@@ -59,6 +59,8 @@ class BatchedLineHandler(logging.Handler):
     def close(self) -> None:
         self._closed = True
         self._wake.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
         self.flush()
         super().close()
 
@@ -94,3 +96,12 @@ def setup(level: str = "info", stream: TextIO | None = None) -> None:
     handler.setFormatter(KeyValueFormatter())
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
+
+
+def shutdown() -> None:
+    """Write what is pending and stop the writer thread (before fork, and on exit)."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, BatchedLineHandler):
+            root.removeHandler(h)
+            h.close()

@@ -8,9 +8,12 @@ for the group commit. Local deliveries not finished stay in the spool for the ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import os
 import signal
+import socket
 from collections import Counter
 from dataclasses import dataclass
 
@@ -27,8 +30,9 @@ from yuubin.policy.containment import AccountContainment
 from yuubin.policy.dnsbl import DnsblChecker
 from yuubin.policy.mx import MxPolicy
 from yuubin.policy.submission import SubmissionPolicy
-from yuubin.queue.scheduler import build_scheduler
+from yuubin.queue.scheduler import RemoteWake, build_scheduler
 from yuubin.queue.spool import Spool
+from yuubin.smtp import listener as listener_module
 from yuubin.smtp.listener import ListenerContext, SMTPSession
 from yuubin.smtp.protocol import Limits
 from yuubin.store import Store
@@ -51,8 +55,11 @@ class BoundListener:
 
 
 class Server:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, worker: int = 0):
         self.config = config
+        # Worker 0 is the primary: it alone recovers the spool and runs the outbound queue.
+        self.worker = worker
+        self.primary = worker == 0
         self.store = Store(config.state_db)
         self.directory = Directory(self.store, config.local_domains, config.postmaster)
         self.committer = GroupCommitter()
@@ -67,7 +74,7 @@ class Server:
                                               config.hostname)
         self.delivery.hold_check = self.containment.is_held
         self.outbound = build_scheduler(self)  # remote delivery, retries, DSNs (queue/scheduler.py)
-        self.delivery.outbound = self.outbound
+        self.delivery.outbound = self.outbound if self.primary else RemoteWake(self.spool.root)
         # A hold must not race the scheduler recording a delivery result: share its entry locks.
         self.containment.locks = self.outbound.locks
         self.containment.entry_locks = self.outbound.entry_locks
@@ -93,7 +100,9 @@ class Server:
     def admit(self, ip) -> bool:
         """Count a new connection; False when its address or the server is at the limit."""
         lim = self.config.limits
-        if self._per_ip[ip] >= lim.connections_per_ip or self._total >= lim.max_connections or self.stopping:
+        n = self.config.workers  # each worker process counts its own share of the limits
+        if (self._per_ip[ip] >= -(-lim.connections_per_ip // n) or self._total >= -(-lim.max_connections // n)
+                or self.stopping):
             return False
         self._per_ip[ip] += 1
         self._total += 1
@@ -110,13 +119,15 @@ class Server:
 
     # ---- life cycle ----
 
-    async def start(self) -> None:
-        recovered = await self.delivery.recover()
-        if recovered:
-            log.info("event=spool_recovered entries=%d", recovered)
+    async def start(self, sockets: dict[int, socket.socket] | None = None) -> None:
+        """Listen (on `sockets`, by listener index, when a parent process bound them) and serve."""
+        if self.primary:
+            recovered = await self.delivery.recover()
+            if recovered:
+                log.info("event=spool_recovered entries=%d", recovered)
         loop = asyncio.get_running_loop()
         lim = self.config.limits
-        for lc in self.config.listeners:
+        for index, lc in enumerate(self.config.listeners):
             if lc.kind not in SMTP_KINDS:
                 log.warning("event=listener_skipped kind=%s address=%s reason=\"not implemented yet\"",
                             lc.kind, lc.address)
@@ -131,13 +142,20 @@ class Server:
                 ) if submission else None,
                 auth_mechanisms=MECHANISMS if submission else (),
             )
-            srv = await loop.create_server(lambda ctx=ctx: SMTPSession(ctx), lc.host, lc.port,
-                                           reuse_address=True, backlog=1024,
-                                           ssl=self.tls_context if ctx.implicit_tls else None,
-                                           ssl_handshake_timeout=30.0 if ctx.implicit_tls else None)
-            self.listeners.append(BoundListener(lc, srv))
-            log.info("event=listening kind=%s address=%s", lc.kind, lc.address)
-        self.outbound.start()
+            tls = {"ssl": self.tls_context, "ssl_handshake_timeout": 30.0} if ctx.implicit_tls else {}
+            if sockets is not None:
+                srv = await loop.create_server(lambda ctx=ctx: SMTPSession(ctx), sock=sockets[index],
+                                               backlog=1024, **tls)
+            else:
+                srv = await loop.create_server(lambda ctx=ctx: SMTPSession(ctx), lc.host, lc.port,
+                                               reuse_address=True, backlog=1024, **tls)
+            bl = BoundListener(lc, srv)
+            self.listeners.append(bl)
+            host, port = bl.sockname[:2]
+            log.info("event=listening kind=%s address=%s worker=%d", lc.kind,
+                     f"[{host}]:{port}" if ":" in host else f"{host}:{port}", self.worker)
+        if self.primary:
+            self.outbound.start()
 
     async def stop(self) -> None:
         if self.stopping:
@@ -164,22 +182,16 @@ class Server:
         log.info("event=stopped commit_batches=%d commit_jobs=%d", self.committer.batches, self.committer.jobs)
         self._stopped.set()
 
-    async def serve_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
-        await self.start()
-        await self._stopped.wait()
 
-
-def run(config: Config, on_ready=None) -> None:
-    """Run until SIGTERM/SIGINT; uvloop when available (measurably faster for many sessions)."""
+def _serve(config: Config, on_ready=None, worker: int = 0,
+           sockets: dict[int, socket.socket] | None = None) -> None:
+    """One event loop serving until SIGTERM/SIGINT; uvloop when available (measurably faster)."""
     async def main() -> None:
-        server = Server(config)
+        server = Server(config, worker)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
-        await server.start()
+        await server.start(sockets)
         if on_ready:
             on_ready(server)
         await server._stopped.wait()
@@ -190,3 +202,79 @@ def run(config: Config, on_ready=None) -> None:
         asyncio.run(main())
     else:
         uvloop.run(main())
+
+
+def run(config: Config, on_ready=None) -> int:
+    """Run the server; with `[server] workers` > 1, as that many processes sharing the listeners."""
+    if config.workers <= 1:
+        _serve(config, on_ready)
+        return 0
+    return _run_workers(config)
+
+
+def _listening_socket(lc: ListenerConfig) -> socket.socket:
+    family = socket.AF_INET6 if ":" in lc.host else socket.AF_INET
+    sock = socket.create_server((lc.host, lc.port), family=family, backlog=1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _run_workers(config: Config) -> int:
+    """Bind the listeners once, fork the workers, pass signals on, and stop all if one dies.
+
+    Every worker accepts from the same sockets (the kernel hands each connection to one), so
+    parsing and policy use every core; the spool, Maildirs and state.db are shared on disk.
+    """
+    from yuubin import logs
+
+    sockets = {i: _listening_socket(lc) for i, lc in enumerate(config.listeners) if lc.kind in SMTP_KINDS}
+    logs.shutdown()  # the writer thread does not survive fork: no thread may hold a lock then
+    children: dict[int, int] = {}
+    stopping = False
+
+    def stop_all(signum: int = signal.SIGTERM, _frame=None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    for worker in range(config.workers):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                logs.setup(config.log_level)
+                listener_module.SESSION_PREFIX = f"{worker}-"
+                _serve(config, worker=worker, sockets=sockets)
+                code = 0
+            except BaseException:
+                log.exception("event=worker_failed worker=%d", worker)
+            finally:
+                logs.shutdown()
+                os._exit(code)
+        children[pid] = worker
+    for sock in sockets.values():
+        sock.close()
+    logs.setup(config.log_level)
+    log.info("event=workers_started workers=%d pids=%s", config.workers, ",".join(map(str, children)))
+    status = 0
+    while children:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        worker = children.pop(pid)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if code != 0:
+            status = 1
+        if not stopping:  # a worker died on its own: the service manager restarts the whole
+            log.error("event=worker_exited worker=%d code=%d action=stopping_all", worker, code)
+            status = 1
+            stop_all()
+    log.info("event=workers_stopped status=%d", status)
+    return status

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from yuubin.durable import GroupCommitter, fsync_dir
 from yuubin.queue.entrylock import EntryLocks
-from yuubin.queue.scheduler import QUEUED, next_due, requests_dir
+from yuubin.queue.scheduler import QUEUED, next_due, request_flush
 from yuubin.queue.spool import Envelope, Spool, SpoolCorrupt
 
 log = logging.getLogger("yuubin.queue")
@@ -190,11 +190,7 @@ class QueueControl:
         return deleted
 
     def request_flush(self, qid: str | None = None) -> None:
-        d = requests_dir(self.spool.root)
-        d.mkdir(exist_ok=True)
-        name = f"flush-{qid or 'all'}.{time.time_ns()}"
-        fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        os.close(fd)
+        request_flush(self.spool.root, qid)
 
 
 def run_command(args, spool_root: Path) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -53,6 +54,25 @@ REQUESTS_DIR = "requests"
 
 def requests_dir(spool_root: Path) -> Path:
     return spool_root / REQUESTS_DIR
+
+
+def request_flush(spool_root: Path, qid: str | None = None) -> None:
+    """Ask the running scheduler (maybe in another process) to look at `qid`, or at everything."""
+    d = requests_dir(spool_root)
+    d.mkdir(exist_ok=True)
+    name = f"flush-{qid or 'all'}.{time.time_ns()}"
+    os.close(os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+
+class RemoteWake:
+    """Stands in for the scheduler in a worker process that does not run it: a new entry with
+    remote recipients becomes a flush request the primary worker reads within a second."""
+
+    def __init__(self, spool_root: Path):
+        self.spool_root = spool_root
+
+    def wake(self, qid: str | None = None) -> None:
+        request_flush(self.spool_root, qid)
 
 
 def rcpt_domain(rcpt: dict[str, object]) -> str:

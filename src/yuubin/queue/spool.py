@@ -61,7 +61,8 @@ _FIELDS = tuple(f.name for f in fields(Envelope))
 
 
 def new_id() -> str:
-    return f"{time.time_ns():016x}{next(_counter) & 0xFFFF:04x}"
+    """Unique across the worker processes too: time, process id, counter."""
+    return f"{time.time_ns():016x}{os.getpid() & 0xFFFF:04x}{next(_counter) & 0xFFF:03x}"
 
 
 class Spool:

@@ -49,6 +49,7 @@ log = logging.getLogger("yuubin.smtp")
 READ_PAUSE_BYTES = 1 << 20
 WRITE_HIGH_BYTES = 1 << 20
 _session_ids = itertools.count(1)
+SESSION_PREFIX = ""  # "N-" in worker process N when there are several, so ids stay unique
 AUTH_FAILED = Reply(535, "5.7.8", "authentication credentials invalid")
 # The same for every account, existing or not: a lockout must not reveal who exists.
 AUTH_LOCKED = Reply(454, "4.7.0", "too many failed logins from your address; try again later")
@@ -99,7 +100,7 @@ class SMTPSession(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self._ip = client_address(peer)
-        sid = f"{next(_session_ids):x}"
+        sid = f"{SESSION_PREFIX}{next(_session_ids):x}"
         if not self.server.admit(self._ip):
             log.info("event=refused session=%s client=%s reason=%s", sid, self._ip, "too many connections")
             transport.write(Reply(421, "4.7.0", "too many connections from your address; try later").encode())
