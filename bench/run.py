@@ -282,6 +282,7 @@ def render(data: dict) -> str:
         f"* connection reuse (`smtp-source -d`): {'yes' if cfg.get('reuse') else 'no (one connection per message)'}",
         f"* servers: {', '.join(cfg['servers'])}",
         f"* quick mode: {'yes (smoke run, not a benchmark)' if cfg.get('quick') else 'no'}",
+        f"* yuubin `[server] workers`: {cfg.get('workers', 1)}",
         "",
     ]
     idle = data.get("idle")
@@ -440,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-connections", type=int, default=1000)
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 run, 200/50 messages, 2 s settle")
     ap.add_argument("--python", help="interpreter with yuubin installed (default: repo .venv)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="yuubin's [server] workers (processes sharing the listener; default 1)")
     ap.add_argument("--json", help="results JSON path (default bench/results.json; --quick: results-quick.json)")
     ap.add_argument("--md", help="rendered Markdown path (default bench/RESULTS.md; --quick: RESULTS-quick.md)")
     ap.add_argument("--render", action="store_true", help="only re-render --md from --json")
@@ -485,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
             "reuse": args.reuse,
             "quick": args.quick,
             "servers": servers_wanted,
+            "workers": args.workers,
         },
         "runs": [],
     }
@@ -496,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     servers = []
     try:
         if "yuubin" in servers_wanted:
-            y = YuubinInstance(python=python)
+            y = YuubinInstance(python=python, workers=args.workers)
             servers.append(y)
             print(f"starting yuubin on {y.address} ...", flush=True)
             y.start()

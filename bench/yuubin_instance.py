@@ -57,6 +57,8 @@ address = "{host}:{port}"
 [limits]
 connections_per_ip = 2000
 max_connections = 5000
+[server]
+workers = {workers}
 """
 
 
@@ -80,12 +82,14 @@ class YuubinInstance:
         python: str | None = None,
         keep: bool = False,
         start_timeout: float = 60.0,
+        workers: int = 1,
     ):
         self.host = host
         self.port = port
         self.python = python_exe(python)
         self.keep = keep
         self.start_timeout = start_timeout
+        self.workers = workers
         self.dir: Path | None = None
         self.proc: subprocess.Popen | None = None
         self._log = None
@@ -141,7 +145,8 @@ class YuubinInstance:
 
     def _setup(self) -> None:
         self.data_dir.mkdir()
-        self.config_path.write_text(CONFIG.format(data_dir=self.data_dir, host=self.host, port=self.port))
+        self.config_path.write_text(
+            CONFIG.format(data_dir=self.data_dir, host=self.host, port=self.port, workers=self.workers))
         r = subprocess.run(
             self.cmd("account", "add", self.recipient, "--allow-weak"),
             input=PASSWORD + "\n",
