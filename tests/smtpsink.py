@@ -47,6 +47,9 @@ class SmtpSink:
     size_limit: int = 10_000_000  # advertised with SIZE
     smtputf8: bool = True  # advertise SMTPUTF8
     data_delay: float = 0.0  # seconds to sit on the end of DATA (to observe concurrency)
+    pipelining: bool = False  # advertise PIPELINING (RFC 2920)
+    hold_mail_reply: bool = False  # wait 0.5 s before answering MAIL, to see if RCPT comes anyway
+    pipelined: list[bool] = field(default_factory=list)  # per held MAIL: did RCPT come before our reply?
     active: int = 0  # sessions open now
     max_active: int = 0  # most sessions ever open at once
 
@@ -113,7 +116,11 @@ class SmtpSink:
             writer.write(line.encode() + b"\r\n")
             await writer.drain()
 
+        early: list[bytes] = []  # a line read ahead while holding back the MAIL reply
+
         async def readline() -> bytes:
+            if early:
+                return early.pop()
             line = await reader.readuntil(b"\n")
             body = line[:-2] if line.endswith(b"\r\n") else line[:-1]
             if not line.endswith(b"\r\n") or b"\r" in body:
@@ -133,6 +140,8 @@ class SmtpSink:
                     ext = ["250-sink.test", f"250-SIZE {self.size_limit}", "250-8BITMIME", "250-DSN"]
                     if self.smtputf8:
                         ext.append("250-SMTPUTF8")
+                    if self.pipelining:
+                        ext.append("250-PIPELINING")
                     if self.tls_context is not None and tls is None:
                         ext.append("250-STARTTLS")
                     if self.auth and tls:
@@ -163,6 +172,13 @@ class SmtpSink:
                     mail_line = line
                     sender = line[line.index("<") + 1: line.index(">")]
                     rcpts, rcpt_lines = [], []
+                    if self.hold_mail_reply:
+                        # Hold the reply back a moment: a pipelining client has already sent RCPT.
+                        try:
+                            early.append(await asyncio.wait_for(readline(), 0.5))
+                            self.pipelined.append(True)
+                        except TimeoutError:
+                            self.pipelined.append(False)
                     await send("250 2.1.0 OK")
                 elif verb == "RCPT":
                     rcpt = line[line.index("<") + 1: line.index(">")]

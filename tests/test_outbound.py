@@ -206,6 +206,27 @@ def test_permanent_failure_sends_a_dsn_to_the_local_sender(make_server, dns_serv
     wait_until(lambda: not spool_ids(srv), what="the spool to empty")
 
 
+@pytest.mark.parametrize("offered", [True, False])
+def test_pipelining_when_offered_with_per_recipient_results(make_server, dns_server, mx_port, sinks, offered):
+    dns_server.add("remote.test", "MX", "10 mx.remote.test.")
+    dns_server.add("mx.remote.test", "A", "127.1.0.1")
+    answers = {"carol": "250 2.1.5 OK", "later": "450 4.2.0 mailbox busy", "nobody": "550 5.1.1 no such user"}
+    remote = sink("127.1.0.1", mx_port, pipelining=offered, hold_mail_reply=True,
+                  rcpt_reply=lambda rcpt, n: answers[rcpt.split("@")[0]] if n == 1 else "250 2.1.5 OK")
+    sinks.append(remote)
+    srv = server(make_server, mx_port)
+    send(srv, ["carol@remote.test", "later@remote.test", "nobody@remote.test"], message("pipelined"))
+    first = remote.wait_messages(1)[0]
+    assert first.recipients == ["carol@remote.test"]
+    # MAIL and the RCPTs went out in one write only when the peer offered PIPELINING.
+    assert remote.pipelined[:1] == ([True] if offered else [False])
+    [raw] = srv.wait_delivered(SENDER, 1)  # nobody@ failed for good: one DSN
+    assert b"Final-Recipient: rfc822; nobody@remote.test" in raw and b"later@remote.test" not in raw
+    msgs = remote.wait_messages(2)  # later@ was deferred, then delivered on retry
+    assert msgs[1].recipients == ["later@remote.test"]
+    wait_until(lambda: not spool_ids(srv), what="the spool to empty")
+
+
 def test_no_dsn_for_mail_that_came_from_outside(make_server, dns_server, mx_port, sinks, caplog):
     dns_server.add("remote.test", "MX", "10 mx.remote.test.")
     dns_server.add("mx.remote.test", "A", "127.1.0.1")

@@ -9,6 +9,7 @@ verified TLS channel with AUTH, instead of MX lookup and opportunistic STARTTLS.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
@@ -364,17 +365,29 @@ class SmtpClient:
         encoding = "utf-8" if utf8 else "ascii"
         results: list[Outcome | None] = [None] * n
         try:
-            try:
-                await smtp.mail(sender, options=options, encoding=encoding)
-            except aiosmtplib.SMTPResponseException as e:
-                return [_outcome(e.code, e.message, where)] * n
             accepted: list[int] = []
-            for i, (rcpt, params) in enumerate(safe_rcpts):
+            if smtp.supports_extension("pipelining"):
+                commands = [_command("MAIL FROM", sender, options)] + [
+                    _command("RCPT TO", rcpt, params if dsn else []) for rcpt, params in safe_rcpts]
+                replies = await pipelined(smtp, commands, encoding, self.command_timeout)
+                if replies[0][0] >= 400:
+                    return [_outcome(*replies[0], where)] * n
+                for i, (code, text) in enumerate(replies[1:]):
+                    if code < 400:
+                        accepted.append(i)
+                    else:
+                        results[i] = _outcome(code, text, where)
+            else:
                 try:
-                    await smtp.rcpt(rcpt, options=params if dsn else [], encoding=encoding)
-                    accepted.append(i)
+                    await smtp.mail(sender, options=options, encoding=encoding)
                 except aiosmtplib.SMTPResponseException as e:
-                    results[i] = _outcome(e.code, e.message, where)
+                    return [_outcome(e.code, e.message, where)] * n
+                for i, (rcpt, params) in enumerate(safe_rcpts):
+                    try:
+                        await smtp.rcpt(rcpt, options=params if dsn else [], encoding=encoding)
+                        accepted.append(i)
+                    except aiosmtplib.SMTPResponseException as e:
+                        results[i] = _outcome(e.code, e.message, where)
             if not accepted:
                 with contextlib.suppress(aiosmtplib.SMTPResponseException):
                     await smtp.rset()  # a refused RSET changes nothing: the results stand, QUIT follows
@@ -394,6 +407,84 @@ class SmtpClient:
 
 class _TlsBroken(Exception):
     pass
+
+
+def _command(verb: str, address: str, params: list[str]) -> str:
+    """`MAIL FROM:<a> P=V...` from parts already checked by check_address/check_param."""
+    return f"{verb}:<{address}>" + "".join(f" {p}" for p in params) + "\r\n"
+
+
+class _Replies(asyncio.Protocol):
+    """Collects the replies to commands written at once (RFC 2920 PIPELINING).
+
+    Hand-written because aiosmtplib 5.1 reads one reply per arrival of data and loses replies
+    that arrive together, which a pipelining peer does by design. The connection is lent to this
+    reader for the MAIL/RCPT batch only and handed back to aiosmtplib before DATA.
+    """
+
+    def __init__(self, count: int, owner: asyncio.BaseProtocol):
+        self.count = count
+        self.owner = owner
+        self.buffer = bytearray()
+        self.replies: list[tuple[int, str]] = []
+        self.done: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > 1 << 20:
+            self._fail(aiosmtplib.SMTPResponseException(-1, "reply too long"))
+            return
+        while len(self.replies) < self.count and (reply := self._next_reply()) is not None:
+            self.replies.append(reply)
+        if len(self.replies) >= self.count and not self.done.done():
+            self.done.set_result(self.replies)
+
+    def _next_reply(self) -> tuple[int, str] | None:
+        lines: list[bytes] = []
+        pos = 0
+        while True:
+            nl = self.buffer.find(b"\n", pos)
+            if nl < 0:
+                return None
+            line = bytes(self.buffer[pos:nl]).rstrip(b"\r")
+            pos = nl + 1
+            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+                self._fail(aiosmtplib.SMTPResponseException(-1, f"malformed reply {line[:80]!r}"))
+                return None
+            lines.append(line)
+            if line[3:4] != b"-":
+                break
+        del self.buffer[:pos]
+        return int(lines[0][:3]), "\n".join(ln[4:].decode("utf-8", "replace") for ln in lines)
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc)
+
+    def eof_received(self) -> bool | None:
+        self._fail(aiosmtplib.SMTPServerDisconnected("connection closed during pipelined commands"))
+        return self.owner.eof_received() if hasattr(self.owner, "eof_received") else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(aiosmtplib.SMTPServerDisconnected("connection lost during pipelined commands"))
+        self.owner.connection_lost(exc)
+
+
+async def pipelined(smtp: aiosmtplib.SMTP, commands: list[str], encoding: str,
+                    timeout: float) -> list[tuple[int, str]]:
+    """Write `commands` in one go and return their (code, text) replies in order."""
+    transport = smtp.transport
+    if transport is None or transport.is_closing():
+        raise aiosmtplib.SMTPServerDisconnected("not connected")
+    owner = transport.get_protocol()
+    reader = _Replies(len(commands), owner)
+    transport.set_protocol(reader)
+    try:
+        transport.write("".join(commands).encode(encoding))
+        return await asyncio.wait_for(reader.done, timeout)
+    finally:
+        if not transport.is_closing():
+            transport.set_protocol(owner)
 
 
 def _as_host_error(code: int, message: str, where: str) -> Outcome:
