@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import copy
 import functools
+import socket
 import ssl
 import sys
 import threading
@@ -122,6 +123,13 @@ class RunningServer:
                 return msgs
             time.sleep(0.02)
         raise AssertionError(f"{mailbox}: {len(self.delivered(mailbox))} messages, expected {count}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now, for servers that must be told their port up front."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 @functools.cache

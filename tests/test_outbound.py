@@ -10,12 +10,12 @@ import email.policy
 import json
 import logging
 import smtplib
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.serverfixtures import free_port
 from tests.smtpsink import SmtpSink
 from yuubin import cli
 from yuubin.delivery.remote import UnsafeInput, check_address, check_param, wire_message
@@ -27,16 +27,10 @@ FAST = {"retry_first": "0.3s", "retry_max": "1s", "queue_scan": "0.5s", "connect
         "command_timeout": "5s"}
 
 
-def free_port(host: str = "127.1.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def mx_port() -> int:
     """One port for every fake MX host (outbound.port), each on its own 127.1.0.x address."""
-    return free_port()
+    return free_port("127.1.0.1")
 
 
 def sink(host: str, port: int, **kw) -> SmtpSink:

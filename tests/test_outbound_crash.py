@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.serverfixtures import free_port
 from tests.smtpsink import SmtpSink
 from yuubin.auth.passwords import hash_password
 from yuubin.store import Store
@@ -26,12 +27,6 @@ from yuubin.store import Store
 KILLS = 5
 ALICE = "alice@example.test"
 REMOTE = "carol@remote.test"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.serverfixtures import free_port
+
 POSTFIX = shutil.which("postfix") or ("/usr/sbin/postfix" if os.path.exists("/usr/sbin/postfix") else None)
 pytestmark = [
     pytest.mark.slow,
@@ -84,12 +86,6 @@ maillog_file_prefixes = {base}
 maillog_file = {base}/maillog
 smtputf8_enable = no
 """
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

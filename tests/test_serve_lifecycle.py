@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.serverfixtures import free_port
 from tests.smtpclient import RawSMTP
 from yuubin.auth.passwords import hash_password
 from yuubin.config import load
@@ -38,12 +39,6 @@ ALICE_PASSWORD = "Tangerine-orbit-71-quasar"
 @functools.cache
 def _alice_hash() -> str:
     return hash_password(ALICE_PASSWORD)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(base: Path, port: int) -> Path:

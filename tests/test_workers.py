@@ -20,17 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.serverfixtures import free_port
 from tests.smtpsink import SmtpSink
 
 pytestmark = pytest.mark.slow
 
 SINK_HOST = "127.1.7.1"
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _config(tmp_path: Path, dns_port: int, sink_port: int) -> Path:
@@ -94,7 +89,7 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path, dns_server):
-    sink = SmtpSink(host=SINK_HOST, port=_free_port(SINK_HOST)).start()
+    sink = SmtpSink(host=SINK_HOST, port=free_port(SINK_HOST)).start()
     dns_server.add("remote.test", "MX", "10 mx.remote.test.")
     dns_server.add("mx.remote.test", "A", SINK_HOST)
     cfg = _config(tmp_path, dns_server.port, sink.port)
