@@ -167,9 +167,7 @@ def cmd_account_remove(args: argparse.Namespace) -> int:
 
 def cmd_alias_add(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    alias = _address_arg(args.alias, "ALIAS")
-    if alias.rpartition("@")[2] not in cfg.local_domains:
-        raise CliError(f"ALIAS: {alias}: domain is not in domains.local {list(cfg.local_domains)}")
+    alias = _local_address_arg(cfg, args.alias, "ALIAS")
     targets = [_address_arg(t, "TARGET") for t in args.targets]
     if alias in targets:
         raise CliError(f"TARGET: {alias} cannot point to itself")
@@ -203,6 +201,14 @@ def _address_arg(text: str, name: str) -> str:
         return normalize_address(text)
     except AddressInputError as e:
         raise CliError(f"{name}: {e}") from None
+
+
+def _local_address_arg(cfg: Config, text: str, name: str) -> str:
+    """An address argument that must be in one of our domains (accounts, aliases)."""
+    address = _address_arg(text, name)
+    if address.rpartition("@")[2] not in cfg.local_domains:
+        raise CliError(f"{name}: {address}: domain is not in domains.local {list(cfg.local_domains)}")
+    return address
 
 
 class _Parser(argparse.ArgumentParser):

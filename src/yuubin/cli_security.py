@@ -21,7 +21,9 @@ from yuubin import cli
 log = logging.getLogger("yuubin.cli")
 
 
-def _checked_password(address: str, allow_weak: bool) -> str:
+def _new_password_hash(address: str, allow_weak: bool) -> str:
+    """Read the new password, refuse it when weak (unless --allow-weak, logged), hash it."""
+    from yuubin.auth.passwords import hash_password
     from yuubin.auth.strength import weakness
     pw = cli._read_password()
     why = weakness(pw, address)
@@ -30,32 +32,26 @@ def _checked_password(address: str, allow_weak: bool) -> str:
     if why:
         cli._setup_logging()
         log.warning('event=weak_password_allowed account=%s reason="%s" flag=--allow-weak', address, why)
-    return pw
+    return hash_password(pw)
 
 
 def cmd_account_add(args: argparse.Namespace) -> int:
-    from yuubin.auth.passwords import hash_password
     cfg = cli._load(args)
-    address = cli._address_arg(args.address, "ADDRESS")
-    if address.rpartition("@")[2] not in cfg.local_domains:
-        raise cli.CliError(f"ADDRESS: {address}: domain is not in domains.local {list(cfg.local_domains)}")
+    address = cli._local_address_arg(cfg, args.address, "ADDRESS")
     store = cli._store(cfg)
     if store.account_exists(address):
         raise cli.CliError(f"ADDRESS: {address} already exists")
-    pw = _checked_password(address, args.allow_weak)
-    store.add_account(address, hash_password(pw))
+    store.add_account(address, _new_password_hash(address, args.allow_weak))
     print(f"added {address}")
     return 0
 
 
 def cmd_account_passwd(args: argparse.Namespace) -> int:
-    from yuubin.auth.passwords import hash_password
     store = cli._store(cli._load(args))
     address = cli._address_arg(args.address, "ADDRESS")
     if not store.account_exists(address):
         raise cli.CliError(f"ADDRESS: no account {address}")
-    pw = _checked_password(address, args.allow_weak)
-    store.set_password(address, hash_password(pw))
+    store.set_password(address, _new_password_hash(address, args.allow_weak))
     print(f"password changed for {address}")
     return 0
 
