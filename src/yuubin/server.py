@@ -114,9 +114,6 @@ class Server:
             del self._per_ip[ip]
         self._total -= 1
 
-    def policy_for(self, kind: str) -> MxPolicy:
-        return self.mx_policy
-
     # ---- life cycle ----
 
     async def start(self, sockets: dict[int, socket.socket] | None = None) -> None:
@@ -139,7 +136,7 @@ class Server:
                 policy=SubmissionPolicy(
                     self.directory, self.store, self.config.outbound,
                     AccessList(lc.allow_networks, lc.allow_countries, self.geo), self.containment.limit_broken,
-                ) if submission else None,
+                ) if submission else self.mx_policy,
                 auth_mechanisms=MECHANISMS if submission else (),
             )
             tls = {"ssl": self.tls_context, "ssl_handshake_timeout": 30.0} if ctx.implicit_tls else {}

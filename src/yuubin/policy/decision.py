@@ -9,6 +9,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from yuubin.auth.accounts import Resolution
+from yuubin.smtp.address import Address
 from yuubin.smtp.replies import Reply
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -44,3 +46,30 @@ class SessionFacts:
     helo: str | None = None
     auth_user: str | None = None
     notes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RecipientRoute:
+    decision: Decision
+    resolution: Resolution | None = None  # where an accepted recipient goes (local and/or forwards)
+
+
+class ListenerPolicy:
+    """The stages a listener's policy answers, in session order; the defaults accept."""
+
+    async def connect(self, facts: SessionFacts) -> Decision:
+        return accept("connect")
+
+    def mail(self, facts: SessionFacts, sender: Address | None) -> Decision:
+        return accept("sender")
+
+    def rcpt(self, facts: SessionFacts, rcpt: Address) -> RecipientRoute:
+        raise NotImplementedError
+
+    def message(self, facts: SessionFacts, data: bytes) -> Decision:
+        """End of DATA, before the message is stored."""
+        return accept("message")
+
+    def stored(self, facts: SessionFacts, recipients: list[str]) -> None:
+        """After the 250: bookkeeping such as rate counters."""
+

@@ -8,18 +8,10 @@ that could route elsewhere.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from yuubin.auth.accounts import Directory, Resolution
-from yuubin.policy.decision import Decision, SessionFacts, accept, reject
+from yuubin.policy.decision import Decision, ListenerPolicy, RecipientRoute, SessionFacts, accept, reject
 from yuubin.policy.dnsbl import DnsblChecker
 from yuubin.smtp.address import Address
-
-
-@dataclass(slots=True)
-class RecipientRoute:
-    decision: Decision
-    resolution: Resolution | None = None  # local targets; None with a remote recipient
 
 
 def routing_trick(rcpt: Address) -> RecipientRoute:
@@ -36,7 +28,7 @@ def local_route(directory: Directory, rcpt: Address) -> RecipientRoute:
     return RecipientRoute(accept("recipient", "local"), res)
 
 
-class MxPolicy:
+class MxPolicy(ListenerPolicy):
     def __init__(self, directory: Directory, dnsbl: DnsblChecker | None):
         self.directory = directory
         self.dnsbl = dnsbl

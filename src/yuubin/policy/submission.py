@@ -18,8 +18,8 @@ from email.policy import compat32
 from yuubin.auth.accounts import Directory, Resolution
 from yuubin.config import OutboundConfig
 from yuubin.geo import AccessList
-from yuubin.policy.decision import Decision, SessionFacts, accept, reject
-from yuubin.policy.mx import RecipientRoute, local_route, routing_trick
+from yuubin.policy.decision import Decision, ListenerPolicy, RecipientRoute, SessionFacts, accept, reject
+from yuubin.policy.mx import local_route, routing_trick
 from yuubin.smtp.address import Address, AddressError, parse_path
 from yuubin.smtp.replies import Reply
 from yuubin.store import Store
@@ -31,7 +31,7 @@ PRUNE_EVERY = 1000  # submissions between deletions of counter rows older than a
 SUSPENDED_TEXT = "account suspended after unusual sending; contact the postmaster"
 
 
-class SubmissionPolicy:
+class SubmissionPolicy(ListenerPolicy):
     def __init__(self, directory: Directory, store: Store, outbound: OutboundConfig, access: AccessList,
                  on_limit: Callable[[str, str, SessionFacts], None], clock: Callable[[], float] = time.time):
         self.directory = directory

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from yuubin import tls as tlsmod
 from yuubin.auth import sasl
 from yuubin.auth.accounts import Resolution
-from yuubin.policy.decision import Decision, SessionFacts
+from yuubin.policy.decision import Decision, ListenerPolicy, SessionFacts
 from yuubin.policy.submission import missing_headers
 from yuubin.queue.spool import Envelope, new_id
 from yuubin.smtp import replies as R
@@ -69,7 +69,7 @@ class ListenerContext:
     tls_context: ssl.SSLContext | None
     implicit_tls: bool
     limits: Limits
-    policy: object = None  # per-listener policy (submission: its allow list); None: server.policy_for(kind)
+    policy: ListenerPolicy  # port 25's, or a submission listener's own (with its allow list)
     auth_mechanisms: tuple[str, ...] = ()  # non-empty: AUTH is offered (after TLS) and required before MAIL
 
 
@@ -220,7 +220,7 @@ class SMTPSession(asyncio.Protocol):
         log.info("event=connect session=%s listener=%s client=%s trusted=%s tls=%s", facts.session,
                  self.ctx.kind, facts.client, facts.trusted, facts.tls is not None)
         try:
-            decision = await self._policy().connect(facts)
+            decision = await self.ctx.policy.connect(facts)
             if not decision.accepted:
                 self._log_reject("connect", decision)
             if not decision.accepted and decision.close:
@@ -263,12 +263,9 @@ class SMTPSession(asyncio.Protocol):
         log.info('event=reject session=%s client=%s stage=%s check=%s reason="%s" reply="%s"',
                  self.facts.session, self.facts.client, stage, d.check, d.reason, d.reply)
 
-    def _policy(self):
-        return self.ctx.policy or self.server.policy_for(self.ctx.kind)
-
     async def _handle(self, ev) -> None:
         conn, facts = self.conn, self.facts
-        policy = self._policy()
+        policy = self.ctx.policy
         if isinstance(ev, Hello):
             facts.helo = ev.name
             conn.accept()
@@ -287,9 +284,8 @@ class SMTPSession(asyncio.Protocol):
                 self._log_reject("rcpt", route.decision)
                 conn.reject(route.decision.reply)
         elif isinstance(ev, MessageReceived):
-            check = getattr(policy, "message", None)
-            d = check(facts, ev.data) if check is not None else None
-            if d is not None and not d.accepted:
+            d = policy.message(facts, ev.data)
+            if not d.accepted:
                 self._log_reject("data", d)
                 conn.reject(d.reply)
             else:
@@ -423,9 +419,7 @@ class SMTPSession(asyncio.Protocol):
             await self.server.containment.hold(facts.auth_user)  # suspended while it was being written
             env.held = True
         conn.accept(Reply(250, "2.0.0", f"OK queued as {qid}"))
-        stored = getattr(self._policy(), "stored", None)
-        if stored is not None:
-            stored(facts, [r.address.key for r in ev.recipients])
+        self.ctx.policy.stored(facts, [r.address.key for r in ev.recipients])
         log.info("event=accepted session=%s id=%s from=<%s> rcpts=%d size=%d", facts.session, qid,
                  env.sender, len(ev.recipients), len(data))
         if env.remote:
