@@ -85,7 +85,7 @@ class OutboundConfig:
     relayhost_password_file: str = ""
     max_per_hour: int = 100
     max_recipients_per_day: int = 500
-    # Outbound delivery and the queue (issue 4): every limit of the scheduler and the client.
+    # Outbound delivery and the queue: every limit of the scheduler and the client.
     relayhost_ca_file: str = ""  # extra CA bundle to verify the relayhost with (private CA)
     relayhost_tls: str = ""  # "starttls" or "implicit"; "" = implicit on port 465, else starttls
     port: int = 25  # the port of remote MX hosts (tests point it at an unprivileged port)
@@ -239,7 +239,7 @@ def _domain(value: str, key: str) -> str:
 
 
 def _outbound_delivery(ob: _Table) -> dict[str, Any]:
-    """The [outbound] keys of the delivery scheduler and SMTP client (issue 4)."""
+    """The [outbound] keys of the delivery scheduler and SMTP client."""
     def dur(k: str, default: str) -> float:
         return parse_duration(ob.get(k, default, (int, float, str)), ob.key(k))
 

@@ -1,7 +1,7 @@
 """The one DNS resolver of the server.
 
-Every component (DNSBL now; SPF, DKIM and MX later) resolves through one ``Resolver`` so that
-they share one TTL cache, one set of nameservers and one timeout policy. Lookups return a
+Every component (DNSBL, outbound MX routing; SPF and DKIM later) resolves through one
+``Resolver`` so that they share one TTL cache, one set of nameservers and one timeout policy. Lookups return a
 ``LookupResult`` instead of raising, because for a mail server a DNS failure is an outcome to
 decide on (defer, skip a check), not a crash.
 """
@@ -47,7 +47,7 @@ class LookupResult:
 
 
 class Resolver:
-    """Async DNS for everything in yuubin (DNSBL now; SPF/DKIM/MX later)."""
+    """Async DNS for everything in yuubin (DNSBL, MX routing; SPF/DKIM later)."""
 
     def __init__(self, nameservers: Sequence[str], port: int = 53, timeout: float = 5.0):
         """Use ``nameservers`` on ``port``; none given means the system's /etc/resolv.conf.

@@ -106,7 +106,7 @@ class OutboundScheduler:
         self.relay = relay
         self.route_bounce = route_bounce
         self.submit_local = submit_local
-        self.hold_check: Callable[[Envelope], bool] | None = None  # e.g. a suspended account (issue 3)
+        self.hold_check: Callable[[Envelope], bool] | None = None  # e.g. a suspended account
         self._new: set[str] = set()
         self.locks = EntryLocks(spool.root)
         self.requests = requests_dir(spool.root)
