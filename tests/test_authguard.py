@@ -9,7 +9,7 @@ import pytest
 
 from yuubin.auth.passwords import hash_password
 from yuubin.config import AuthGuardConfig
-from yuubin.policy.authguard import AuthGuard, source_key
+from yuubin.auth.guard import AuthGuard, source_key
 from yuubin.store import Store
 
 ip = ipaddress.ip_address
@@ -178,7 +178,7 @@ def test_unknown_accounts_cost_a_full_hash():
 async def test_password_checks_run_a_bounded_number_at_once(tmp_path, alice_hash, monkeypatch):
     import asyncio
 
-    from yuubin.policy import authguard
+    from yuubin.auth import guard as authguard
     store = Store(tmp_path / "state.db")
     store.add_account("alice@example.test", alice_hash)
     g = AuthGuard(store, AuthGuardConfig(max_failures=100, concurrent_checks=2), lambda a: False)

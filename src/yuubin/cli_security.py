@@ -135,7 +135,7 @@ def cmd_account_enable(args: argparse.Namespace) -> int:
 
 
 def _guard(args: argparse.Namespace):
-    from yuubin.policy.authguard import AuthGuard
+    from yuubin.auth.guard import AuthGuard
     cfg = cli._load(args)
     return AuthGuard(cli._store(cfg), cfg.auth_guard, lambda ip: any(ip in n for n in cfg.trusted))
 

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 import dns.asyncresolver
 import dns.exception
@@ -23,7 +23,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
-__all__ = ["LookupResult", "Resolver", "Status"]
+__all__ = ["DnsLookup", "LookupResult", "Resolver", "Status"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,13 @@ class LookupResult:
     status: Status
     records: tuple[str, ...] = ()
     ttl: int = 0
+
+
+class DnsLookup(Protocol):
+    """What everything that asks DNS depends on: the real Resolver, or a test resolver with
+    fixed answers for unit tests (end-to-end tests use the Resolver against a real DNS server)."""
+
+    async def lookup(self, name: str, rdtype: str) -> LookupResult: ...
 
 
 class Resolver:

@@ -15,9 +15,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from yuubin.dns import Resolver
+from yuubin.dns import DnsLookup
+from yuubin.policy.pipeline import Decision, SessionFacts, accept, reject
 
-__all__ = ["DnsblChecker", "Listing", "reverse_name"]
+__all__ = ["DnsblCheck", "DnsblChecker", "Listing", "reverse_name"]
 
 _LISTING_RANGE = ipaddress.IPv4Network("127.0.0.0/8")
 _ERROR_RANGE = ipaddress.IPv4Network("127.255.255.0/24")
@@ -65,7 +66,7 @@ class DnsblChecker:
 
     def __init__(
         self,
-        resolver: Resolver,
+        resolver: DnsLookup,
         zones: Sequence[str],
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -142,3 +143,24 @@ class DnsblChecker:
         else:
             cause = _OUTSIDE_CAUSE
         self._log.warning('event=dnsbl_error zone=%s code=%s cause="%s"', zone, code, cause)
+
+
+class DnsblCheck:
+    """The connect stage on port 25: a listed client gets 554 as its greeting (only QUIT works).
+
+    Trusted networks are never looked up; a lookup that fails never rejects.
+    """
+
+    def __init__(self, checker: DnsblChecker | None):
+        self.checker = checker
+
+    async def connect(self, session: SessionFacts) -> Decision:
+        if session.trusted:
+            return accept("dnsbl", "trusted network: not checked")
+        if self.checker is None or not self.checker.zones:
+            return accept("dnsbl", "no zones configured")
+        listing = await self.checker.check(session.client, session.session)
+        if listing is None:
+            return accept("dnsbl", "not listed")
+        return reject("dnsbl", f"listed on {listing.zone} ({','.join(listing.answers)})", 554, "5.7.1",
+                      f"service refused: client [{session.client}] is listed on {listing.zone}")

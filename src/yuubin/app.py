@@ -1,0 +1,284 @@
+"""The composition root: builds every part from the config, starts the listeners, stops cleanly.
+
+Nothing else constructs parts or wires them together; each part gets what it needs through its
+constructor, so the module graph stays a DAG and a test can build any part alone.
+
+Shutdown order matters for "nothing accepted is ever lost": stop accepting, close idle
+sessions with 421, let transactions in flight finish within `limits.shutdown_grace`, then wait
+for the outbound queue, background deliveries and the group commit. Local deliveries not
+finished stay in the spool for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from yuubin.auth.accounts import Directory
+from yuubin.auth.guard import AuthGuard
+from yuubin.auth.login import LoginExchange
+from yuubin.auth.sasl import MECHANISMS
+from yuubin.config import Config, ConfigError, ListenerConfig
+from yuubin.delivery.local import LocalDelivery
+from yuubin.delivery.maildir import Maildirs
+from yuubin.dns import Resolver
+from yuubin.durable import GroupCommitter
+from yuubin.geo import AccessList, GeoDatabase, GeoError
+from yuubin.intake import Intake
+from yuubin.net.connections import Connections
+from yuubin.net.shell import IPAddress, ShellSettings
+from yuubin.policy.containment import AccountContainment
+from yuubin.policy.dnsbl import DnsblChecker
+from yuubin.policy.holds import AccountHolds
+from yuubin.policy.listeners import mx_pipeline, submission_pipeline
+from yuubin.queue.edit import SpoolEditor
+from yuubin.queue.entrylock import EntryLocks
+from yuubin.queue.scheduler import OutboundScheduler, build_outbound
+from yuubin.queue.signal import QueueSignal, RemoteWake, Waker
+from yuubin.queue.spool import Spool
+from yuubin.smtp.listener import SmtpListener, SMTPSession
+from yuubin.smtp.protocol import Limits
+from yuubin.store import Store
+from yuubin.tls import server_context
+
+log = logging.getLogger("yuubin.server")
+
+SMTP_KINDS = ("mx", "submission", "submissions")
+SUBMISSION_KINDS = ("submission", "submissions")  # AUTH mandatory; 465 is TLS from the first byte
+HANDSHAKE_TIMEOUT = 30.0
+BACKLOG = 1024
+
+
+@dataclass
+class BoundListener:
+    config: ListenerConfig
+    server: asyncio.base_events.Server
+
+    @property
+    def sockname(self) -> tuple:
+        return self.server.sockets[0].getsockname()
+
+
+class App:
+    """One event loop's worth of yuubin. Worker 0 (the primary) alone recovers the spool and runs
+    the outbound queue; other workers hand it their relayed mail by flush request."""
+
+    def __init__(self, config: Config, worker: int = 0):
+        self.config = config
+        self.worker = worker
+        self.primary = worker == 0
+        cfg = config
+        self.store = Store(cfg.state_db)
+        self.directory = Directory(self.store, cfg.local_domains, cfg.postmaster)
+        self.committer = GroupCommitter()
+        self.spool = Spool(cfg.spool_dir, self.committer)
+        self.editor = SpoolEditor(self.spool, EntryLocks(self.spool.root))
+        self.signal = QueueSignal()
+        waker: Waker = self.signal if self.primary else RemoteWake(self.spool.root)
+        self.holds = AccountHolds(self.store, self.editor)
+        self.delivery = LocalDelivery(self.spool, Maildirs(cfg.mail_dir, cfg.hostname), self.committer,
+                                      self.editor, self.holds.is_held, waker)
+        self.intake = Intake(cfg.hostname, self.spool, self.delivery, self.holds, self.directory, waker.wake,
+                             show_submitter=cfg.submission.received_client_ip)
+        self.containment = AccountContainment(self.store, self.holds, self.intake.inject, cfg.postmaster,
+                                              cfg.hostname)
+        self.resolver = Resolver(list(cfg.dns.nameservers), cfg.dns.port, cfg.dns.timeout)
+        self.outbound: OutboundScheduler | None = None
+        if self.primary:  # remote delivery, retries, DSNs
+            self.outbound = build_outbound(cfg, self.spool, self.editor, self.resolver, self.listening,
+                                           self.signal, self.intake.inject, self.holds.is_held)
+        self.guard = AuthGuard(self.store, cfg.auth_guard, self.is_trusted)
+        self.connections = Connections(cfg.limits.connections_per_ip, cfg.limits.max_connections,
+                                       workers=cfg.workers, id_prefix=f"{worker}-" if cfg.workers > 1 else "")
+        geo: GeoDatabase | None = None
+        if any(lc.allow_countries for lc in cfg.listeners if lc.kind in SUBMISSION_KINDS):
+            try:  # a country in `allow` without its data would be an open door: refuse to start
+                geo = GeoDatabase.load(cfg.geo_source)
+            except GeoError as e:
+                raise ConfigError(str(e)) from None
+        tls_context = server_context(cfg.tls.cert, cfg.tls.key) if cfg.tls.cert and cfg.tls.key else None
+        dnsbl = DnsblChecker(self.resolver, list(cfg.dnsbl_zones)) if cfg.dnsbl_zones else None
+        mx = mx_pipeline(self.directory, dnsbl)
+        limits = Limits.from_config(cfg.limits)
+        self.smtp_listeners: list[tuple[int, SmtpListener]] = []
+        for index, lc in enumerate(cfg.listeners):
+            if lc.kind not in SMTP_KINDS:
+                continue
+            submission = lc.kind in SUBMISSION_KINDS
+            pipeline = submission_pipeline(
+                lc.kind, self.directory, self.store, cfg.outbound, AccessList(lc.allow_networks, lc.allow_countries, geo),
+                self.containment.limit_broken) if submission else mx
+            shell = ShellSettings(lc.kind, tls_context, lc.kind == "submissions", self.is_trusted)
+            self.smtp_listeners.append((index, SmtpListener(
+                shell, cfg.hostname, limits, cfg.limits.idle_timeout, cfg.limits.data_timeout, pipeline, self.intake,
+                self.login if submission else None, MECHANISMS if submission else ())))
+        self.listeners: list[BoundListener] = []
+        self.stopping = False
+        self.stopped = asyncio.Event()
+
+    # ---- what the parts are given ----
+
+    def is_trusted(self, ip: IPAddress) -> bool:
+        return any(ip in net for net in self.config.trusted)
+
+    def login(self, client: IPAddress, session: str) -> LoginExchange:
+        return LoginExchange(self.guard, client, session)
+
+    def listening(self) -> list[tuple[str, int]]:
+        """Our own listening addresses: an MX host that is one of them is a mail loop."""
+        return [(bl.sockname[0], bl.sockname[1]) for bl in self.listeners]
+
+    # ---- life cycle ----
+
+    async def start(self, sockets: dict[int, socket.socket] | None = None) -> None:
+        """Listen (on `sockets`, by listener index, when a parent process bound them) and serve."""
+        if self.primary:
+            recovered = await self.delivery.recover()
+            if recovered:
+                log.info("event=spool_recovered entries=%d", recovered)
+        for lc in self.config.listeners:
+            if lc.kind not in SMTP_KINDS:
+                log.warning('event=listener_skipped kind=%s address=%s reason="not implemented yet"',
+                            lc.kind, lc.address)
+        loop = asyncio.get_running_loop()
+        for index, listener in self.smtp_listeners:
+            lc = self.config.listeners[index]
+            tls = {"ssl": listener.shell.tls_context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT} \
+                if listener.shell.implicit_tls else {}
+            factory = self._session_factory(listener)
+            if sockets is not None:
+                srv = await loop.create_server(factory, sock=sockets[index], backlog=BACKLOG, **tls)
+            else:
+                srv = await loop.create_server(factory, lc.host, lc.port, reuse_address=True, backlog=BACKLOG, **tls)
+            bl = BoundListener(lc, srv)
+            self.listeners.append(bl)
+            host, port = bl.sockname[:2]
+            log.info("event=listening kind=%s address=%s worker=%d", lc.kind,
+                     f"[{host}]:{port}" if ":" in host else f"{host}:{port}", self.worker)
+        if self.outbound is not None:
+            self.outbound.start()
+
+    def _session_factory(self, listener: SmtpListener) -> Callable[[], SMTPSession]:
+        connections = self.connections
+        return lambda: SMTPSession(listener, connections)
+
+    async def stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        grace = self.config.limits.shutdown_grace
+        log.info("event=stopping sessions=%d", len(self.connections.sessions))
+        for bl in self.listeners:
+            bl.server.close()
+        await self.connections.stop(grace)
+        if self.outbound is not None:
+            await self.outbound.stop(grace=grace)
+        await self.containment.drain(timeout=grace)
+        await self.delivery.drain(timeout=grace)
+        self.editor.close()
+        self.committer.shutdown()
+        self.store.close()
+        log.info("event=stopped commit_batches=%d commit_jobs=%d", self.committer.batches, self.committer.jobs)
+        self.stopped.set()
+
+
+def _serve(config: Config, on_ready: Callable[[App], None] | None = None, worker: int = 0,
+           sockets: dict[int, socket.socket] | None = None) -> None:
+    """One event loop serving until SIGTERM/SIGINT; uvloop when available (measurably faster)."""
+    async def main() -> None:
+        app = App(config, worker)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(app.stop()))
+        await app.start(sockets)
+        if on_ready:
+            on_ready(app)
+        await app.stopped.wait()
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+
+
+def run(config: Config, on_ready: Callable[[App], None] | None = None) -> int:
+    """Run the server; with `[server] workers` > 1, as that many processes sharing the listeners."""
+    if config.workers <= 1:
+        _serve(config, on_ready)
+        return 0
+    return _run_workers(config)
+
+
+def _listening_socket(lc: ListenerConfig) -> socket.socket:
+    family = socket.AF_INET6 if ":" in lc.host else socket.AF_INET
+    sock = socket.create_server((lc.host, lc.port), family=family, backlog=BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def _run_workers(config: Config) -> int:
+    """Bind the listeners once, fork the workers, pass signals on, and stop all if one dies.
+
+    Every worker accepts from the same sockets (the kernel hands each connection to one), so
+    parsing and policy use every core; the spool, Maildirs and state.db are shared on disk.
+    """
+    from yuubin import logs
+
+    sockets = {i: _listening_socket(lc) for i, lc in enumerate(config.listeners) if lc.kind in SMTP_KINDS}
+    logs.shutdown()  # the writer thread does not survive fork: no thread may hold a lock then
+    children: dict[int, int] = {}
+    stopping = False
+
+    def stop_all(signum: int = signal.SIGTERM, _frame: object = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    for worker in range(config.workers):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                logs.setup(config.log_level)
+                _serve(config, worker=worker, sockets=sockets)
+                code = 0
+            except BaseException:
+                log.exception("event=worker_failed worker=%d", worker)
+            finally:
+                logs.shutdown()
+                os._exit(code)
+        children[pid] = worker
+    for sock in sockets.values():
+        sock.close()
+    logs.setup(config.log_level)
+    log.info("event=workers_started workers=%d pids=%s", config.workers, ",".join(map(str, children)))
+    status = 0
+    while children:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        worker = children.pop(pid)
+        code = os.waitstatus_to_exitcode(wait_status)
+        if code != 0:
+            status = 1
+        if not stopping:  # a worker died on its own: the service manager restarts the whole
+            log.error("event=worker_exited worker=%d code=%d action=stopping_all", worker, code)
+            status = 1
+            stop_all()
+    log.info("event=workers_stopped status=%d", status)
+    return status

@@ -1,0 +1,76 @@
+"""An account's outbound limits on 587/465: the tripwire for a stolen password.
+
+MAIL: the account must be logged in, not suspended, and under `outbound.max_per_hour`
+messages; RCPT: under `outbound.max_recipients_per_day` distinct recipients. Breaking a limit
+suspends the account at once (its next MAIL gets 5.7.1) and hands it to containment, which holds
+its queued mail and tells postmaster. Every stored submission is counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from yuubin.config import OutboundConfig
+from yuubin.policy.pipeline import Decision, SessionFacts, Transaction, accept, reject
+from yuubin.smtp.address import Address
+from yuubin.store import Store
+
+HOUR = 3600.0
+DAY = 86400.0
+PRUNE_EVERY = 1000  # submissions between deletions of counter rows older than a day
+
+SUSPENDED_TEXT = "account suspended after unusual sending; contact the postmaster"
+
+
+class AccountLimits:
+    def __init__(self, store: Store, outbound: OutboundConfig,
+                 on_limit: Callable[[str, str, SessionFacts], None], clock: Callable[[], float] = time.time):
+        self.store = store
+        self.outbound = outbound
+        self.on_limit = on_limit  # holds the account's queue and tells postmaster (containment)
+        self.clock = clock
+        self._until_prune = PRUNE_EVERY
+
+    async def mail(self, txn: Transaction, sender: Address | None) -> Decision:
+        account = txn.session.auth_user
+        if account is None:  # the core refuses MAIL before AUTH; this is the second lock
+            return reject("auth", "not authenticated", 530, "5.7.0", "authentication required")
+        row = self.store.account(account)
+        if row is None or row.suspended:
+            return reject("suspended", f"account {account} is suspended", 550, "5.7.1", SUSPENDED_TEXT)
+        sent = self.store.submissions_since(account, self.clock() - HOUR)
+        if sent >= self.outbound.max_per_hour:
+            return self._limit_broken(txn.session, f"{sent} messages in the last hour "
+                                      f"(outbound.max_per_hour = {self.outbound.max_per_hour})")
+        return accept("limits", f"{sent} messages in the last hour")
+
+    async def rcpt(self, txn: Transaction, rcpt: Address) -> Decision:
+        account = txn.session.auth_user or ""
+        seen = self.store.submission_recipients_since(account, self.clock() - DAY)
+        limit = self.outbound.max_recipients_per_day
+        if rcpt.key not in seen and len(seen) >= limit:
+            return self._limit_broken(txn.session, f"{len(seen)} distinct recipients in the last day "
+                                      f"(outbound.max_recipients_per_day = {limit})")
+        return accept("limits", f"{len(seen)} distinct recipients in the last day")
+
+    def accepted(self, txn: Transaction) -> None:
+        """Count a stored submission towards the account's limits."""
+        account = txn.session.auth_user
+        if account:
+            now = self.clock()
+            self.store.record_submission(account, now, str(txn.session.client),
+                                         [r.address.key for r in txn.recipients])
+            self._until_prune -= 1
+            if self._until_prune <= 0:  # the counters only need the last day
+                self._until_prune = PRUNE_EVERY
+                self.store.prune_submissions(now - DAY)
+
+    def _limit_broken(self, session: SessionFacts, what: str) -> Decision:
+        account = session.auth_user or ""
+        # Suspend at once (the next MAIL gets 5.7.1); holding the queue and telling postmaster
+        # happen in the background.
+        self.store.set_suspended(account, True)
+        self.on_limit(account, what, session)
+        return reject("limit", f"{account}: {what}", 451, "4.7.1",
+                      "sending limit exceeded; the account is suspended pending review by the postmaster")
