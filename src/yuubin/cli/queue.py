@@ -1,15 +1,16 @@
-"""The `yuubin queue` subcommands (list, show, flush, hold, release, delete); the work is in queue/control.py."""
+"""`yuubin queue ...` (list, show, flush, hold, release, delete); the work is in queue/control.py."""
 
 from __future__ import annotations
 
 import argparse
 
+from yuubin.cli.common import CliError, SubParsers, add_group, load_config, setup_logging
+
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from yuubin.cli import CliError, _load, _setup_logging
     from yuubin.queue.control import QueueError, run_command
-    cfg = _load(args)
-    _setup_logging(cfg.log_level)  # hold, release and delete are logged like server events
+    cfg = load_config(args)
+    setup_logging(cfg.log_level)  # hold, release and delete are logged like server events
     if args.sub in ("hold", "release", "delete") and not (args.id or args.sender or getattr(args, "all_held", False)):
         raise CliError(f"queue {args.sub}: give an ID or --sender ADDR" +
                        (" or --all-held" if args.sub == "delete" else ""))
@@ -20,9 +21,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    q = sub.add_parser("queue", help="the outbound queue: list, show, flush, hold, release, delete")
-    qs = q.add_subparsers(dest="sub", required=True, parser_class=type(q))
+def register(sub: SubParsers) -> None:
+    """Add the queue group: list, show, flush, hold, release, delete."""
+    qs = add_group(sub, "queue", "the outbound queue: list, show, flush, hold, release, delete")
     x = qs.add_parser("list", help="id, age, state, next attempt, sender, recipients, last error")
     x.add_argument("--json", action="store_true", help="machine-readable output")
     x.set_defaults(func=cmd_queue)

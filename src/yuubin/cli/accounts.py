@@ -1,0 +1,170 @@
+"""`yuubin account ...`: adding and removing accounts, their passwords, the password audit and
+suspension (which also holds the account's queued mail)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from yuubin.cli.common import (
+    CliError,
+    SubParsers,
+    add_group,
+    address_arg,
+    load_config,
+    local_address_arg,
+    new_password_hash,
+    open_store,
+)
+from yuubin.config import Config
+
+
+def cmd_account_add(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    address = local_address_arg(cfg, args.address, "ADDRESS")
+    store = open_store(cfg)
+    if store.account_exists(address):
+        raise CliError(f"ADDRESS: {address} already exists")
+    store.add_account(address, new_password_hash(address, args.allow_weak))
+    print(f"added {address}")
+    return 0
+
+
+def cmd_account_list(args: argparse.Namespace) -> int:
+    store = open_store(load_config(args))
+    for a in store.accounts():
+        created = datetime.datetime.fromtimestamp(a.created).strftime("%Y-%m-%d %H:%M")
+        print(f"{a.address}\tcreated {created}" + ("\tsuspended" if a.suspended else ""))
+    return 0
+
+
+def cmd_account_remove(args: argparse.Namespace) -> int:
+    store = open_store(load_config(args))
+    address = address_arg(args.address, "ADDRESS")
+    if not store.remove_account(address):
+        raise CliError(f"ADDRESS: no account {address}")
+    print(f"removed {address} (its Maildir is kept)")
+    return 0
+
+
+def cmd_account_passwd(args: argparse.Namespace) -> int:
+    store = open_store(load_config(args))
+    address = address_arg(args.address, "ADDRESS")
+    if not store.account_exists(address):
+        raise CliError(f"ADDRESS: no account {address}")
+    store.set_password(address, new_password_hash(address, args.allow_weak))
+    print(f"password changed for {address}")
+    return 0
+
+
+def cmd_account_audit(args: argparse.Namespace) -> int:
+    """Try the attacker's first guesses against every account; exit 1 when one falls."""
+    from yuubin.auth.passwords import verify_password
+    from yuubin.auth.strength import COMMON_PASSWORDS, audit_guesses
+    store = open_store(load_config(args))
+    accounts = [a for a in store.accounts() if not args.address or a.address in args.address]
+    deadline = time.monotonic() + args.max_time
+    weak: list[tuple[str, str]] = []
+    unfinished: list[str] = []
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:  # argon2 releases the GIL while hashing
+        for n, acct in enumerate(accounts, 1):
+            guesses = audit_guesses(acct.address)
+            found = None
+            tried = 0
+            for start in range(0, len(guesses), workers * 4):
+                if time.monotonic() > deadline:
+                    break
+                batch = guesses[start:start + workers * 4]
+                results = list(pool.map(lambda g, h=acct.password_hash: verify_password(h, g), batch))
+                tried += len(batch)
+                if any(results):
+                    found = batch[results.index(True)]
+                    break
+            print(f"[{n}/{len(accounts)}] {acct.address}: {tried}/{len(guesses)} guesses tried", file=sys.stderr,
+                  flush=True)
+            if found is not None:
+                kind = "a common password" if found in COMMON_PASSWORDS else "derived from its address"
+                weak.append((acct.address, kind))
+            elif tried < len(guesses):
+                unfinished.append(acct.address)
+    for address, kind in weak:
+        print(f"WEAK\t{address}\tpassword guessed: {kind}; set a new one with `yuubin account passwd {address}`")
+    for address in unfinished:
+        print(f"UNFINISHED\t{address}\ttime limit reached (--max-time {args.max_time:g}s)")
+    print(f"{len(accounts)} accounts audited, {len(weak)} weak, {len(unfinished)} unfinished")
+    return 1 if weak else 0
+
+
+def _hold(cfg: Config, address: str, held: bool) -> int:
+    """Hold (or release) the account's queued mail; returns how many entries changed."""
+    from yuubin.durable import GroupCommitter
+    from yuubin.policy.containment import hold_account_mail
+    from yuubin.queue.entrylock import EntryLocks
+    from yuubin.queue.spool import Spool
+    committer = GroupCommitter()
+    spool = Spool(cfg.spool_dir, committer)
+    locks = EntryLocks(spool.root)  # the running server's scheduler edits the same entries
+    try:
+        return asyncio.run(hold_account_mail(spool, address, held, locks))
+    finally:
+        locks.close()
+        committer.shutdown()
+
+
+def cmd_account_suspend(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    store = open_store(cfg)
+    address = address_arg(args.address, "ADDRESS")
+    if not store.set_suspended(address, True):
+        raise CliError(f"ADDRESS: no account {address}")
+    held = _hold(cfg, address, True)
+    print(f"suspended {address}: submissions refused; {held} queued messages put on hold")
+    return 0
+
+
+def cmd_account_enable(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    store = open_store(cfg)
+    address = address_arg(args.address, "ADDRESS")
+    if not store.set_suspended(address, False):
+        raise CliError(f"ADDRESS: no account {address}")
+    store.clear_submissions(address)  # else the counts that tripped the limit would suspend it again at once
+    if args.release:
+        print(f"enabled {address}; {_hold(cfg, address, False)} held messages released")
+    else:
+        print(f"enabled {address}; its held mail stays on hold (release it with --release)")
+    return 0
+
+
+def register(sub: SubParsers) -> None:
+    """Add the account group: add, list, remove, passwd, audit, suspend, enable."""
+    a = add_group(sub, "account", "mail accounts")
+    x = a.add_parser("add", help="add an account; password from stdin (one line) or prompted twice")
+    x.add_argument("address")
+    x.add_argument("--allow-weak", action="store_true", help=argparse.SUPPRESS)
+    x.set_defaults(func=cmd_account_add)
+    a.add_parser("list", help="list accounts").set_defaults(func=cmd_account_list)
+    x = a.add_parser("remove", help="remove an account (its mail stays on disk)")
+    x.add_argument("address")
+    x.set_defaults(func=cmd_account_remove)
+    x = a.add_parser("passwd", help="set a new password; stdin (one line) or prompted twice")
+    x.add_argument("address")
+    x.add_argument("--allow-weak", action="store_true", help=argparse.SUPPRESS)
+    x.set_defaults(func=cmd_account_passwd)
+    x = a.add_parser("audit", help="try common passwords and name variants on every account")
+    x.add_argument("address", nargs="*", help="only these accounts")
+    x.add_argument("--max-time", type=float, default=300.0, help="seconds in total (default 300)")
+    x.set_defaults(func=cmd_account_audit)
+    x = a.add_parser("suspend", help="refuse the account's submissions and hold its queued mail")
+    x.add_argument("address")
+    x.set_defaults(func=cmd_account_suspend)
+    x = a.add_parser("enable", help="lift a suspension")
+    x.add_argument("address")
+    x.add_argument("--release", action="store_true", help="also release the account's held mail")
+    x.set_defaults(func=cmd_account_enable)

@@ -1,0 +1,50 @@
+"""`yuubin alias ...`: addresses in our domains that deliver to other addresses."""
+
+from __future__ import annotations
+
+import argparse
+
+from yuubin.cli.common import CliError, SubParsers, add_group, address_arg, load_config, local_address_arg, open_store
+
+
+def cmd_alias_add(args: argparse.Namespace) -> int:
+    cfg = load_config(args)
+    alias = local_address_arg(cfg, args.alias, "ALIAS")
+    targets = [address_arg(t, "TARGET") for t in args.targets]
+    if alias in targets:
+        raise CliError(f"TARGET: {alias} cannot point to itself")
+    store = open_store(cfg)
+    if store.account_exists(alias):
+        raise CliError(f"ALIAS: {alias} is an account")
+    store.add_alias(alias, targets)
+    print(f"{alias} -> {', '.join(store.alias_targets(alias))}")
+    return 0
+
+
+def cmd_alias_list(args: argparse.Namespace) -> int:
+    store = open_store(load_config(args))
+    for alias, targets in store.aliases().items():
+        print(f"{alias}\t{', '.join(targets)}")
+    return 0
+
+
+def cmd_alias_remove(args: argparse.Namespace) -> int:
+    store = open_store(load_config(args))
+    alias = address_arg(args.alias, "ALIAS")
+    if not store.remove_alias(alias):
+        raise CliError(f"ALIAS: no alias {alias}")
+    print(f"removed {alias}")
+    return 0
+
+
+def register(sub: SubParsers) -> None:
+    """Add the alias group: add, list, remove."""
+    al = add_group(sub, "alias", "aliases")
+    x = al.add_parser("add", help="ALIAS delivers to every TARGET (local or remote)")
+    x.add_argument("alias")
+    x.add_argument("targets", nargs="+", metavar="TARGET")
+    x.set_defaults(func=cmd_alias_add)
+    al.add_parser("list", help="list aliases").set_defaults(func=cmd_alias_list)
+    x = al.add_parser("remove", help="remove an alias")
+    x.add_argument("alias")
+    x.set_defaults(func=cmd_alias_remove)
