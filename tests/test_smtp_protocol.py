@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from yuubin.config import LimitsConfig
 from yuubin.smtp import replies as R
 from yuubin.smtp.protocol import (
     _COMMANDS,
@@ -837,6 +838,17 @@ def test_auth_needs_tls_when_configured() -> None:
 
 # ---- limits --------------------------------------------------------------------------------
 
+
+def test_limits_defaults_are_the_config_defaults() -> None:
+    assert Limits() == Limits.from_config(LimitsConfig())
+    assert SMTPServerConnection("mx.test").limits == Limits.from_config(LimitsConfig())
+
+
+def test_limits_from_config_takes_every_field() -> None:
+    config = LimitsConfig(line_length=1000, message_size=5000, recipients=7, max_errors=3)
+    assert Limits.from_config(config) == Limits(line_length=1000, message_size=5000, recipients=7, max_errors=3)
+    # The positional order callers rely on: line_length, message_size, recipients, max_errors.
+    assert Limits(1000, 5000, 7, 3) == Limits.from_config(config)
 
 
 def test_command_line_of_512_octets_is_accepted_and_513_is_not() -> None:

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
+from yuubin.config import LimitsConfig
 from yuubin.smtp import replies as R
 from yuubin.smtp.address import Address, AddressError, is_xtext, parse_path
 from yuubin.smtp.replies import Reply
@@ -41,13 +42,21 @@ NEED_DATA: Final = _Sentinel.NEED_DATA
 PAUSED: Final = _Sentinel.PAUSED
 CLOSED: Final = _Sentinel.CLOSED
 
+_DEFAULT_LIMITS = LimitsConfig()  # the defaults live in the config, and only there
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    line_length: int = 512
-    message_size: int = 26_214_400
-    recipients: int = 100
-    max_errors: int = 20
+    """The part of `LimitsConfig` the core enforces; its defaults are the config's defaults."""
+
+    line_length: int = _DEFAULT_LIMITS.line_length
+    message_size: int = _DEFAULT_LIMITS.message_size
+    recipients: int = _DEFAULT_LIMITS.recipients
+    max_errors: int = _DEFAULT_LIMITS.max_errors
+
+    @classmethod
+    def from_config(cls, config: LimitsConfig) -> Limits:
+        return cls(config.line_length, config.message_size, config.recipients, config.max_errors)
 
 
 @dataclass(slots=True)
@@ -173,7 +182,7 @@ class SMTPServerConnection:
     def __init__(
         self,
         hostname: str,
-        limits: Limits = Limits(),
+        limits: Limits | None = None,
         *,
         tls_available: bool = False,
         tls_active: bool = False,
@@ -182,7 +191,7 @@ class SMTPServerConnection:
         auth_required: bool = False,
     ):
         self.hostname = hostname
-        self.limits = limits
+        self.limits = limits if limits is not None else Limits.from_config(LimitsConfig())
         self.tls_available = tls_available
         self.tls_active = tls_active
         self.auth_mechanisms = auth_mechanisms
