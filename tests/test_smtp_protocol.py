@@ -13,8 +13,11 @@ from dataclasses import dataclass
 
 import pytest
 
+from yuubin.config import LimitsConfig
 from yuubin.smtp import replies as R
 from yuubin.smtp.protocol import (
+    _COMMANDS,
+    _SEQUENCE,
     CLOSED,
     NEED_DATA,
     PAUSED,
@@ -836,6 +839,18 @@ def test_auth_needs_tls_when_configured() -> None:
 # ---- limits --------------------------------------------------------------------------------
 
 
+def test_limits_defaults_are_the_config_defaults() -> None:
+    assert Limits() == Limits.from_config(LimitsConfig())
+    assert SMTPServerConnection("mx.test").limits == Limits.from_config(LimitsConfig())
+
+
+def test_limits_from_config_takes_every_field() -> None:
+    config = LimitsConfig(line_length=1000, message_size=5000, recipients=7, max_errors=3)
+    assert Limits.from_config(config) == Limits(line_length=1000, message_size=5000, recipients=7, max_errors=3)
+    # The positional order callers rely on: line_length, message_size, recipients, max_errors.
+    assert Limits(1000, 5000, 7, 3) == Limits.from_config(config)
+
+
 def test_command_line_of_512_octets_is_accepted_and_513_is_not() -> None:
     s = greeted()
     ok = "NOOP " + "x" * (512 - 2 - 5)  # 512 octets with CRLF
@@ -1025,6 +1040,84 @@ def test_554_greeting_leaves_only_quit() -> None:
     assert s.events == []
     assert s.say("QUIT") == ["221 2.0.0"]
     assert s.closed and s.of(Quit) == [Quit()]
+
+
+# ---- the sequence table, cell by cell ------------------------------------------------------
+# What every verb gets in every state that reads commands, written from the RFCs rather than
+# copied from the core's table: RFC 5321 4.1.4 (command order, 503 for a bad sequence) and 3.3
+# (DATA with no valid recipient: 554), RFC 3030 2 (no RCPT after BDAT, DATA and BDAT not mixed),
+# RFC 3207 4 (STARTTLS once EHLO has offered it; it resets the session, so a transaction does not
+# forbid it), RFC 4954 4 (no AUTH during a transaction), RFC 5321 3.1 (after a 554 greeting only
+# QUIT). A refusal also names a word its text must contain, so two different 503s cannot swap.
+
+SEQUENCE_STATES = ("CONNECTED", "READY", "MAIL", "RCPT", "CHUNKING", "REFUSED")
+SEQUENCE_SETUP: dict[str, tuple[bytes, ...]] = {
+    "CONNECTED": (),
+    "READY": (b"EHLO c.test\r\n",),
+    "MAIL": (b"EHLO c.test\r\n", b"MAIL FROM:<a@b.test>\r\n"),
+    "RCPT": (b"EHLO c.test\r\n", b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<c@mx.test>\r\n"),
+    "CHUNKING": (b"EHLO c.test\r\n", b"MAIL FROM:<a@b.test>\r\n", b"RCPT TO:<c@mx.test>\r\n", b"BDAT 3\r\nabc"),
+    "REFUSED": (),
+}
+SEQUENCE_LINE = {
+    "EHLO": "EHLO c.test", "HELO": "HELO c.test", "MAIL": "MAIL FROM:<a@b.test>", "RCPT": "RCPT TO:<d@mx.test>",
+    "DATA": "DATA", "BDAT": "BDAT 0 LAST", "RSET": "RSET", "NOOP": "NOOP", "QUIT": "QUIT", "VRFY": "VRFY d@mx.test",
+    "EXPN": "EXPN staff", "HELP": "HELP", "STARTTLS": "STARTTLS", "AUTH": "AUTH PLAIN AGFAAGI=", "XYZZY": "XYZZY",
+}
+HELO_FIRST = ("503 5.5.1", "EHLO")
+MAIL_FIRST = ("503 5.5.1", "MAIL")
+NESTED = ("503 5.5.1", "RSET")
+NO_RCPT = ("554 5.5.1", "recipient")
+AFTER_BDAT = ("503 5.5.1", "after BDAT")
+MIXED = ("503 5.5.1", "mixed")
+IN_TXN = ("503 5.5.1", "during a transaction")
+ONLY_QUIT = ("503 5.7.1", "QUIT")
+SEQUENCE_EXPECTED: dict[str, tuple[str | tuple[str, str], ...]] = {
+    #            CONNECTED    READY        MAIL         RCPT         CHUNKING     REFUSED
+    "EHLO":     ("250",       "250",       "250",       "250",       "250",       ONLY_QUIT),
+    "HELO":     ("250",       "250",       "250",       "250",       "250",       ONLY_QUIT),
+    "MAIL":     (HELO_FIRST,  "250 2.1.0", NESTED,      NESTED,      NESTED,      ONLY_QUIT),
+    "RCPT":     (MAIL_FIRST,  MAIL_FIRST,  "250 2.1.5", "250 2.1.5", AFTER_BDAT,  ONLY_QUIT),
+    "DATA":     (MAIL_FIRST,  MAIL_FIRST,  NO_RCPT,     "354",       MIXED,       ONLY_QUIT),
+    "BDAT":     (HELO_FIRST,  MAIL_FIRST,  NO_RCPT,     "250 2.0.0", "250 2.0.0", ONLY_QUIT),
+    "RSET":     ("250 2.0.0", "250 2.0.0", "250 2.0.0", "250 2.0.0", "250 2.0.0", ONLY_QUIT),
+    "NOOP":     ("250 2.0.0", "250 2.0.0", "250 2.0.0", "250 2.0.0", "250 2.0.0", ONLY_QUIT),
+    "QUIT":     ("221 2.0.0", "221 2.0.0", "221 2.0.0", "221 2.0.0", "221 2.0.0", "221 2.0.0"),
+    "VRFY":     ("252 2.5.0", "252 2.5.0", "252 2.5.0", "252 2.5.0", "252 2.5.0", ONLY_QUIT),
+    "EXPN":     ("502 5.5.1", "502 5.5.1", "502 5.5.1", "502 5.5.1", "502 5.5.1", ONLY_QUIT),
+    "HELP":     ("214 2.0.0", "214 2.0.0", "214 2.0.0", "214 2.0.0", "214 2.0.0", ONLY_QUIT),
+    "STARTTLS": (HELO_FIRST,  "220 2.0.0", "220 2.0.0", "220 2.0.0", "220 2.0.0", ONLY_QUIT),
+    "AUTH":     (HELO_FIRST,  "235 2.7.0", IN_TXN,      IN_TXN,      IN_TXN,      ONLY_QUIT),
+    "XYZZY":    ("500 5.5.1", "500 5.5.1", "500 5.5.1", "500 5.5.1", "500 5.5.1", ONLY_QUIT),
+}
+
+
+@pytest.mark.parametrize("state", SEQUENCE_STATES)
+@pytest.mark.parametrize("verb", list(SEQUENCE_EXPECTED))
+def test_sequence_table_cell(verb: str, state: str) -> None:
+    # STARTTLS and AUTH offered, so what is tested is the sequence, not whether they exist here.
+    s = Session(greeting=refuse(554, "5.7.1") if state == "REFUSED" else None,
+                tls_available=True, auth_mechanisms=("PLAIN",), auth_requires_tls=False)
+    for data in SEQUENCE_SETUP[state]:
+        reps = s.feed(data)
+        assert reps and all(r.code < 400 for r in reps), (state, reps)
+    expected = SEQUENCE_EXPECTED[verb][SEQUENCE_STATES.index(state)]
+    short, word = expected if isinstance(expected, tuple) else (expected, "")
+    rep = s.feed(SEQUENCE_LINE[verb].encode() + b"\r\n")[0]
+    assert rep.short == short
+    assert word in rep.lines[0]
+
+
+def test_sequence_table_decides_every_verb_in_every_command_state() -> None:
+    """Each row allows or refuses every verb the core knows; the cell test covers them all."""
+    assert set(SEQUENCE_EXPECTED) == {*_COMMANDS, "XYZZY"}
+    assert {state.name for state in _SEQUENCE} == set(SEQUENCE_STATES)
+    for state, rules in _SEQUENCE.items():
+        assert not rules.allowed & rules.refused.keys(), state
+        if rules.otherwise is None:
+            assert rules.allowed | rules.refused.keys() == set(_COMMANDS), state
+        else:
+            assert rules.allowed == {"QUIT"} and not rules.refused, state
 
 
 # ---- DSN parameters (RFC 3461) -------------------------------------------------------------

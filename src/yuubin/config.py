@@ -50,6 +50,8 @@ class TlsConfig:
 
 @dataclass(frozen=True)
 class LimitsConfig:
+    """[limits]. The SMTP core's `Limits` is built from this (`Limits.from_config`), defaults included."""
+
     message_size: int = 26_214_400
     recipients: int = 100
     idle_timeout: float = 300.0

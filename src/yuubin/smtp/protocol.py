@@ -8,6 +8,11 @@ policy can be async and the core stays testable byte for byte.
 Commands that need no outside knowledge (NOOP, RSET, HELP, VRFY, syntax and sequence errors) are
 answered inside; HELO/EHLO, MAIL, RCPT, a finished message, STARTTLS and QUIT surface as events.
 While an event awaits its answer, parsing stops, so pipelined commands are answered in order.
+
+Which verb may run in which state is decided in one place, the `_SEQUENCE` table: for each state
+that reads commands, the verbs it runs and the exact reply for each verb it refuses. A verb's own
+state-independent checks (DATA/STARTTLS take no argument, STARTTLS/AUTH must be offered on this
+connection) come before the table, and a refused BDAT still reads its chunk before replying.
 """
 
 from __future__ import annotations
@@ -15,8 +20,11 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final, NamedTuple
 
+from yuubin.config import LimitsConfig
 from yuubin.smtp import replies as R
 from yuubin.smtp.address import Address, AddressError, is_xtext, parse_path
 from yuubin.smtp.replies import Reply
@@ -30,17 +38,25 @@ class _Sentinel(enum.Enum):
     CLOSED = "CLOSED"  # the session is over; flush data_to_send() and close
 
 
-NEED_DATA = _Sentinel.NEED_DATA
-PAUSED = _Sentinel.PAUSED
-CLOSED = _Sentinel.CLOSED
+NEED_DATA: Final = _Sentinel.NEED_DATA
+PAUSED: Final = _Sentinel.PAUSED
+CLOSED: Final = _Sentinel.CLOSED
+
+_DEFAULT_LIMITS = LimitsConfig()  # the defaults live in the config, and only there
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    line_length: int = 512
-    message_size: int = 26_214_400
-    recipients: int = 100
-    max_errors: int = 20
+    """The part of `LimitsConfig` the core enforces; its defaults are the config's defaults."""
+
+    line_length: int = _DEFAULT_LIMITS.line_length
+    message_size: int = _DEFAULT_LIMITS.message_size
+    recipients: int = _DEFAULT_LIMITS.recipients
+    max_errors: int = _DEFAULT_LIMITS.max_errors
+
+    @classmethod
+    def from_config(cls, config: LimitsConfig) -> Limits:
+        return cls(config.line_length, config.message_size, config.recipients, config.max_errors)
 
 
 @dataclass(slots=True)
@@ -104,15 +120,53 @@ Event = Hello | MailFrom | RcptTo | MessageReceived | StartTLS | AuthRequested |
 
 
 class _State(enum.Enum):
+    # States that read commands (each has a row in _SEQUENCE):
     CONNECTED = 1  # waiting for HELO/EHLO
     READY = 2  # greeted, no transaction
-    MAIL = 3  # MAIL accepted
-    DATA = 4  # reading DATA content
-    BDAT = 5  # reading a BDAT chunk
-    TLS = 6  # STARTTLS accepted, waiting for the handshake
-    REFUSED = 7  # greeting was 554: only QUIT works
-    CLOSED = 8
+    MAIL = 3  # sender accepted, no recipient yet
+    RCPT = 4  # at least one recipient accepted
+    CHUNKING = 5  # a BDAT chunk was taken: only more BDAT continues the message
+    REFUSED = 6  # greeting was 554: only QUIT works
+    # States that read something else, or nothing:
+    DATA = 7  # reading DATA content
+    BDAT = 8  # reading a BDAT chunk
     AUTH = 9  # a 334 challenge was sent: the next line is a SASL response (or "*")
+    TLS = 10  # STARTTLS accepted, waiting for the handshake
+    CLOSED = 11
+
+
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    """One row of the sequence table: the verbs a state runs, and what every other verb gets."""
+
+    allowed: frozenset[str]
+    refused: dict[str, Reply] = field(default_factory=dict)
+    # Set for a session that runs nothing but `allowed`: every other line, known verb or not, gets
+    # this reply before its arguments are looked at.
+    otherwise: Reply | None = None
+
+
+_ONLY_QUIT = Reply(503, "5.7.1", "service refused at connect; only QUIT is accepted")
+_RCPT_AFTER_BDAT = Reply(503, "5.5.1", "RCPT not allowed after BDAT")
+_AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a transaction")
+
+_ALWAYS = frozenset({"EHLO", "HELO", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP"})
+_IN_TRANSACTION = {"MAIL": R.NESTED_MAIL, "AUTH": _AUTH_IN_TRANSACTION}  # RFC 5321 4.1.4, RFC 4954 4
+
+# The sequence table (RFC 5321 4.1.4, RFC 3030 2, RFC 3207 4, RFC 4954 4). Every state that reads
+# commands has a row; in each row but REFUSED, every verb in _COMMANDS is either allowed or refused.
+_SEQUENCE: dict[_State, _Rules] = {
+    _State.CONNECTED: _Rules(_ALWAYS, {"MAIL": R.NEED_HELO, "RCPT": R.NEED_MAIL, "DATA": R.NEED_MAIL,
+                                       "BDAT": R.NEED_HELO, "STARTTLS": R.NEED_HELO, "AUTH": R.NEED_HELO}),
+    _State.READY: _Rules(_ALWAYS | {"MAIL", "STARTTLS", "AUTH"},
+                         {"RCPT": R.NEED_MAIL, "DATA": R.NEED_MAIL, "BDAT": R.NEED_MAIL}),
+    _State.MAIL: _Rules(_ALWAYS | {"RCPT", "STARTTLS"},
+                        {**_IN_TRANSACTION, "DATA": R.NEED_RCPT, "BDAT": R.NEED_RCPT}),
+    _State.RCPT: _Rules(_ALWAYS | {"RCPT", "DATA", "BDAT", "STARTTLS"}, _IN_TRANSACTION),
+    _State.CHUNKING: _Rules(_ALWAYS | {"BDAT", "STARTTLS"},
+                            {**_IN_TRANSACTION, "RCPT": _RCPT_AFTER_BDAT, "DATA": R.MIXED_DATA_BDAT}),
+    _State.REFUSED: _Rules(frozenset({"QUIT"}), otherwise=_ONLY_QUIT),
+}
 
 
 @dataclass(slots=True)
@@ -120,7 +174,6 @@ class _Transaction:
     sender: Address | None
     params: dict[str, str]
     recipients: list[AcceptedRecipient] = field(default_factory=list)
-    chunked: bool = False
 
 
 class SMTPServerConnection:
@@ -129,7 +182,7 @@ class SMTPServerConnection:
     def __init__(
         self,
         hostname: str,
-        limits: Limits = Limits(),
+        limits: Limits | None = None,
         *,
         tls_available: bool = False,
         tls_active: bool = False,
@@ -138,7 +191,7 @@ class SMTPServerConnection:
         auth_required: bool = False,
     ):
         self.hostname = hostname
-        self.limits = limits
+        self.limits = limits if limits is not None else Limits.from_config(LimitsConfig())
         self.tls_available = tls_available
         self.tls_active = tls_active
         self.auth_mechanisms = auth_mechanisms
@@ -214,6 +267,7 @@ class SMTPServerConnection:
                 return CLOSED
             if self._pending is not None or self._state is _State.TLS:
                 return PAUSED
+            ev: Event | _Sentinel | None
             if self._state is _State.AUTH:
                 ev = self._read_auth_response()
             elif self._state is _State.DATA:
@@ -224,8 +278,8 @@ class SMTPServerConnection:
                 ev = self._read_command()
             if ev is None:
                 continue
-            if ev is NEED_DATA:
-                return NEED_DATA
+            if isinstance(ev, _Sentinel):
+                return ev
             self._pending = ev
             return ev
 
@@ -246,8 +300,9 @@ class SMTPServerConnection:
             self._state = _State.MAIL
             self._send(reply or R.SENDER_OK)
         elif isinstance(ev, RcptTo):
-            assert self._txn is not None
+            assert self._txn is not None  # RCPT runs only in MAIL and RCPT, inside a transaction
             self._txn.recipients.append(AcceptedRecipient(ev.recipient, ev.params, context))
+            self._state = _State.RCPT
             self._send(reply or R.RECIPIENT_OK)
         elif isinstance(ev, MessageReceived):
             self.messages += 1
@@ -362,16 +417,31 @@ class SMTPServerConnection:
         verb, _, arg = text.partition(" ")
         # Verbs are ASCII: str.upper() would also read "quıt" as QUIT and "ſtarttls" as STARTTLS.
         verb = verb.upper() if verb.isascii() else verb
-        if self._state is _State.REFUSED:
-            if verb == "QUIT":
-                return Quit()
-            self._error(Reply(503, "5.7.1", "service refused at connect; only QUIT is accepted"))
+        return self._dispatch(verb, arg.strip(" "))
+
+    def _dispatch(self, verb: str, arg: str) -> Event | None:
+        """Run one command line: the verb's own checks, then the sequence table, then the verb."""
+        rules = _SEQUENCE[self._state]
+        allowed = verb in rules.allowed
+        if not allowed and rules.otherwise is not None:
+            self._error(rules.otherwise)
             return None
-        handler = _COMMANDS.get(verb)
-        if handler is None:
+        command = _COMMANDS.get(verb)
+        if command is None:
             self._error(R.UNKNOWN_COMMAND)
             return None
-        return handler(self, arg.strip(" "))
+        if command.check is not None:
+            error = command.check(self, arg)
+            if error is not None:
+                self._error(error)
+                return None
+        if allowed:
+            return command.run(self, arg)
+        refusal = rules.refused[verb]
+        if command.refuse is not None:
+            return command.refuse(self, arg, refusal)
+        self._error(refusal)
+        return None
 
     # -- commands --
 
@@ -388,14 +458,8 @@ class SMTPServerConnection:
         return self._cmd_helo(arg, False)
 
     def _cmd_mail(self, arg: str) -> Event | None:
-        if self.helo is None:
-            self._error(R.NEED_HELO)
-            return None
         if self.auth_required and not self.authenticated:
             self._error(Reply(530, "5.7.0", "authentication required: send AUTH first"))
-            return None
-        if self._txn is not None:
-            self._error(R.NESTED_MAIL)
             return None
         if arg[:5].upper() != "FROM:":
             self._error(Reply(501, "5.5.4", "syntax: MAIL FROM:<address> [parameters]"))
@@ -419,12 +483,8 @@ class SMTPServerConnection:
         return MailFrom(sender, params)
 
     def _cmd_rcpt(self, arg: str) -> Event | None:
-        if self._txn is None:
-            self._error(R.NEED_MAIL)
-            return None
-        if self._txn.chunked:
-            self._error(Reply(503, "5.5.1", "RCPT not allowed after BDAT"))
-            return None
+        txn = self._txn
+        assert txn is not None  # RCPT runs only in MAIL and RCPT, inside a transaction
         if arg[:3].upper() != "TO:":
             self._error(Reply(501, "5.5.4", "syntax: RCPT TO:<address> [parameters]"))
             return None
@@ -436,11 +496,11 @@ class SMTPServerConnection:
         if error:
             self._error(error)
             return None
-        if len(self._txn.recipients) >= self.limits.recipients:
+        if len(txn.recipients) >= self.limits.recipients:
             self._error(R.TOO_MANY_RECIPIENTS)
             return None
         try:
-            rcpt = parse_path(path, smtputf8="SMTPUTF8" in self._txn.params)
+            rcpt = parse_path(path, smtputf8="SMTPUTF8" in txn.params)
         except AddressError as e:
             self._error(e.reply)
             return None
@@ -449,19 +509,10 @@ class SMTPServerConnection:
             return None
         return RcptTo(rcpt, params)
 
+    def _check_data(self, arg: str) -> Reply | None:
+        return Reply(501, "5.5.4", "syntax: DATA takes no arguments") if arg else None
+
     def _cmd_data(self, arg: str) -> Event | None:
-        if arg:
-            self._error(Reply(501, "5.5.4", "syntax: DATA takes no arguments"))
-            return None
-        if self._txn is None:
-            self._error(R.NEED_MAIL)
-            return None
-        if self._txn.chunked:
-            self._error(R.MIXED_DATA_BDAT)
-            return None
-        if not self._txn.recipients:
-            self._error(R.NEED_RCPT)
-            return None
         self._state = _State.DATA
         self._msg = bytearray(b"\r\n")
         self._scan = 0
@@ -470,6 +521,14 @@ class SMTPServerConnection:
         return None
 
     def _cmd_bdat(self, arg: str) -> Event | None:
+        return self._start_chunk(arg, None)
+
+    def _refuse_bdat(self, arg: str, refusal: Reply) -> Event | None:
+        # The chunk follows whatever the state: read it first, or its bytes would run as commands.
+        return self._start_chunk(arg, refusal)
+
+    def _start_chunk(self, arg: str, refusal: Reply | None) -> Event | None:
+        """Read the chunk BDAT announces; a `refusal` is sent once the chunk is skipped."""
         parts = arg.split()
         if not parts or len(parts) > 2 or not (parts[0].isascii() and parts[0].isdigit()) or (
                 len(parts) == 2 and parts[1].upper() != "LAST"):
@@ -479,15 +538,8 @@ class SMTPServerConnection:
             return None
         self._chunk_left = int(parts[0])
         self._chunk_last = len(parts) == 2
-        self._chunk_error = None
-        if self.helo is None:
-            self._chunk_error = R.NEED_HELO
-        elif self._txn is None:
-            self._chunk_error = R.NEED_MAIL
-        elif not self._txn.recipients:
-            self._chunk_error = R.NEED_RCPT
-        elif not self._txn.chunked:
-            self._txn.chunked = True
+        self._chunk_error = refusal
+        if refusal is None and self._state is _State.RCPT:  # the first chunk of the message
             self._msg = bytearray()
             self._oversize = False
         self._state = _State.BDAT
@@ -520,19 +572,16 @@ class SMTPServerConnection:
         self._send(R.HELP_REPLY)
         return None
 
-    def _cmd_starttls(self, arg: str) -> Event | None:
+    def _check_starttls(self, arg: str) -> Reply | None:
         if arg:
-            self._error(Reply(501, "5.5.4", "syntax: STARTTLS takes no arguments"))
-            return None
+            return Reply(501, "5.5.4", "syntax: STARTTLS takes no arguments")
         if self.tls_active:
-            self._error(R.TLS_ALREADY)
-            return None
+            return R.TLS_ALREADY
         if not self.tls_available:
-            self._error(R.TLS_UNAVAILABLE)
-            return None
-        if self.helo is None:
-            self._error(R.NEED_HELO)
-            return None
+            return R.TLS_UNAVAILABLE
+        return None
+
+    def _cmd_starttls(self, arg: str) -> Event | None:
         self._send(R.READY_TLS)
         # Anything the client pipelined after STARTTLS was sent in clear text before the
         # handshake: drop it (CVE-2011-0411 class), never execute it.
@@ -540,19 +589,14 @@ class SMTPServerConnection:
         self._state = _State.TLS
         return StartTLS()
 
-    def _cmd_auth(self, arg: str) -> Event | None:
+    def _check_auth(self, arg: str) -> Reply | None:
         if not self.auth_mechanisms:
-            self._error(R.AUTH_NOT_HERE)
-            return None
+            return R.AUTH_NOT_HERE
         if self.auth_requires_tls and not self.tls_active:
-            self._error(Reply(538, "5.7.11", "encryption required: send STARTTLS first"))
-            return None
-        if self.helo is None:
-            self._error(R.NEED_HELO)
-            return None
-        if self._txn is not None:
-            self._error(Reply(503, "5.5.1", "AUTH not allowed during a transaction"))
-            return None
+            return Reply(538, "5.7.11", "encryption required: send STARTTLS first")
+        return None
+
+    def _cmd_auth(self, arg: str) -> Event | None:
         if self.authenticated:
             self._error(Reply(503, "5.5.1", "already authenticated"))
             return None
@@ -727,7 +771,7 @@ class SMTPServerConnection:
             self._end_transaction()
             self._error(R.MESSAGE_TOO_BIG)
             return None
-        self._state = _State.MAIL
+        self._state = _State.CHUNKING
         if not self._chunk_last:
             self._send(Reply(250, "2.0.0", f"{len(self._msg)} octets received"))
             return None
@@ -751,19 +795,30 @@ class SMTPServerConnection:
         return MessageReceived(txn.sender, txn.params, txn.recipients, content, chunked)
 
 
-_COMMANDS = {
-    "EHLO": SMTPServerConnection._cmd_ehlo,
-    "HELO": SMTPServerConnection._cmd_helo_plain,
-    "MAIL": SMTPServerConnection._cmd_mail,
-    "RCPT": SMTPServerConnection._cmd_rcpt,
-    "DATA": SMTPServerConnection._cmd_data,
-    "BDAT": SMTPServerConnection._cmd_bdat,
-    "RSET": SMTPServerConnection._cmd_rset,
-    "NOOP": SMTPServerConnection._cmd_noop,
-    "QUIT": SMTPServerConnection._cmd_quit,
-    "VRFY": SMTPServerConnection._cmd_vrfy,
-    "EXPN": SMTPServerConnection._cmd_expn,
-    "HELP": SMTPServerConnection._cmd_help,
-    "STARTTLS": SMTPServerConnection._cmd_starttls,
-    "AUTH": SMTPServerConnection._cmd_auth,
+class _Command(NamedTuple):
+    """One verb: what runs it, what it checks before the sequence table, how a refusal is sent."""
+
+    run: Callable[[SMTPServerConnection, str], Event | None]
+    # What the verb needs whatever the state (no stray argument, an extension this connection
+    # offers): a client cannot fix that by sending commands in another order, so it is said first.
+    check: Callable[[SMTPServerConnection, str], Reply | None] | None = None
+    # How a refusal from the table is sent, when not as an error reply at once.
+    refuse: Callable[[SMTPServerConnection, str, Reply], Event | None] | None = None
+
+
+_COMMANDS: dict[str, _Command] = {
+    "EHLO": _Command(SMTPServerConnection._cmd_ehlo),
+    "HELO": _Command(SMTPServerConnection._cmd_helo_plain),
+    "MAIL": _Command(SMTPServerConnection._cmd_mail),
+    "RCPT": _Command(SMTPServerConnection._cmd_rcpt),
+    "DATA": _Command(SMTPServerConnection._cmd_data, check=SMTPServerConnection._check_data),
+    "BDAT": _Command(SMTPServerConnection._cmd_bdat, refuse=SMTPServerConnection._refuse_bdat),
+    "RSET": _Command(SMTPServerConnection._cmd_rset),
+    "NOOP": _Command(SMTPServerConnection._cmd_noop),
+    "QUIT": _Command(SMTPServerConnection._cmd_quit),
+    "VRFY": _Command(SMTPServerConnection._cmd_vrfy),
+    "EXPN": _Command(SMTPServerConnection._cmd_expn),
+    "HELP": _Command(SMTPServerConnection._cmd_help),
+    "STARTTLS": _Command(SMTPServerConnection._cmd_starttls, check=SMTPServerConnection._check_starttls),
+    "AUTH": _Command(SMTPServerConnection._cmd_auth, check=SMTPServerConnection._check_auth),
 }
