@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serverfixtures import free_port
+from tests.harness import free_port
 from tests.smtpsink import SmtpSink
 from yuubin import cli
 from yuubin.delivery.remote import UnsafeInput, check_address, check_param, wire_message

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serverfixtures import free_port
+from tests.harness import free_port
 from tests.smtpsink import SmtpSink
 from yuubin.auth.passwords import hash_password
 from yuubin.store import Store

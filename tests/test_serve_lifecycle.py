@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serverfixtures import free_port
+from tests.harness import free_port
 from tests.smtpclient import RawSMTP
 from yuubin.auth.passwords import hash_password
 from yuubin.config import load
@@ -437,7 +437,7 @@ def test_localserve_runs_everything_on_loopback(tmp_path):
 
 
 # ---- a full disk, and failing writes, never lose an accepted message ------------------------------
-# These run the server in-process (tests/serverfixtures.py) with its data_dir on a small tmpfs, so
+# These run the server in-process (tests/harness.py) with its data_dir on a small tmpfs, so
 # the disk really fills up; they are skipped where mounting is not allowed.
 
 MESSAGE_LINE = b"z" * 998 + b"\r\n"

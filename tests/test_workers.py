@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serverfixtures import free_port
+from tests.harness import free_port
 from tests.smtpsink import SmtpSink
 
 pytestmark = pytest.mark.slow
