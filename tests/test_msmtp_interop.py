@@ -62,6 +62,7 @@ def test_msmtp_wrong_password_fails_cleanly(make_server, ca, tmp_path):
     assert srv.delivered("bob@example.test") == []
 
 
+@pytest.mark.slow
 def test_localserve_demo_account_submits_on_2587_and_2465(tmp_path):
     """The README's "point a mail client at 2587/2465" works out of the box (msmtp as the client)."""
     import re

@@ -337,6 +337,7 @@ def _queue_cli(cfg_path: Path, *args: str, capsys) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_queue_tools_hold_release_flush_delete(make_server, dns_server, mx_port, sinks, capsys):
     dns_server.add("remote.test", "MX", "10 mx.remote.test.")
     dns_server.add("mx.remote.test", "A", "127.1.0.1")
@@ -378,6 +379,7 @@ def test_queue_tools_hold_release_flush_delete(make_server, dns_server, mx_port,
     assert cli.main(["-c", str(cfg_path), "queue", "show", "nosuchid"]) == 2
 
 
+@pytest.mark.slow
 def test_delay_warning_then_expiry_after_the_queue_lifetime(make_server, dns_server, mx_port, sinks):
     dns_server.add("remote.test", "MX", "10 mx.remote.test.")
     dns_server.add("mx.remote.test", "A", "127.1.0.1")
