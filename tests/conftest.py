@@ -1,3 +1,3 @@
-"""Shared fixtures: the DNS test server plugin and a running yuubin on loopback."""
+"""Shared fixtures: the test harness (tests/harness.py) as a pytest plugin."""
 
-pytest_plugins = ["tests.dnsfixtures", "tests.serverfixtures"]
+pytest_plugins = ["tests.harness"]

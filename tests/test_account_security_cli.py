@@ -31,29 +31,15 @@ ripencc||ipv4|1.0.80.0|256||reserved
 
 
 @pytest.fixture
-def cfg_file(tmp_path: Path) -> Path:
+def cfg_file(make_config, tmp_path: Path) -> Path:
     (tmp_path / "delegated-ripencc-latest").write_text(DELEGATED)
-    p = tmp_path / "yuubin.toml"
-    p.write_text(f"""
-hostname = "mx.example.jp"
-data_dir = "{tmp_path / 'data'}"
-[domains]
-local = ["example.jp"]
-[tls]
-cert = "cert.pem"
-key = "key.pem"
-[geo]
-source = "delegated-ripencc-latest"
-[[listener]]
-kind = "submission"
-address = "0.0.0.0:587"
-allow = ["JP", "192.168.1.0/24"]
-[[listener]]
-kind = "submissions"
-address = "0.0.0.0:465"
-allow = ["10.0.0.0/8", "2001:db8:1::/48"]
-""")
-    return p
+    return make_config(
+        hostname="mx.example.jp", domains={"local": ["example.jp"]}, dns=None,
+        tls={"cert": "cert.pem", "key": "key.pem"},  # relative to the config file; copied there when needed
+        geo={"source": "delegated-ripencc-latest"},
+        listener=[{"kind": "submission", "address": "0.0.0.0:587", "allow": ["JP", "192.168.1.0/24"]},
+                  {"kind": "submissions", "address": "0.0.0.0:465", "allow": ["10.0.0.0/8", "2001:db8:1::/48"]}],
+    ).write()
 
 
 def run(cfg: Path, *argv: str, stdin: str = "", capsys=None, monkeypatch=None) -> tuple[int, str, str]:

@@ -62,12 +62,12 @@ def test_msmtp_wrong_password_fails_cleanly(make_server, ca, tmp_path):
     assert srv.delivered("bob@example.test") == []
 
 
+@pytest.mark.slow
 def test_localserve_demo_account_submits_on_2587_and_2465(tmp_path):
     """The README's "point a mail client at 2587/2465" works out of the box (msmtp as the client)."""
     import re
-    import time
 
-    from tests.test_serve_lifecycle import LocalServe, port_2525
+    from tests.harness import LocalServe, port_2525
     d = tmp_path / "ls"
     with port_2525():
         ls = LocalServe(d)
@@ -86,10 +86,6 @@ def test_localserve_demo_account_submits_on_2587_and_2465(tmp_path):
                 res = subprocess.run(["msmtp", "-C", str(rc), "demo@localhost.test"], capture_output=True, text=True,
                                      input=f"From: demo@localhost.test\nSubject: port {port}\n\nhi\n", timeout=60)
                 assert res.returncode == 0, res.stderr
-            new = d / "data" / "mail" / "localhost.test" / "demo" / "new"
-            deadline = time.monotonic() + 10
-            while len(list(new.glob("*"))) < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert len(list(new.glob("*"))) == 2
+            assert len(ls.wait_delivered("demo@localhost.test", 2)) == 2
         finally:
             assert ls.interrupt() == 0

@@ -1,6 +1,6 @@
 """End to end: the port-25 policy over real sockets (smtplib, aiosmtplib, raw bytes) and real TLS.
 
-The server runs in a thread of this process (tests/serverfixtures.py). Clients bound to
+The server runs in a thread of this process (tests/harness.py). Clients bound to
 127.0.x.y are in `network.trusted` (the LAN); clients bound to 127.1.x.y and above are "the
 internet".
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serverfixtures import free_port
+from tests.harness import ServerConfig, free_port, run_yuubin
 from tests.smtpsink import SmtpSink
 from yuubin import cli
 from yuubin.delivery.remote import UnsafeInput, check_address, check_param, wire_message
@@ -337,16 +337,15 @@ def _queue_cli(cfg_path: Path, *args: str, capsys) -> str:
     return out
 
 
-def test_queue_tools_hold_release_flush_delete(make_server, dns_server, mx_port, sinks, tmp_path, capsys):
+@pytest.mark.slow
+def test_queue_tools_hold_release_flush_delete(make_server, dns_server, mx_port, sinks, capsys):
     dns_server.add("remote.test", "MX", "10 mx.remote.test.")
     dns_server.add("mx.remote.test", "A", "127.1.0.1")
     answer = {"rcpt": "451 4.7.1 greylisted"}
     remote = sink("127.1.0.1", mx_port, rcpt_reply=lambda rcpt, n: answer["rcpt"])
     sinks.append(remote)
     srv = make_server(outbound={**FAST, "port": mx_port, "retry_first": "1h", "retry_max": "2h"})
-    cfg_path = tmp_path / "yuubin.toml"
-    cfg_path.write_text(f'hostname = "mx.test.example"\ndata_dir = "{srv.config.data_dir}"\n'
-                        '[domains]\nlocal = ["example.test"]\n')
+    cfg_path = srv.config_file()
     send(srv, ["carol@remote.test"], message("first"))
     send(srv, ["dan@remote.test"], message("second"), sender="bob@example.test")
     wait_until(lambda: len([c for c in remote.commands if c.startswith("RCPT")]) == 2, what="two attempts")
@@ -380,6 +379,7 @@ def test_queue_tools_hold_release_flush_delete(make_server, dns_server, mx_port,
     assert cli.main(["-c", str(cfg_path), "queue", "show", "nosuchid"]) == 2
 
 
+@pytest.mark.slow
 def test_delay_warning_then_expiry_after_the_queue_lifetime(make_server, dns_server, mx_port, sinks):
     dns_server.add("remote.test", "MX", "10 mx.remote.test.")
     dns_server.add("mx.remote.test", "A", "127.1.0.1")
@@ -451,8 +451,6 @@ def test_queue_tools_run_as_root_keep_entries_readable_by_the_spool_owner():
     import os
     import pwd
     import shutil
-    import subprocess
-    import sys
     import tempfile
 
     from yuubin.durable import GroupCommitter
@@ -468,11 +466,8 @@ def test_queue_tools_run_as_root_keep_entries_readable_by_the_spool_owner():
         spool.committer.shutdown()
         for p in [base / "data", *(base / "data").rglob("*")]:
             os.chown(p, nobody.pw_uid, nobody.pw_gid)
-        cfg = base / "yuubin.toml"
-        cfg.write_text(f'hostname = "mx.test.example"\ndata_dir = "{base / "data"}"\n'
-                       '[domains]\nlocal = ["example.test"]\n')
-        r = subprocess.run([sys.executable, "-m", "yuubin", "-c", str(cfg), "queue", "hold", env.id],
-                           capture_output=True, text=True, timeout=30)
+        cfg = ServerConfig(base).write()
+        r = run_yuubin(["queue", "hold", env.id], config=cfg, timeout=30)
         assert r.returncode == 0, r.stderr
         entry = base / "data" / "spool" / "queue" / env.id
         assert entry.stat().st_uid == nobody.pw_uid  # rewritten as the owner, not as root

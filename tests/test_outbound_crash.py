@@ -6,88 +6,37 @@ duplicates are allowed (a kill between the remote's 250 and our rewrite sends it
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-import signal
 import smtplib
-import socket
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.serverfixtures import free_port
+from tests.harness import free_port
 from tests.smtpsink import SmtpSink
-from yuubin.auth.passwords import hash_password
-from yuubin.store import Store
 
 KILLS = 5
 ALICE = "alice@example.test"
 REMOTE = "carol@remote.test"
 
 
-def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"yuubin serve exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("yuubin serve did not start listening")
-
-
 @pytest.mark.slow
-def test_kill_9_during_a_stream_of_mail_loses_nothing(tmp_path: Path, dns_server):
+def test_kill_9_during_a_stream_of_mail_loses_nothing(make_config, dns_server, serve_process):
     rng = random.Random(os.environ.get("YUUBIN_CRASH_SEED", "4"))
     mx_port = free_port("127.1.0.1")
-    listen_port = free_port("127.0.0.1")
+    listen_port = free_port("127.0.0.1")  # fixed: the client keeps sending to it across restarts
     dns_server.add("remote.test", "MX", "10 mx.remote.test.")
     dns_server.add("mx.remote.test", "A", "127.1.0.1")
-    data_dir = tmp_path / "data"
-    cfg = tmp_path / "yuubin.toml"
-    cfg.write_text(f"""
-hostname = "mx.test.example"
-data_dir = "{data_dir}"
-[domains]
-local = ["example.test"]
-[network]
-trusted = ["127.0.0.0/16"]
-[dns]
-nameservers = ["127.0.0.1"]
-port = {dns_server.port}
-timeout = 0.5
-[dnsbl]
-zones = []
-[[listener]]
-kind = "mx"
-address = "127.0.0.1:{listen_port}"
-[limits]
-shutdown_grace = "2s"
-[outbound]
-port = {mx_port}
-retry_first = "0.2s"
-retry_max = "0.5s"
-queue_scan = "0.5s"
-connect_timeout = "2s"
-command_timeout = "5s"
-[log]
-level = "warning"
-""")
-    store = Store(data_dir / "state.db")
-    store.add_account(ALICE, hash_password("crash test password 1"))
-    store.close()
-    log = (tmp_path / "serve.log").open("ab")
-
-    def serve() -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-m", "yuubin", "-c", str(cfg), "serve"], stdout=log, stderr=log)
-        wait_listening(listen_port, p)
-        return p
+    config = make_config(
+        listener=[{"kind": "mx", "address": f"127.0.0.1:{listen_port}"}],
+        limits={"shutdown_grace": "2s"},
+        outbound={"port": mx_port, "retry_first": "0.2s", "retry_max": "0.5s", "queue_scan": "0.5s",
+                  "connect_timeout": "2s", "command_timeout": "5s"},
+    ).add_accounts({ALICE: "crash test password 1"}, cached=True)
 
     accepted: dict[str, list[str]] = {}
     stop = threading.Event()
@@ -108,24 +57,22 @@ level = "warning"
             accepted[token] = rcpts
 
     with SmtpSink(host="127.1.0.1", port=mx_port) as sink:
-        proc = serve()
+        proc = serve_process(config)
         t0 = time.monotonic()
         client = threading.Thread(target=stream, daemon=True)
         client.start()
         try:
             for _ in range(KILLS):
                 time.sleep(rng.uniform(0.3, 1.5))
-                proc.send_signal(signal.SIGKILL)
-                proc.wait(5)
-                proc = serve()
+                proc.kill()
+                proc = serve_process(config)
             time.sleep(0.5)
             stop.set()
             client.join(10)
             assert len(accepted) >= 20, f"only {len(accepted)} messages accepted: the test did not stress anything"
 
             def missing() -> list[str]:
-                new = data_dir / "mail" / "example.test" / "alice" / "new"
-                local = b"".join(p.read_bytes() for p in new.iterdir()) if new.exists() else b""
+                local = b"".join(proc.delivered(ALICE))
                 with sink.lock:
                     remote = b"".join(m.data for m in sink.messages)
                 out = []
@@ -141,15 +88,11 @@ level = "warning"
             lost = missing()
             assert not lost, f"{len(lost)} of {len(accepted)} acknowledged messages lost: {lost[:10]}"
             print(f"crash test: {len(accepted)} acknowledged, {KILLS} kills, {len(sink.messages)} remote copies, "
-                  f"{len(list((data_dir / 'spool' / 'corrupt').iterdir()))} set aside as torn")
+                  f"{len(list((proc.config.spool_dir / 'corrupt').iterdir()))} set aside as torn")
             assert sink.bare_line_endings == 0
             assert b"\r\n.dot line\r\n" in sink.messages[0].data
         finally:
             stop.set()
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-            log.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.stop(10)
     assert time.monotonic() - t0 < 60

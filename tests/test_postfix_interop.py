@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serverfixtures import free_port
+from tests.harness import free_port
 
 POSTFIX = shutil.which("postfix") or ("/usr/sbin/postfix" if os.path.exists("/usr/sbin/postfix") else None)
 pytestmark = [

@@ -6,9 +6,6 @@ finish within limits.shutdown_grace) and not at kill -9 (the spool is redelivere
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import functools
 import os
 import re
 import signal
@@ -16,147 +13,44 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import sys
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.serverfixtures import free_port
+from tests.harness import LocalServe, ServeProcess, port_2525, run_yuubin
 from tests.smtpclient import RawSMTP
-from yuubin.auth.passwords import hash_password
-from yuubin.config import load
-from yuubin.store import Store
 
 pytestmark = pytest.mark.slow
 
+ALICE = "alice@example.test"
 ALICE_PASSWORD = "Tangerine-orbit-71-quasar"
 
 
-@functools.cache
-def _alice_hash() -> str:
-    return hash_password(ALICE_PASSWORD)
-
-
-def write_config(base: Path, port: int) -> Path:
-    path = base / "yuubin.toml"
-    path.write_text(f"""\
-hostname = "mx.example.test"
-data_dir = "data"
-
-[domains]
-local = ["example.test"]
-
-[network]
-trusted = ["127.0.0.0/16"]
-
-[dnsbl]
-zones = []
-
-[dns]
-nameservers = ["127.0.0.1"]
-port = {free_port()}
-timeout = 0.5
-
-[limits]
-shutdown_grace = "3s"
-idle_timeout = "30s"
-
-[[listener]]
-kind = "mx"
-address = "127.0.0.1:{port}"
-""", encoding="utf-8")
-    return path
-
-
-def yuubin(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "yuubin", *args], capture_output=True, text=True, timeout=60, **kw)
-
-
-class Serve:
-    """`yuubin -c FILE serve` in the background, logging to a file."""
-
-    def __init__(self, config: Path, port: int):
-        self.config, self.port = config, port
-        self.log_path = config.parent / f"serve-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "yuubin", "-c", str(config), "serve"],
-                                     stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while True:
-            assert self.proc.poll() is None, f"serve exited {self.proc.returncode}: {self.log()}"
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                    s.settimeout(5)
-                    if s.recv(512).startswith(b"220"):
-                        s.sendall(b"QUIT\r\n")
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "serve did not start listening: " + self.log()
-            time.sleep(0.05)
-
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def terminate(self, timeout: float) -> tuple[int, float]:
-        t0 = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        finally:
-            self.stop()
-        return rc, time.monotonic() - t0
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
-
-
 @pytest.fixture
-def served(tmp_path) -> Iterator[tuple[Path, int, list[Serve]]]:
-    port = free_port()
-    config = write_config(tmp_path, port)
-    store = Store(load(config).state_db)  # (`account add` itself is tested in test_cli.py)
-    store.add_account("alice@example.test", _alice_hash())
-    store.close()
-    started: list[Serve] = []
-    yield config, port, started
-    for s in started:
-        s.stop()
+def served(make_config):
+    """The config every test here serves: a short shutdown grace, and alice's account."""
+    return make_config(limits={"shutdown_grace": "3s"}).add_accounts(
+        {ALICE: ALICE_PASSWORD}, cached=True)  # (`account add` itself is tested in test_cli.py)
 
 
-def maildir_ids(base: Path) -> list[str]:
-    new = base / "data" / "mail" / "example.test" / "alice" / "new"
-    if not new.exists():
-        return []
+def maildir_ids(srv: ServeProcess) -> list[str]:
     out = []
-    for p in new.iterdir():
-        m = re.search(rb"^Message-ID: <([^>]+)>", p.read_bytes(), re.M)
+    for raw in srv.delivered(ALICE):
+        m = re.search(rb"^Message-ID: <([^>]+)>", raw, re.M)
         out.append(m.group(1).decode() if m else "?")
     return sorted(out)
 
 
-def wait_ids(base: Path, expected: set[str], timeout: float = 10) -> list[str]:
+def wait_ids(srv: ServeProcess, expected: set[str], timeout: float = 10) -> list[str]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ids = maildir_ids(base)
+        ids = maildir_ids(srv)
         if expected <= set(ids):
             return ids
         time.sleep(0.05)
-    return maildir_ids(base)
-
-
-def queue_entries(base: Path) -> list[Path]:
-    q = base / "data" / "spool" / "queue"
-    return sorted(q.iterdir()) if q.exists() else []
+    return maildir_ids(srv)
 
 
 def msg(mid: str) -> bytes:
@@ -168,11 +62,9 @@ def send(port: int, mid: str) -> None:
         assert s.sendmail("sender@remote.example", ["alice@example.test"], msg(mid)) == {}
 
 
-def test_sigterm_finishes_sessions_in_flight_and_loses_nothing(served):
-    config, port, started = served
-    base = config.parent
-    srv = Serve(config, port)
-    started.append(srv)
+def test_sigterm_finishes_sessions_in_flight_and_loses_nothing(served, serve_process):
+    srv = serve_process(served)
+    port = srv.port()
     accepted = set()
     for i in range(5):
         send(port, f"before-{i}@test")
@@ -187,7 +79,7 @@ def test_sigterm_finishes_sessions_in_flight_and_loses_nothing(served):
     inflight.send(msg("inflight@test")[:40])
 
     t0 = time.monotonic()
-    srv.proc.send_signal(signal.SIGTERM)
+    srv.send_signal(signal.SIGTERM)
     # The idle session is told at once; new connections are no longer accepted.
     code, text = idle.reply()
     assert code == 421 and text[0].startswith("4."), text
@@ -212,12 +104,11 @@ def test_sigterm_finishes_sessions_in_flight_and_loses_nothing(served):
     assert code == 421, (code, text)
     assert inflight.closed_by_peer()
 
-    rc = srv.proc.wait(3 + 10)
+    rc = srv.wait(3 + 10)
     elapsed = time.monotonic() - t0
-    srv.stop()
-    assert rc == 0, srv.log()
+    assert rc == 0, srv.log_text()
     assert elapsed < 3 + 5, elapsed
-    log = srv.log()
+    log = srv.log_text()
     assert "Traceback" not in log, log
     assert "event=stopped" in log
     # key=value logs on stderr, with the session id on every line of a session
@@ -226,167 +117,92 @@ def test_sigterm_finishes_sessions_in_flight_and_loses_nothing(served):
     for sid in connects:
         assert re.search(rf"event=disconnect session={re.escape(sid)} ", log), sid
 
-    ids = maildir_ids(base)
+    ids = maildir_ids(srv)
     if not accepted <= set(ids):  # a delivery cut off at shutdown must be redelivered at the next start
-        again = Serve(config, port)
-        started.append(again)
-        ids = wait_ids(base, accepted)
-        rc, _ = again.terminate(15)
-        assert rc == 0, again.log()
+        again = serve_process(served)
+        ids = wait_ids(again, accepted)
+        rc = again.stop(15)
+        assert rc == 0, again.log_text()
     assert accepted <= set(ids), (sorted(accepted - set(ids)), ids)
-    assert queue_entries(base) == []
+    assert srv.queue_entries() == []
 
 
-def test_sigterm_stops_within_the_grace_even_if_a_client_never_finishes(served):
-    config, port, started = served
-    srv = Serve(config, port)
-    started.append(srv)
-    stuck = RawSMTP(port, timeout=15)
+def test_sigterm_stops_within_the_grace_even_if_a_client_never_finishes(served, serve_process):
+    srv = serve_process(served)
+    stuck = RawSMTP(srv.port(), timeout=15)
     assert stuck.reply()[0] == 220
     stuck.send(b"EHLO lan.example\r\nMAIL FROM:<sender@remote.example>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
     assert [stuck.reply()[0] for _ in range(4)] == [250, 250, 250, 354]
     stuck.send(b"Subject: never finished\r\n\r\nstill typing")
     t0 = time.monotonic()
-    srv.proc.send_signal(signal.SIGTERM)
+    srv.send_signal(signal.SIGTERM)
     code, text = stuck.reply()  # after shutdown_grace (3 s) the session is ended, the message not taken
     assert code == 421, (code, text)
-    rc = srv.proc.wait(15)
+    rc = srv.wait(15)
     elapsed = time.monotonic() - t0
-    srv.stop()
-    assert rc == 0, srv.log()
+    assert rc == 0, srv.log_text()
     assert 2.5 < elapsed < 3 + 5, elapsed
     stuck.close()
-    assert maildir_ids(config.parent) == [] and queue_entries(config.parent) == []
+    assert maildir_ids(srv) == [] and srv.queue_entries() == []
 
 
-def test_kill_9_after_250_then_restart_delivers(served):
-    config, port, started = served
-    base = config.parent
-    srv = Serve(config, port)
-    started.append(srv)
+def test_kill_9_after_250_then_restart_delivers(served, serve_process):
+    srv = serve_process(served)
     accepted = [f"crash-{i}@test" for i in range(4)]
     for mid in accepted:
-        send(port, mid)
-    srv.proc.kill()  # SIGKILL right after the last 250
-    srv.proc.wait(10)
-    srv.stop()
+        send(srv.port(), mid)
+    srv.kill()  # SIGKILL right after the last 250
 
-    again = Serve(config, port)
-    started.append(again)
-    ids = wait_ids(base, set(accepted))
+    again = serve_process(served)
+    ids = wait_ids(again, set(accepted))
     assert set(accepted) <= set(ids), ids
-    rc, _ = again.terminate(15)
-    assert rc == 0, again.log()
-    assert queue_entries(base) == []
+    rc = again.stop(15)
+    assert rc == 0, again.log_text()
+    assert again.queue_entries() == []
 
 
-def test_spooled_message_survives_kill_9_while_delivery_is_failing(served):
-    config, port, started = served
-    base = config.parent
+def test_spooled_message_survives_kill_9_while_delivery_is_failing(served, serve_process):
     # Make local delivery impossible (a file where the domain's directory must be): the message
     # can then only be in the spool when the process dies.
-    blocker = base / "data" / "mail" / "example.test"
+    blocker = served.load().mail_dir / "example.test"
     blocker.parent.mkdir(parents=True, exist_ok=True)
     blocker.write_bytes(b"not a directory\n")
-    srv = Serve(config, port)
-    started.append(srv)
-    send(port, "spooled@test")
+    srv = serve_process(served)
+    send(srv.port(), "spooled@test")
     deadline = time.monotonic() + 5
-    while not queue_entries(base) and time.monotonic() < deadline:
+    while not srv.queue_entries() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(queue_entries(base)) == 1
+    assert len(srv.queue_entries()) == 1
     time.sleep(0.3)  # the first delivery attempt fails and is deferred
-    assert len(queue_entries(base)) == 1
-    srv.proc.kill()
-    srv.proc.wait(10)
-    srv.stop()
+    assert len(srv.queue_entries()) == 1
+    srv.kill()
 
     blocker.unlink()
-    again = Serve(config, port)
-    started.append(again)
-    ids = wait_ids(base, {"spooled@test"})
+    again = serve_process(served)
+    ids = wait_ids(again, {"spooled@test"})
     assert ids == ["spooled@test"], ids
-    rc, _ = again.terminate(15)
-    assert rc == 0, again.log()
-    assert queue_entries(base) == []
+    rc = again.stop(15)
+    assert rc == 0, again.log_text()
+    assert again.queue_entries() == []
 
 
-def test_account_added_while_serving_takes_effect_at_once(served):
-    config, port, started = served
-    srv = Serve(config, port)
-    started.append(srv)
+def test_account_added_while_serving_takes_effect_at_once(served, serve_process):
+    srv = serve_process(served)
+    port = srv.port()
     with smtplib.SMTP("127.0.0.1", port, local_hostname="lan.example", timeout=10) as s:
         s.ehlo()
         s.mail("sender@remote.example")
         assert s.rcpt("newbie@example.test")[0] == 550
-    p = yuubin("-c", str(config), "account", "add", "newbie@example.test", input="Velvet-canyon-38-nimbus\n")
+    p = run_yuubin(["account", "add", "newbie@example.test"], config=srv.config_path, stdin="Velvet-canyon-38-nimbus\n")
     assert p.returncode == 0, p.stderr
     with smtplib.SMTP("127.0.0.1", port, local_hostname="lan.example", timeout=10) as s:
         assert s.sendmail("sender@remote.example", ["newbie@example.test"], msg("newbie@test")) == {}
-    new = config.parent / "data" / "mail" / "example.test" / "newbie" / "new"
-    deadline = time.monotonic() + 10
-    while not (new.exists() and any(new.iterdir())) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert new.exists() and len(list(new.iterdir())) == 1
-    rc, _ = srv.terminate(15)
-    assert rc == 0, srv.log()
+    assert len(srv.wait_delivered("newbie@example.test", 1)) == 1
+    rc = srv.stop(15)
+    assert rc == 0, srv.log_text()
 
 
 # ---- localserve (fixed port 2525) ----------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def port_2525() -> Iterator[None]:
-    """localserve always listens on 127.0.0.1:2525: one test run at a time may use it."""
-    with open(os.path.join(tempfile.gettempdir(), "yuubin-tests-port-2525.lock"), "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # another test run holds it; wait (bounded by pytest timeout)
-        with socket.socket() as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", 2525))
-            except OSError:
-                pytest.skip("127.0.0.1:2525 is in use by something else; localserve needs it")
-        yield
-
-
-class LocalServe:
-    def __init__(self, directory: Path):
-        self.proc = subprocess.Popen([sys.executable, "-m", "yuubin", "localserve", "--dir", str(directory)],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.lines: list[str] = []
-        self.err = bytearray()
-        self.done = threading.Event()
-        threading.Thread(target=self._read_out, daemon=True).start()
-        threading.Thread(target=self._read_err, daemon=True).start()
-
-    def _read_out(self) -> None:
-        for raw in self.proc.stdout:
-            line = raw.decode(errors="replace").rstrip("\n")
-            self.lines.append(line)
-            if line.startswith("Ctrl-C stops"):
-                self.done.set()
-        self.done.set()
-
-    def _read_err(self) -> None:
-        for raw in self.proc.stderr:
-            self.err += raw
-
-    def banner(self, timeout: float = 20) -> str:
-        assert self.done.wait(timeout), f"no banner: {self.lines} {self.err.decode(errors='replace')}"
-        assert self.proc.poll() is None, f"localserve exited: {self.lines} {self.err.decode(errors='replace')}"
-        return "\n".join(self.lines)
-
-    def interrupt(self) -> int:
-        self.proc.send_signal(signal.SIGINT)  # Ctrl-C
-        try:
-            return self.proc.wait(15)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 def test_localserve_runs_everything_on_loopback(tmp_path):
@@ -414,16 +230,12 @@ def test_localserve_runs_everything_on_loopback(tmp_path):
                 assert s.starttls(context=ctx)[0] == 220
                 s.ehlo()
                 assert s.sendmail("friend@remote.example", ["demo@localhost.test"], msg("demo@test")) == {}
-            new = d / "data" / "mail" / "localhost.test" / "demo" / "new"
-            deadline = time.monotonic() + 10
-            while not (new.exists() and any(new.iterdir())) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            (delivered,) = list(new.iterdir())
-            assert b"Message-ID: <demo@test>" in delivered.read_bytes()
+            (delivered,) = ls.wait_delivered("demo@localhost.test", 1)
+            assert b"Message-ID: <demo@test>" in delivered
         finally:
             rc = ls.interrupt()
-        assert rc == 0, (rc, ls.err.decode(errors="replace"))  # Ctrl-C is a clean stop, like SIGTERM
-        assert b"Traceback" not in ls.err, ls.err.decode(errors="replace")
+        assert rc == 0, (rc, ls.log_text())  # Ctrl-C is a clean stop, like SIGTERM
+        assert "Traceback" not in ls.log_text(), ls.log_text()
 
         # The second start reuses everything and does not print a password again.
         ls = LocalServe(d)
@@ -437,7 +249,7 @@ def test_localserve_runs_everything_on_loopback(tmp_path):
 
 
 # ---- a full disk, and failing writes, never lose an accepted message ------------------------------
-# These run the server in-process (tests/serverfixtures.py) with its data_dir on a small tmpfs, so
+# These run the server in-process (tests/harness.py) with its data_dir on a small tmpfs, so
 # the disk really fills up; they are skipped where mounting is not allowed.
 
 MESSAGE_LINE = b"z" * 998 + b"\r\n"

@@ -351,8 +351,7 @@ def attack(srv, client_tls, source: str, passwords: list[str]) -> list[int]:
 
 
 @pytest.mark.slow
-def test_dictionary_attack_locked_out_owner_still_logs_in_and_restart_keeps_it(make_server, client_tls, caplog,
-                                                                            tmp_path):
+def test_dictionary_attack_locked_out_owner_still_logs_in_and_restart_keeps_it(make_server, client_tls, caplog):
     caplog.set_level("INFO", logger="yuubin.auth")
     srv = make_server(listener=LISTENERS, auth_guard={"max_failures": 5})
     codes = attack(srv, client_tls, ATTACKER, DICTIONARY)
@@ -379,10 +378,7 @@ def test_dictionary_attack_locked_out_owner_still_logs_in_and_restart_keeps_it(m
     assert attack(srv2, client_tls, ATTACKER, [ALICE_PW]) == [454]
     # `yuubin auth lockouts` shows it, `yuubin auth unlock` lifts it at once, without a restart
     from yuubin.cli import main
-    cfg = tmp_path / "yuubin.toml"
-    cfg.write_text(f'hostname = "mx.test.example"\ndata_dir = "{srv.config.data_dir}"\n'
-                   '[domains]\nlocal = ["example.test", "other.test"]\n'
-                   '[network]\ntrusted = ["127.0.0.0/16"]\n')
+    cfg = srv2.config_file()
     import contextlib
     import io
     out = io.StringIO()
