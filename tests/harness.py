@@ -45,6 +45,7 @@ import pytest
 import trustme
 
 from tests.dnsserver import TestDNSServer
+from yuubin.app import App
 from yuubin.auth import passwords
 from yuubin.auth.passwords import hash_password
 from yuubin.config import Config, from_dict, load
@@ -408,10 +409,9 @@ def port_2525() -> Iterator[None]:
 # ---- yuubin in a thread of the test process ------------------------------------------------------
 
 
-def _build_server(config: Config) -> Any:
+def _build_server(config: Config) -> App:
     """The server object `yuubin serve` runs, built from `config`."""
-    from yuubin.server import Server
-    return Server(config)
+    return App(config)
 
 
 class RunningServer(_Mailboxes):
@@ -420,7 +420,7 @@ class RunningServer(_Mailboxes):
     def __init__(self, config: Config, server_config: ServerConfig | None = None):
         self.config = config
         self.server_config = server_config
-        self.server: Any = None
+        self.server: App | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -446,7 +446,7 @@ class RunningServer(_Mailboxes):
                 self._ready.set()
                 return
             self._ready.set()
-            await self.server._stopped.wait()
+            await self.server.stopped.wait()
 
         asyncio.run(main())
 

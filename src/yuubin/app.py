@@ -149,13 +149,15 @@ class App:
         loop = asyncio.get_running_loop()
         for index, listener in self.smtp_listeners:
             lc = self.config.listeners[index]
-            tls = {"ssl": listener.shell.tls_context, "ssl_handshake_timeout": HANDSHAKE_TIMEOUT} \
-                if listener.shell.implicit_tls else {}
+            ssl_context = listener.shell.tls_context if listener.shell.implicit_tls else None
+            handshake = HANDSHAKE_TIMEOUT if ssl_context is not None else None
             factory = self._session_factory(listener)
             if sockets is not None:
-                srv = await loop.create_server(factory, sock=sockets[index], backlog=BACKLOG, **tls)
+                srv = await loop.create_server(factory, sock=sockets[index], backlog=BACKLOG, ssl=ssl_context,
+                                               ssl_handshake_timeout=handshake)
             else:
-                srv = await loop.create_server(factory, lc.host, lc.port, reuse_address=True, backlog=BACKLOG, **tls)
+                srv = await loop.create_server(factory, lc.host, lc.port, reuse_address=True, backlog=BACKLOG,
+                                               ssl=ssl_context, ssl_handshake_timeout=handshake)
             bl = BoundListener(lc, srv)
             self.listeners.append(bl)
             host, port = bl.sockname[:2]

@@ -478,7 +478,7 @@ def check_tls_files(cfg: Config) -> None:
     if cfg.tls.cert is None:
         return
     for key, path in (("tls.cert", cfg.tls.cert), ("tls.key", cfg.tls.key)):
-        if not path.is_file():
+        if path is None or not path.is_file():
             raise ConfigError(f"{key}: {path}: no such file")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:

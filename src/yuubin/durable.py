@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +51,11 @@ class GroupCommitter:
         self.batches = 0
         self.jobs = 0
 
-    async def commit(self, writes: list[FileWrite], unlinks: list[Path] = ()) -> None:
+    async def commit(self, writes: list[FileWrite], unlinks: Sequence[str | Path] = ()) -> None:
         """Return once every write is durable; raise OSError (e.g. ENOSPC) if any failed."""
         await self.enqueue(writes, unlinks)
 
-    def enqueue(self, writes: list[FileWrite], unlinks: list[Path] = (),
+    def enqueue(self, writes: list[FileWrite], unlinks: Sequence[str | Path] = (),
                 after: Commit | None = None) -> Commit:
         """Create and write the files now; the returned future resolves once they are durable.
 

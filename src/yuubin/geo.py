@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+from typing import Any
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class GeoDatabase:
         self.source = source
         self._v4: _Ranges | None = None
         self._v6: _Ranges | None = None
-        self._mmdb = None
+        self._mmdb: Any = None  # a maxminddb.Reader, imported only when a .mmdb is used
 
     @classmethod
     def load(cls, source: str) -> GeoDatabase:

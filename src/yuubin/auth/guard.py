@@ -98,7 +98,7 @@ class AuthGuard:
                 ok = normalize_address(authzid) == account  # no acting as someone else
             except AddressInputError:
                 ok = False
-        if ok:
+        if ok and account is not None:
             self.success(ip, account)
             log.info("event=auth_ok session=%s client=%s account=%s", session, ip, account)
             return LoginResult(account, delayed=delay)

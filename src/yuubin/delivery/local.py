@@ -11,8 +11,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from yuubin.delivery.maildir import Maildirs
+from yuubin.delivery.maildir import JUNK, Maildirs
 from yuubin.durable import Commit, FileWrite, GroupCommitter
+from yuubin.queue.edit import KEEP, Edit, Rewrite, SpoolEditor
+from yuubin.queue.signal import Waker
 from yuubin.queue.spool import Envelope, Spool, SpoolCorrupt
 
 log = logging.getLogger("yuubin.delivery")
@@ -22,16 +24,17 @@ RETRY_MAX = 300.0
 
 
 class LocalDelivery:
-    def __init__(self, spool: Spool, maildirs: Maildirs, committer: GroupCommitter,
-                 retry_first: float = RETRY_FIRST):
+    def __init__(self, spool: Spool, maildirs: Maildirs, committer: GroupCommitter, editor: SpoolEditor,
+                 is_held: Callable[[Envelope], bool], queue: Waker, retry_first: float = RETRY_FIRST):
         self.spool = spool
         self.maildirs = maildirs
         self.committer = committer
+        self.editor = editor  # the spool entry's rewrite after its local copies, under the entry lock
+        self.is_held = is_held  # a suspended account's mail stays held
+        self.queue = queue  # told when an entry has only remote recipients left
         self.retry_first = retry_first
         self._tasks: set[asyncio.Task] = set()
         self.delivered = 0
-        self.hold_check: Callable[[Envelope], bool] | None = None  # set by the server (containment)
-        self.outbound = None  # the OutboundScheduler: told when an entry has only remote recipients left
 
     def submit(self, env: Envelope, data: bytes, stored: Commit | None = None) -> None:
         """Deliver in the background.
@@ -42,8 +45,7 @@ class LocalDelivery:
         once they are. Otherwise the message is already durable in the spool.
         """
         if not env.local:
-            if self.outbound is not None:
-                self.outbound.wake(env.id)  # only remote recipients: outbound delivery takes it from the spool
+            self.queue.wake(env.id)  # only remote recipients: outbound delivery takes it from the spool
             return
         first: Commit | None = None
         if stored is not None and not env.remote:
@@ -82,10 +84,12 @@ class LocalDelivery:
 
     def _copies(self, env: Envelope, data: bytes) -> list[FileWrite]:
         return_path = f"Return-Path: <{env.sender}>\r\n".encode()
+        folder = JUNK if env.junk else ""
         writes = []
         for mailbox, _rcpt in env.local:
-            self.maildirs.ensure(mailbox)
-            writes.append(self.maildirs.write(mailbox, [return_path, f"Delivered-To: {mailbox}\r\n".encode(), data]))
+            self.maildirs.ensure(mailbox, folder)
+            writes.append(self.maildirs.write(mailbox, [return_path, f"Delivered-To: {mailbox}\r\n".encode(), data],
+                                              folder))
         return writes
 
     def _enqueue_local_only(self, env: Envelope, data: bytes, after: Commit | None) -> Commit:
@@ -104,12 +108,18 @@ class LocalDelivery:
             return
         writes = self._copies(env, data)
         await self.committer.commit(writes)
+
+        async def local_done(current: Envelope, _data: bytes) -> Edit:
+            if not current.local:
+                return KEEP
+            current.local = []
+            if self.is_held(current):
+                current.held = True  # the account was suspended meanwhile: never undo its hold
+            return Rewrite(current)
+
+        await self.editor.edit(env.id, local_done)
         env.local = []
-        if self.hold_check is not None and self.hold_check(env):
-            env.held = True  # the account was suspended meanwhile: never undo its hold
-        await self.spool.rewrite(env, data)
-        if self.outbound is not None:
-            self.outbound.wake(env.id)
+        self.queue.wake(env.id)
         self._delivered(env, targets)
 
     async def recover(self) -> int:

@@ -9,84 +9,37 @@ costs a handful of messages instead of a blacklisting.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
-from yuubin.auth.accounts import Directory
-from yuubin.delivery.local import LocalDelivery
-from yuubin.policy.decision import SessionFacts
-from yuubin.queue.entrylock import EntryLocks
-from yuubin.queue.spool import Envelope, Spool, SpoolCorrupt, new_id
-from yuubin.smtp.address import parse_path
+from yuubin.policy.holds import AccountHolds
+from yuubin.policy.pipeline import SessionFacts
+from yuubin.queue.spool import new_id
 from yuubin.store import Store
 
 log = logging.getLogger("yuubin.containment")
 
 
-async def hold_account_mail(spool: Spool, account: str, held: bool = True, locks: EntryLocks | None = None,
-                            entry_locks: dict[str, asyncio.Lock] | None = None) -> int:
-    """Set (or clear) `held` on every queued entry the account submitted; returns how many.
-
-    Each edit is load → change → rewrite under the queue's entry locks (the cross-process one,
-    and inside the server the scheduler's asyncio lock), so a delivery result recorded at the
-    same moment cannot overwrite the hold.
-    """
-    count = 0
-    for qid in spool.ids():
-        lock = entry_locks.setdefault(qid, asyncio.Lock()) if entry_locks is not None else None
-        async with lock or contextlib.nullcontext():
-            if locks is not None:
-                await asyncio.to_thread(locks.acquire, qid)
-            try:
-                try:
-                    env, data = spool.load(qid)
-                except (SpoolCorrupt, OSError):
-                    continue  # delivered and removed right now, or set aside at start
-                if env.auth != account or env.held == held:
-                    continue
-                env.held = held
-                await spool.rewrite(env, data)
-                count += 1
-            finally:
-                if locks is not None:
-                    locks.release(qid)
-        if lock is not None and not spool.path(qid).exists():
-            entry_locks.pop(qid, None)  # as the scheduler does: the lock lives as long as its entry
-    return count
-
-
 class AccountContainment:
-    def __init__(self, store: Store, spool: Spool, delivery: LocalDelivery, directory: Directory,
-                 hostname: str):
+    def __init__(self, store: Store, holds: AccountHolds, inject: Callable[[str, bytes, str], Awaitable[str | None]],
+                 postmaster: str, hostname: str):
         self.store = store
-        self.spool = spool
-        self.delivery = delivery
-        self.directory = directory
+        self.holds = holds
+        self.inject = inject  # the intake: the notice enters like any other new message
+        self.postmaster = postmaster
         self.hostname = hostname
         self._tasks: set[asyncio.Task] = set()
-        self.locks: EntryLocks | None = None  # the queue's entry locks, set by the server
-        self.entry_locks: dict[str, asyncio.Lock] | None = None
-
-    def is_held(self, env: Envelope) -> bool:
-        """True when the submitting account is suspended: its mail must stay on hold."""
-        if not env.auth:
-            return False
-        row = self.store.account(env.auth)
-        return row is not None and row.suspended
 
     def limit_broken(self, account: str, what: str, facts: SessionFacts) -> None:
         task = asyncio.get_running_loop().create_task(self.contain(account, what, facts))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def hold(self, account: str) -> int:
-        return await hold_account_mail(self.spool, account, True, self.locks, self.entry_locks)
-
     async def contain(self, account: str, what: str, facts: SessionFacts) -> None:
         now = time.time()
-        held = await self.hold(account)
+        held = await self.holds.hold(account)
         clients = self.store.submission_clients_since(account, now - 86400.0)
         if str(facts.client) not in {c for c, _ in clients}:
             clients.append((str(facts.client), 0))
@@ -100,13 +53,6 @@ class AccountContainment:
 
     async def _tell_postmaster(self, account: str, what: str, sent_hour: int, rcpts_day: int, held: int,
                                clients: list[tuple[str, int]]) -> None:
-        pm = parse_path(f"<{self.directory.postmaster}>", smtputf8=True)
-        res = self.directory.resolve(pm) if pm else None
-        if res is None or not res.mailboxes:
-            log.error("event=postmaster_unreachable account=%s postmaster=%s reason=\"no local mailbox\"",
-                      account, self.directory.postmaster)
-            return
-        qid = new_id()
         lines = [
             f"The account {account} broke its outbound limit and was suspended:",
             f"  {what}",
@@ -121,18 +67,15 @@ class AccountContainment:
             "delete what is spam, then `yuubin account enable` the account.",
         ]
         body = "\r\n".join(lines) + "\r\n"
-        data = (f"From: yuubin <{self.directory.postmaster}>\r\nTo: <{self.directory.postmaster}>\r\n"
+        data = (f"From: yuubin <{self.postmaster}>\r\nTo: <{self.postmaster}>\r\n"
                 f"Subject: [yuubin] account {account} suspended\r\n"
                 f"Date: {email.utils.formatdate(localtime=True)}\r\n"
-                f"Message-ID: <{qid}@{self.hostname}>\r\n"
+                f"Message-ID: <{new_id()}@{self.hostname}>\r\n"
                 f"Auto-Submitted: auto-generated\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
                 f"{body}").encode()
-        env = Envelope(id=qid, sender="", mail_params={}, local=[(mb, self.directory.postmaster)
-                                                                 for mb in res.mailboxes],
-                       remote=[], received=time.time(), client="127.0.0.1", helo=self.hostname,
-                       listener="internal", trusted=True)
-        await self.spool.store(env, data)
-        self.delivery.submit(env, data)
+        if await self.inject(self.postmaster, data, "internal") is None:
+            log.error('event=postmaster_unreachable account=%s postmaster=%s reason="no local mailbox"',
+                      account, self.postmaster)
 
     async def drain(self, timeout: float) -> None:
         if self._tasks:

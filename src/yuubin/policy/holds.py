@@ -8,9 +8,32 @@ at the same moment cannot overwrite it.
 
 from __future__ import annotations
 
-from yuubin.queue.edit import SpoolEditor
+from yuubin.queue.edit import KEEP, Edit, Rewrite, SpoolEditor, Unreadable
 from yuubin.queue.spool import Envelope
 from yuubin.store import Store
+
+
+async def hold_account_mail(editor: SpoolEditor, account: str, held: bool = True) -> int:
+    """Set (or clear) `held` on every queued entry the account submitted; returns how many.
+
+    Each edit goes through the SpoolEditor the scheduler uses, so a delivery result recorded at
+    the same moment cannot overwrite the hold. Also used by `yuubin account suspend/enable`.
+    """
+    async def set_held(env: Envelope, _data: bytes) -> Edit:
+        if env.auth != account or env.held == held:
+            return KEEP
+        env.held = held
+        return Rewrite(env)
+
+    count = 0
+    for qid in editor.spool.ids():
+        try:
+            edit = await editor.edit(qid, set_held)  # None: delivered and removed right now
+        except Unreadable:
+            continue  # torn: set aside at start
+        if isinstance(edit, Rewrite):
+            count += 1
+    return count
 
 
 class AccountHolds:

@@ -143,7 +143,7 @@ class StageResult:
 
     @property
     def quarantine(self) -> bool:
-        return any(d.verdict is Verdict.QUARANTINE for d in self.trail)
+        return self.accepted and any(d.verdict is Verdict.QUARANTINE for d in self.trail)
 
 
 def _combine(stage: str, decisions: list[Decision]) -> StageResult:

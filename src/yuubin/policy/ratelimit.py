@@ -47,7 +47,9 @@ class AccountLimits:
 
     async def rcpt(self, txn: Transaction, rcpt: Address) -> Decision:
         account = txn.session.auth_user or ""
+        # Recipients of earlier messages in the last day, and those already taken in this one.
         seen = self.store.submission_recipients_since(account, self.clock() - DAY)
+        seen.update(r.address.key for r in txn.recipients)
         limit = self.outbound.max_recipients_per_day
         if rcpt.key not in seen and len(seen) >= limit:
             return self._limit_broken(txn.session, f"{len(seen)} distinct recipients in the last day "

@@ -172,11 +172,11 @@ class SMTPSession(StreamSession):
             if self._answer("mail", (await pipeline.mail(txn, ev.sender)).decision):
                 self.txn = txn
         elif isinstance(ev, RcptTo):
-            txn = self.txn
-            assert txn is not None
-            result = await pipeline.rcpt(txn, ev.recipient)
+            current = self.txn
+            assert current is not None
+            result = await pipeline.rcpt(current, ev.recipient)
             if self._answer("rcpt", result.decision) and result.route is not None:
-                txn.recipients.append(AcceptedRecipient(ev.recipient, ev.params, result.route))
+                current.recipients.append(AcceptedRecipient(ev.recipient, ev.params, result.route))
         elif isinstance(ev, MessageReceived):
             await self._message(ev)
         elif isinstance(ev, StartTLS):
