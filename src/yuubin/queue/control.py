@@ -55,7 +55,7 @@ def entry_state(env: Envelope) -> str:
         return "held"
     if env.local:
         return "local"
-    if any(int(r.get("tries", 0)) > 0 for r in env.remote if r.get("state", QUEUED) == QUEUED):
+    if any(r.tries > 0 for r in env.remote if r.state == QUEUED):
         return "deferred"
     return "queued"
 
@@ -92,13 +92,13 @@ class QueueControl:
 
     def row(self, env: Envelope, now: float | None = None) -> dict[str, object]:
         now = time.time() if now is None else now
-        pending = [r for r in env.remote if r.get("state", QUEUED) == QUEUED]
-        errors = [str(r["error"]) for r in pending if r.get("error")]
+        pending = [r for r in env.remote if r.state == QUEUED]
+        errors = [r.error for r in pending if r.error]
         return {
             "id": env.id,
             "age": round(now - env.received),
             "sender": env.sender,
-            "recipients": [str(r["to"]) for r in pending] + [mb for mb, _ in env.local],
+            "recipients": [r.to for r in pending] + [mb for mb, _ in env.local],
             "state": entry_state(env),
             "next_attempt": next_due(env) if not env.held else None,
             "last_error": errors[-1] if errors else "",
@@ -134,13 +134,12 @@ class QueueControl:
         env, data = self._load(qid)
         end = data.find(b"\r\n\r\n")
         headers = (data if end < 0 else data[:end]).decode("utf-8", "replace")
-        envelope = {k: v for k, v in env.__dict__.items()}
-        rcpts = [f"  {r['to']}  {r.get('state', QUEUED)}  tries={r.get('tries', 0)}  "
-                 f"next={_when(float(r['next'])) if r.get('state', QUEUED) == QUEUED and r.get('next') else '-'}  "
-                 f"last={r.get('error') or '-'}" for r in env.remote]
+        rcpts = [f"  {r.to}  {r.state}  tries={r.tries}  "
+                 f"next={_when(r.next) if r.state == QUEUED and r.next else '-'}  "
+                 f"last={r.error or '-'}" for r in env.remote]
         return (f"# entry {qid} ({entry_state(env)}), received {_when(env.received)}, "
                 f"{env.attempts} attempts\n" + "\n".join(rcpts) + "\n# envelope\n"
-                + json.dumps(envelope, indent=1, default=str)
+                + json.dumps(env.to_json(), indent=1, default=str)
                 + "\n# headers\n" + headers.replace("\r\n", "\n") + "\n")
 
     def select(self, qid: str | None = None, sender: str | None = None, all_held: bool = False) -> list[str]:
@@ -184,7 +183,7 @@ class QueueControl:
                 self.spool.path(qid).unlink(missing_ok=True)
                 fsync_dir(self.spool.queue_dir)
             deleted.append(qid)
-            rcpts = ",".join(str(r["to"]) for r in env.remote) if env else "?"
+            rcpts = ",".join(r.to for r in env.remote) if env else "?"
             log.warning("event=queue_deleted id=%s from=<%s> rcpts=%s by=%s", qid, env.sender if env else "?",
                         rcpts, os.environ.get("SUDO_USER") or _login())
         return deleted

@@ -1,7 +1,8 @@
 """The outbound queue runner: which spool entry goes out when, and what its result changes.
 
-State lives only in the spool entry: each remote recipient dict carries `state` (queued,
-delivered, failed), `tries`, `next` (epoch seconds), `error`, `status`, `host`, `reported`.
+State lives only in the spool entry: each remote recipient is a RemoteRecipient record with
+`state` (queued, delivered, failed), `tries`, `next` (epoch seconds), `error`, `status`, `host`,
+`reported`.
 Every change is written with Spool.rewrite (atomic, fsynced) before anything depends on it,
 so kill -9 at any moment loses nothing: at worst a recipient gets a message twice, or a
 sender a DSN twice. A DSN is stored before the failed recipient is marked reported.
@@ -38,7 +39,8 @@ from yuubin.delivery.remote import (
 )
 from yuubin.queue.bounce import DELAYED, FAILED, build_dsn, may_bounce, wants_notice
 from yuubin.queue.entrylock import EntryLocks
-from yuubin.queue.spool import Envelope, Spool, SpoolCorrupt, new_id
+from yuubin.queue.spool import DELIVERED, QUEUED, Envelope, RemoteRecipient, Spool, SpoolCorrupt, new_id
+from yuubin.queue.spool import FAILED as FAILED_STATE
 from yuubin.smtp.address import AddressError, parse_path
 
 if TYPE_CHECKING:
@@ -46,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("yuubin.outbound")
 
-QUEUED, DELIVERED, FAILED_STATE = "queued", "delivered", "failed"
 TICK = 1.0  # how often flush requests and due entries are looked at
 RELAY = "[relayhost]"  # the destination key of everything when a relayhost is set
 REQUESTS_DIR = "requests"
@@ -75,13 +76,13 @@ class RemoteWake:
         request_flush(self.spool_root, qid)
 
 
-def rcpt_domain(rcpt: dict[str, object]) -> str:
-    return str(rcpt["to"]).rpartition("@")[2].lower()
+def rcpt_domain(rcpt: RemoteRecipient) -> str:
+    return rcpt.to.rpartition("@")[2].lower()
 
 
 def next_due(env: Envelope) -> float | None:
     """When this entry next has something to send; None when nothing is queued."""
-    times = [float(r.get("next", 0)) for r in env.remote if r.get("state", QUEUED) == QUEUED]
+    times = [r.next for r in env.remote if r.state == QUEUED]
     return min(times) if times else None
 
 
@@ -90,7 +91,7 @@ class BounceRoute:
     """Where a DSN for `sender` goes: local mailboxes and/or a remote address."""
 
     local: list[tuple[str, str]]
-    remote: list[dict[str, object]]
+    remote: list[RemoteRecipient]
 
 
 class OutboundScheduler:
@@ -241,7 +242,7 @@ class OutboundScheduler:
                 continue
             groups: dict[str, list[int]] = {}
             for i, r in enumerate(env.remote):
-                if r.get("state", QUEUED) == QUEUED and (force or float(r.get("next", 0)) <= now):
+                if r.state == QUEUED and (force or r.next <= now):
                     groups.setdefault(RELAY if self.relay else rcpt_domain(r), []).append(i)
             started_all = True
             for dest, idx in groups.items():
@@ -270,7 +271,7 @@ class OutboundScheduler:
             if self._held(env):
                 log.info("event=outbound_skipped id=%s reason=held", qid)
                 return
-            todo = [i for i in idx if i < len(env.remote) and env.remote[i].get("state", QUEUED) == QUEUED]
+            todo = [i for i in idx if i < len(env.remote) and env.remote[i].state == QUEUED]
             if not todo:
                 return
             outcomes = await self._attempt(env, data, dest, todo)
@@ -288,7 +289,7 @@ class OutboundScheduler:
             self._wake.set()
 
     async def _attempt(self, env: Envelope, data: bytes, dest: str, todo: list[int]) -> list[Outcome]:
-        rcpts = [(str(env.remote[i]["to"]), _rcpt_params(env.remote[i])) for i in todo]
+        rcpts = [(env.remote[i].to, _rcpt_params(env.remote[i])) for i in todo]
         if self.relay is not None:
             targets = [self.relay]
         else:
@@ -333,23 +334,23 @@ class OutboundScheduler:
         env.attempts += 1
         for i, o in outcomes.items():
             r = env.remote[i]
-            r["tries"] = int(r.get("tries", 0)) + 1
-            r.update(error=o.diagnostic, status=o.status, host=o.host)
+            r.tries += 1
+            r.error, r.status, r.host = o.diagnostic, o.status, o.host
             if o.kind == "delivered":
-                r["state"] = DELIVERED
+                r.state = DELIVERED
                 self.sent += 1
-                log.info('event=sent id=%s to=<%s> host=%s reply="%s"', qid, r["to"], o.host, o.diagnostic)
+                log.info('event=sent id=%s to=<%s> host=%s reply="%s"', qid, r.to, o.host, o.diagnostic)
             elif o.kind == "failed":
-                r["state"] = FAILED_STATE
-                log.info('event=failed id=%s to=<%s> host=%s reply="%s"', qid, r["to"], o.host, o.diagnostic)
+                r.state = FAILED_STATE
+                log.info('event=failed id=%s to=<%s> host=%s reply="%s"', qid, r.to, o.host, o.diagnostic)
             elif now - env.received >= self.cfg.queue_lifetime:
-                r.update(state=FAILED_STATE, status="4.4.7",
-                         error=f"gave up after {self.cfg.queue_lifetime / 86400:g} days: {o.diagnostic}")
-                log.info('event=expired id=%s to=<%s> last="%s"', qid, r["to"], o.diagnostic)
+                r.state, r.status = FAILED_STATE, "4.4.7"
+                r.error = f"gave up after {self.cfg.queue_lifetime / 86400:g} days: {o.diagnostic}"
+                log.info('event=expired id=%s to=<%s> last="%s"', qid, r.to, o.diagnostic)
             else:
-                delay = min(self.cfg.retry_first * 2 ** (r["tries"] - 1), self.cfg.retry_max)
-                r["next"] = now + delay
-                log.info('event=deferred id=%s to=<%s> host=%s reply="%s" retry_in=%.0fs', qid, r["to"],
+                delay = min(self.cfg.retry_first * 2 ** (r.tries - 1), self.cfg.retry_max)
+                r.next = now + delay
+                log.info('event=deferred id=%s to=<%s> host=%s reply="%s" retry_in=%.0fs', qid, r.to,
                          o.host, o.diagnostic, delay)
         await self._notify(env, data, now)
         when = next_due(env)
@@ -366,11 +367,11 @@ class OutboundScheduler:
 
     async def _notify(self, env: Envelope, data: bytes, now: float) -> None:
         """DSNs for newly failed recipients, and one delay warning; stored before marked reported."""
-        fresh = [r for r in env.remote if r.get("state") == FAILED_STATE and not r.get("reported")]
+        fresh = [r for r in env.remote if r.state == FAILED_STATE and not r.reported]
         late = []
         if (self.cfg.delay_warning and not env.extra.get("warned")
                 and now - env.received >= self.cfg.delay_warning):
-            late = [r for r in env.remote if r.get("state", QUEUED) == QUEUED]
+            late = [r for r in env.remote if r.state == QUEUED]
         if not fresh and not late:
             return
         ok, why = may_bounce(env)
@@ -386,11 +387,11 @@ class OutboundScheduler:
             until = env.received + self.cfg.queue_lifetime if action == DELAYED else None
             await self._send_dsn(env, data, wanted, action, until)
         for r in fresh:
-            r["reported"] = True
+            r.reported = True
         if late:
             env.extra["warned"] = True
 
-    async def _send_dsn(self, env: Envelope, data: bytes, rcpts: list[dict[str, object]], action: str,
+    async def _send_dsn(self, env: Envelope, data: bytes, rcpts: list[RemoteRecipient], action: str,
                         until: float | None) -> None:
         route = self.route_bounce(env.sender)
         if route is None:
@@ -409,10 +410,9 @@ class OutboundScheduler:
             self.wake(bounce.id)
 
 
-def _rcpt_params(rcpt: dict[str, object]) -> list[str]:
+def _rcpt_params(rcpt: RemoteRecipient) -> list[str]:
     """The DSN parameters worth passing on (RFC 3461); everything else stays here."""
-    params = rcpt.get("params") or {}
-    return [f"{k}={v}" for k, v in params.items() if k in ("NOTIFY", "ORCPT") and v]  # type: ignore[union-attr]
+    return [f"{k}={v}" for k, v in rcpt.params.items() if k in ("NOTIFY", "ORCPT") and v]
 
 
 def bounce_router(directory: Directory) -> Callable[[str], BounceRoute | None]:
@@ -425,12 +425,12 @@ def bounce_router(directory: Directory) -> Callable[[str], BounceRoute | None]:
         if addr is None:
             return None
         if not directory.is_local(addr.domain):
-            return BounceRoute([], [{"to": sender, "params": {}, "rcpt": sender}])
+            return BounceRoute([], [RemoteRecipient(sender, rcpt=sender)])
         res = directory.resolve(addr)
         if res is None:
             return None
         return BounceRoute([(mb, sender) for mb in res.mailboxes],
-                           [{"to": fw, "params": {}, "rcpt": sender} for fw in res.forwards])
+                           [RemoteRecipient(fw, rcpt=sender) for fw in res.forwards])
     return route
 
 

@@ -22,7 +22,7 @@ from yuubin.auth import sasl
 from yuubin.auth.accounts import Resolution
 from yuubin.policy.decision import Decision, ListenerPolicy, SessionFacts
 from yuubin.policy.submission import missing_headers
-from yuubin.queue.spool import Envelope, new_id
+from yuubin.queue.spool import Envelope, RemoteRecipient, new_id
 from yuubin.smtp import replies as R
 from yuubin.smtp.protocol import (
     CLOSED,
@@ -382,11 +382,11 @@ class SMTPSession(asyncio.Protocol):
         conn, facts = self.conn, self.facts
         qid = new_id()
         local: list[tuple[str, str]] = []
-        remote: list[dict[str, object]] = []
+        remote: list[RemoteRecipient] = []
         for r in ev.recipients:
             res: Resolution = r.context or Resolution()
             local.extend((mb, r.address.text) for mb in res.mailboxes)
-            remote.extend({"to": fw, "params": r.params, "rcpt": r.address.text} for fw in res.forwards)
+            remote.extend(RemoteRecipient(fw, params=r.params, rcpt=r.address.text) for fw in res.forwards)
         if facts.auth_user:
             data = self._received_header(ev, qid) + missing_headers(ev.data, qid, self.server.config.hostname) \
                 + ev.data
