@@ -1,15 +1,21 @@
-"""Spool entries as typed records: old entries still load, and the JSON keeps its keys."""
+"""Spool entries as typed records (old entries still load, the JSON keeps its keys) and the one
+locked way to edit them (SpoolEditor), which the scheduler, containment and `yuubin queue` share.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import pytest
 
 from yuubin.durable import GroupCommitter
+from yuubin.policy.containment import hold_account_mail
 from yuubin.queue.control import QueueControl, entry_state
-from yuubin.queue.spool import MAGIC, Envelope, RemoteRecipient, Spool, SpoolCorrupt
+from yuubin.queue.edit import KEEP, REMOVE, Keep, Rewrite, SpoolEditor, Unreadable
+from yuubin.queue.entrylock import EntryLocks
+from yuubin.queue.spool import MAGIC, Envelope, RemoteRecipient, Spool, SpoolCorrupt, new_id
 
 # An entry as the previous release wrote it: a recipient only has the keys it had reached.
 OLD_ENTRY = MAGIC + json.dumps({
@@ -36,6 +42,23 @@ def spool(tmp_path: Path):
     committer = GroupCommitter(workers=1)
     yield Spool(tmp_path / "spool", committer)
     committer.shutdown()
+
+
+@pytest.fixture
+def editor(spool: Spool):
+    ed = SpoolEditor(spool, EntryLocks(spool.root))
+    yield ed
+    ed.close()
+
+
+def store(spool: Spool, **kw) -> Envelope:
+    fields = dict(id=new_id(), sender="alice@example.test", mail_params={}, local=[],
+                  remote=[RemoteRecipient("carol@remote.test")], received=1700000000.0, client="127.0.0.1",
+                  helo="pc", listener="submission", auth="alice@example.test")
+    fields.update(kw)
+    env = Envelope(**fields)
+    asyncio.run(spool.store(env, b"Subject: x\r\n\r\nbody\r\n"))
+    return env
 
 
 # ---- the record format ----
@@ -100,3 +123,77 @@ def test_queue_tools_show_typed_records(spool: Spool):
         assert "dave@other.test  queued  tries=2" in shown and '"rcpt": "fwd@example.test"' in shown
     finally:
         ctl.close()
+
+
+# ---- one locked edit ----
+
+async def test_edits_of_one_entry_take_turns(spool: Spool, editor: SpoolEditor):
+    env = await asyncio.to_thread(store, spool)
+    order: list[str] = []
+
+    def adder(name: str):
+        async def change(e: Envelope, _data: bytes):
+            order.append(f"{name} sees {e.attempts}")
+            await asyncio.sleep(0.05)  # another edit started now must wait, then see this one's result
+            e.attempts += 1
+            return Rewrite(e)
+        return change
+
+    await asyncio.gather(editor.edit(env.id, adder("a")), editor.edit(env.id, adder("b")))
+    assert order == ["a sees 0", "b sees 1"]
+    assert spool.load(env.id)[0].attempts == 2
+
+
+async def test_edit_results(spool: Spool, editor: SpoolEditor):
+    env = await asyncio.to_thread(store, spool)
+
+    async def keep(_e: Envelope, _d: bytes):
+        return KEEP
+
+    async def remove(_e: Envelope, _d: bytes):
+        return REMOVE
+
+    async def change_other_entry(e: Envelope, _d: bytes):
+        e.id = "someone-else"
+        return Rewrite(e)
+
+    assert isinstance(await editor.edit(env.id, keep), Keep)
+    with pytest.raises(ValueError):
+        await editor.edit(env.id, change_other_entry)
+    assert spool.load(env.id)[0].id == env.id
+    assert await editor.edit(env.id, remove) is REMOVE
+    assert not spool.path(env.id).exists()
+    assert await editor.edit(env.id, keep) is None  # gone: nothing called, nothing written
+    assert editor._in_process == {}  # the in-process lock went with its entry
+
+    spool.path("torn").write_bytes(MAGIC + b"{not json\nxx")
+    with pytest.raises(Unreadable):
+        await editor.edit("torn", keep)
+
+
+def test_sync_edits_and_remove_for_the_queue_tools(spool: Spool, editor: SpoolEditor):
+    env = store(spool)
+
+    def hold(e: Envelope, _d: bytes):
+        e.held = True
+        return Rewrite(e)
+
+    assert isinstance(editor.edit_sync(env.id, hold), Rewrite)
+    assert spool.load(env.id)[0].held
+    spool.path("torn").write_bytes(b"garbage")
+    removed = editor.remove_sync("torn")
+    assert removed is not None and removed.env is None and not spool.path("torn").exists()
+    removed = editor.remove_sync(env.id)
+    assert removed is not None and removed.env is not None and removed.env.held
+    assert editor.remove_sync(env.id) is None
+
+
+async def test_hold_account_mail_holds_only_that_accounts_entries(spool: Spool, editor: SpoolEditor):
+    mine = [await asyncio.to_thread(store, spool) for _ in range(2)]
+    other = await asyncio.to_thread(store, spool, auth="bob@example.test")
+    spool.path("torn").write_bytes(b"garbage")  # skipped, not fatal
+    assert await hold_account_mail(spool, editor, "alice@example.test") == 2
+    assert [spool.load(e.id)[0].held for e in [*mine, other]] == [True, True, False]
+    assert await hold_account_mail(spool, editor, "alice@example.test") == 0  # already held
+    assert await hold_account_mail(spool, editor, "alice@example.test", held=False) == 2
+    assert not any(spool.load(e.id)[0].held for e in mine)

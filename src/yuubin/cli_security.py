@@ -97,15 +97,16 @@ def cmd_account_audit(args: argparse.Namespace) -> int:
 def _hold(cfg, address: str, held: bool) -> int:
     from yuubin.durable import GroupCommitter
     from yuubin.policy.containment import hold_account_mail
+    from yuubin.queue.edit import SpoolEditor
     from yuubin.queue.entrylock import EntryLocks
     from yuubin.queue.spool import Spool
     committer = GroupCommitter()
     spool = Spool(cfg.spool_dir, committer)
-    locks = EntryLocks(spool.root)  # the running server's scheduler edits the same entries
+    editor = SpoolEditor(spool, EntryLocks(spool.root))  # the running server's scheduler edits the same entries
     try:
-        return asyncio.run(hold_account_mail(spool, address, held, locks))
+        return asyncio.run(hold_account_mail(spool, editor, address, held))
     finally:
-        locks.close()
+        editor.close()
         committer.shutdown()
 
 

@@ -30,6 +30,8 @@ from yuubin.policy.containment import AccountContainment
 from yuubin.policy.dnsbl import DnsblChecker
 from yuubin.policy.mx import MxPolicy
 from yuubin.policy.submission import SubmissionPolicy
+from yuubin.queue.edit import SpoolEditor
+from yuubin.queue.entrylock import EntryLocks
 from yuubin.queue.scheduler import RemoteWake, build_scheduler
 from yuubin.queue.spool import Spool
 from yuubin.smtp import listener as listener_module
@@ -70,14 +72,13 @@ class Server:
         dnsbl = DnsblChecker(self.resolver, list(config.dnsbl_zones)) if config.dnsbl_zones else None
         self.mx_policy = MxPolicy(self.directory, dnsbl)
         self.auth_guard = AuthGuard(self.store, config.auth_guard, self.is_trusted)
-        self.containment = AccountContainment(self.store, self.spool, self.delivery, self.directory,
-                                              config.hostname)
+        # Every edit of a spool entry (scheduler, containment) goes through one editor and its locks.
+        self.editor = SpoolEditor(self.spool, EntryLocks(self.spool.root))
+        self.containment = AccountContainment(self.store, self.spool, self.editor, self.delivery,
+                                              self.directory, config.hostname)
         self.delivery.hold_check = self.containment.is_held
         self.outbound = build_scheduler(self)  # remote delivery, retries, DSNs (queue/scheduler.py)
         self.delivery.outbound = self.outbound if self.primary else RemoteWake(self.spool.root)
-        # A hold must not race the scheduler recording a delivery result: share its entry locks.
-        self.containment.locks = self.outbound.locks
-        self.containment.entry_locks = self.outbound.entry_locks
         self.geo: GeoDatabase | None = None
         if any(lc.allow_countries for lc in config.listeners if lc.kind in SUBMISSION_KINDS):
             try:  # a country in `allow` without its data would be an open door: refuse to start
@@ -174,6 +175,7 @@ class Server:
         await self.outbound.stop(grace=self.config.limits.shutdown_grace)
         await self.containment.drain(timeout=self.config.limits.shutdown_grace)
         await self.delivery.drain(timeout=self.config.limits.shutdown_grace)
+        self.editor.close()
         self.committer.shutdown()
         self.store.close()
         log.info("event=stopped commit_batches=%d commit_jobs=%d", self.committer.batches, self.committer.jobs)

@@ -9,7 +9,6 @@ costs a handful of messages instead of a blacklisting.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import logging
 import time
@@ -17,57 +16,47 @@ import time
 from yuubin.auth.accounts import Directory
 from yuubin.delivery.local import LocalDelivery
 from yuubin.policy.decision import SessionFacts
-from yuubin.queue.entrylock import EntryLocks
-from yuubin.queue.spool import Envelope, Spool, SpoolCorrupt, new_id
+from yuubin.queue.edit import KEEP, Edit, Rewrite, SpoolEditor, Unreadable
+from yuubin.queue.spool import Envelope, Spool, new_id
 from yuubin.smtp.address import parse_path
 from yuubin.store import Store
 
 log = logging.getLogger("yuubin.containment")
 
 
-async def hold_account_mail(spool: Spool, account: str, held: bool = True, locks: EntryLocks | None = None,
-                            entry_locks: dict[str, asyncio.Lock] | None = None) -> int:
+async def hold_account_mail(spool: Spool, editor: SpoolEditor, account: str, held: bool = True) -> int:
     """Set (or clear) `held` on every queued entry the account submitted; returns how many.
 
-    Each edit is load → change → rewrite under the queue's entry locks (the cross-process one,
-    and inside the server the scheduler's asyncio lock), so a delivery result recorded at the
-    same moment cannot overwrite the hold.
+    Each edit goes through the SpoolEditor the scheduler uses, so a delivery result recorded at
+    the same moment cannot overwrite the hold.
     """
+    async def set_held(env: Envelope, _data: bytes) -> Edit:
+        if env.auth != account or env.held == held:
+            return KEEP
+        env.held = held
+        return Rewrite(env)
+
     count = 0
     for qid in spool.ids():
-        lock = entry_locks.setdefault(qid, asyncio.Lock()) if entry_locks is not None else None
-        async with lock or contextlib.nullcontext():
-            if locks is not None:
-                await asyncio.to_thread(locks.acquire, qid)
-            try:
-                try:
-                    env, data = spool.load(qid)
-                except (SpoolCorrupt, OSError):
-                    continue  # delivered and removed right now, or set aside at start
-                if env.auth != account or env.held == held:
-                    continue
-                env.held = held
-                await spool.rewrite(env, data)
-                count += 1
-            finally:
-                if locks is not None:
-                    locks.release(qid)
-        if lock is not None and not spool.path(qid).exists():
-            entry_locks.pop(qid, None)  # as the scheduler does: the lock lives as long as its entry
+        try:
+            edit = await editor.edit(qid, set_held)  # None: delivered and removed right now
+        except Unreadable:
+            continue  # torn: set aside at start
+        if isinstance(edit, Rewrite):
+            count += 1
     return count
 
 
 class AccountContainment:
-    def __init__(self, store: Store, spool: Spool, delivery: LocalDelivery, directory: Directory,
-                 hostname: str):
+    def __init__(self, store: Store, spool: Spool, editor: SpoolEditor, delivery: LocalDelivery,
+                 directory: Directory, hostname: str):
         self.store = store
         self.spool = spool
+        self.editor = editor  # shared with the scheduler: a hold never races a delivery result
         self.delivery = delivery
         self.directory = directory
         self.hostname = hostname
         self._tasks: set[asyncio.Task] = set()
-        self.locks: EntryLocks | None = None  # the queue's entry locks, set by the server
-        self.entry_locks: dict[str, asyncio.Lock] | None = None
 
     def is_held(self, env: Envelope) -> bool:
         """True when the submitting account is suspended: its mail must stay on hold."""
@@ -82,7 +71,7 @@ class AccountContainment:
         task.add_done_callback(self._tasks.discard)
 
     async def hold(self, account: str) -> int:
-        return await hold_account_mail(self.spool, account, True, self.locks, self.entry_locks)
+        return await hold_account_mail(self.spool, self.editor, account, True)
 
     async def contain(self, account: str, what: str, facts: SessionFacts) -> None:
         now = time.time()

@@ -1,14 +1,14 @@
 """`yuubin queue ...`: look at and steer the outbound queue, like postqueue/postsuper.
 
-It runs in its own process and edits spool entries directly: each change is load → change →
-atomic rewrite under the entry's cross-process lock, so it never races the running scheduler.
+It runs in its own process and edits spool entries directly, through the same SpoolEditor as the
+server (load → change → atomic rewrite under the entry's cross-process lock), so it never races
+the running scheduler.
 "Retry now" cannot be written into an entry without touching its schedule for good, so flush
 drops a request file in spool/requests/ that the scheduler reads within a second.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import getpass
 import json
@@ -17,7 +17,8 @@ import os
 import time
 from pathlib import Path
 
-from yuubin.durable import GroupCommitter, fsync_dir
+from yuubin.durable import GroupCommitter
+from yuubin.queue.edit import KEEP, Edit, Rewrite, SpoolEditor, Unreadable
 from yuubin.queue.entrylock import EntryLocks
 from yuubin.queue.scheduler import QUEUED, next_due, request_flush
 from yuubin.queue.spool import Envelope, Spool, SpoolCorrupt
@@ -75,11 +76,11 @@ class QueueControl:
             raise QueueError(f"no queue at {spool_root} (has the server run with this config?)")
         become_spool_owner(spool_root)
         self.spool = Spool(spool_root, GroupCommitter(workers=1))
-        self.locks = EntryLocks(spool_root)
+        self.editor = SpoolEditor(self.spool, EntryLocks(spool_root))
 
     def close(self) -> None:
         self.spool.committer.shutdown()
-        self.locks.close()
+        self.editor.close()
 
     def entries(self) -> list[tuple[Envelope, bytes]]:
         out = []
@@ -153,19 +154,22 @@ class QueueControl:
         return chosen
 
     def set_held(self, qids: list[str], held: bool) -> list[str]:
+        def set_held(env: Envelope, _data: bytes) -> Edit:
+            if env.held == held:
+                return KEEP
+            env.held = held
+            return Rewrite(env)
+
         changed = []
         for qid in qids:
-            with self.locks.held(qid):
-                try:
-                    env, data = self.spool.load(qid)
-                except (FileNotFoundError, SpoolCorrupt):
-                    continue
-                if env.held == held:
-                    continue
-                env.held = held
-                asyncio.run(self.spool.rewrite(env, data))
+            try:
+                edit = self.editor.edit_sync(qid, set_held)
+            except Unreadable:
+                continue
+            if not isinstance(edit, Rewrite):
+                continue
             changed.append(qid)
-            log.info("event=queue_%s id=%s from=<%s>", "held" if held else "released", qid, env.sender)
+            log.info("event=queue_%s id=%s from=<%s>", "held" if held else "released", qid, edit.env.sender)
             if not held:
                 self.request_flush(qid)
         return changed
@@ -173,16 +177,11 @@ class QueueControl:
     def delete(self, qids: list[str]) -> list[str]:
         deleted = []
         for qid in qids:
-            with self.locks.held(qid):
-                try:
-                    env, _ = self.spool.load(qid)
-                except SpoolCorrupt:
-                    env = None
-                except FileNotFoundError:
-                    continue
-                self.spool.path(qid).unlink(missing_ok=True)
-                fsync_dir(self.spool.queue_dir)
+            removed = self.editor.remove_sync(qid)
+            if removed is None:
+                continue
             deleted.append(qid)
+            env = removed.env
             rcpts = ",".join(r.to for r in env.remote) if env else "?"
             log.warning("event=queue_deleted id=%s from=<%s> rcpts=%s by=%s", qid, env.sender if env else "?",
                         rcpts, os.environ.get("SUDO_USER") or _login())

@@ -7,7 +7,7 @@ Every change is written with Spool.rewrite (atomic, fsynced) before anything dep
 so kill -9 at any moment loses nothing: at worst a recipient gets a message twice, or a
 sender a DSN twice. A DSN is stored before the failed recipient is marked reported.
 
-The `yuubin queue` tools run in another process and edit entries directly under EntryLocks;
+The `yuubin queue` tools run in another process and edit entries under the same locks (SpoolEditor);
 this runner rereads an entry before each attempt and each rewrite, rescans the spool every
 `queue_scan`, and reads flush requests (files in spool/requests/) every second.
 """
@@ -38,7 +38,7 @@ from yuubin.delivery.remote import (
     verify_context,
 )
 from yuubin.queue.bounce import DELAYED, FAILED, build_dsn, may_bounce, wants_notice
-from yuubin.queue.entrylock import EntryLocks
+from yuubin.queue.edit import REMOVE, Edit, Remove, Rewrite, SpoolEditor
 from yuubin.queue.spool import DELIVERED, QUEUED, Envelope, RemoteRecipient, Spool, SpoolCorrupt, new_id
 from yuubin.queue.spool import FAILED as FAILED_STATE
 from yuubin.smtp.address import AddressError, parse_path
@@ -95,11 +95,12 @@ class BounceRoute:
 
 
 class OutboundScheduler:
-    def __init__(self, spool: Spool, cfg: OutboundConfig, hostname: str, router: MxRouter,
+    def __init__(self, spool: Spool, editor: SpoolEditor, cfg: OutboundConfig, hostname: str, router: MxRouter,
                  client: SmtpClient, relay: SmtpTarget | None,
                  route_bounce: Callable[[str], BounceRoute | None],
                  submit_local: Callable[[Envelope, bytes], None]):
         self.spool = spool
+        self.editor = editor
         self.cfg = cfg
         self.hostname = hostname
         self.router = router
@@ -109,7 +110,6 @@ class OutboundScheduler:
         self.submit_local = submit_local
         self.hold_check: Callable[[Envelope], bool] | None = None  # e.g. a suspended account
         self._new: set[str] = set()
-        self.locks = EntryLocks(spool.root)
         self.requests = requests_dir(spool.root)
         self.requests.mkdir(exist_ok=True)
         self._due: dict[str, float] = {}
@@ -117,7 +117,6 @@ class OutboundScheduler:
         self._flush_all = False
         self._busy: set[tuple[str, str]] = set()
         self._per_domain: Counter[str] = Counter()
-        self.entry_locks: dict[str, asyncio.Lock] = {}
         self._jobs: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
         self._rescan = True
@@ -141,7 +140,6 @@ class OutboundScheduler:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        self.locks.close()
 
     def wake(self, qid: str | None = None) -> None:
         """An entry with remote recipients is ready (or, without an id, something changed): look now."""
@@ -311,25 +309,22 @@ class OutboundScheduler:
     # ---- recording the result ----
 
     async def _record(self, qid: str, outcomes: dict[int, Outcome]) -> None:
-        lock = self.entry_locks.setdefault(qid, asyncio.Lock())
-        async with lock:
-            await asyncio.to_thread(self.locks.acquire, qid)
-            try:
-                await self._apply(qid, outcomes)
-            finally:
-                self.locks.release(qid)
-        # The lock object stays while the entry exists: dropping it while another editor waits on it
-        # would let a third one create a fresh lock and edit concurrently.
-        if not self.spool.path(qid).exists():
-            self.entry_locks.pop(qid, None)
+        """Apply the results to the entry as it is now (the CLI may have held it meanwhile) and write it."""
+        async def change(env: Envelope, data: bytes) -> Edit:
+            return await self._apply(qid, env, data, outcomes)
 
-    async def _apply(self, qid: str, outcomes: dict[int, Outcome]) -> None:
-        try:
-            env, data = self.spool.load(qid)  # reread: the CLI may have held or deleted it meanwhile
-        except FileNotFoundError:
+        edit = await self.editor.edit(qid, change)
+        if edit is None:
             log.info("event=outbound_entry_gone id=%s reason=\"deleted during the attempt\"", qid)
             self._due.pop(qid, None)
-            return
+        elif isinstance(edit, Remove):
+            self._due.pop(qid, None)
+        elif isinstance(edit, Rewrite):
+            when = next_due(edit.env)
+            if when is not None and not edit.env.held:
+                self._due[qid] = when
+
+    async def _apply(self, qid: str, env: Envelope, data: bytes, outcomes: dict[int, Outcome]) -> Edit:
         now = time.time()
         env.attempts += 1
         for i, o in outcomes.items():
@@ -353,17 +348,12 @@ class OutboundScheduler:
                 log.info('event=deferred id=%s to=<%s> host=%s reply="%s" retry_in=%.0fs', qid, r.to,
                          o.host, o.diagnostic, delay)
         await self._notify(env, data, now)
-        when = next_due(env)
-        if when is None and not env.local:
-            await self.spool.committer.commit([], unlinks=[self.spool.path(qid)])
-            self._due.pop(qid, None)
+        if next_due(env) is None and not env.local:
             log.info("event=outbound_done id=%s attempts=%d", qid, env.attempts)
-        else:
-            if not env.held and self.hold_check is not None and self.hold_check(env):
-                env.held = True  # the account was suspended meanwhile: never undo its hold
-            await self.spool.rewrite(env, data)
-            if when is not None and not env.held:
-                self._due[qid] = when
+            return REMOVE
+        if not env.held and self.hold_check is not None and self.hold_check(env):
+            env.held = True  # the account was suspended meanwhile: never undo its hold
+        return Rewrite(env)
 
     async def _notify(self, env: Envelope, data: bytes, now: float) -> None:
         """DSNs for newly failed recipients, and one delay warning; stored before marked reported."""
@@ -460,7 +450,7 @@ def build_scheduler(server: Server) -> OutboundScheduler:
         return [(bl.sockname[0], bl.sockname[1]) for bl in server.listeners]
 
     router = MxRouter(server.resolver, cfg.hostname, self_address_check(listening, ob.port))
-    scheduler = OutboundScheduler(server.spool, ob, cfg.hostname, router, client, relay,
+    scheduler = OutboundScheduler(server.spool, server.editor, ob, cfg.hostname, router, client, relay,
                                   bounce_router(server.directory), server.delivery.submit)
 
     def hold_check(env: Envelope) -> bool:  # the same check LocalDelivery uses, when there is one
