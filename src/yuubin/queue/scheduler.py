@@ -1,11 +1,10 @@
-"""The outbound queue runner: which spool entry goes out when, and what its result changes.
+"""The outbound queue runner: which spool entry goes out when, and the I/O around the retry rule.
 
-State lives only in the spool entry: each remote recipient is a RemoteRecipient record with
-`state` (queued, delivered, failed), `tries`, `next` (epoch seconds), `error`, `status`, `host`,
-`reported`.
-Every change is written with Spool.rewrite (atomic, fsynced) before anything depends on it,
-so kill -9 at any moment loses nothing: at worst a recipient gets a message twice, or a
-sender a DSN twice. A DSN is stored before the failed recipient is marked reported.
+State lives only in the spool entry: one RemoteRecipient record per remote recipient
+(spool.py). What an attempt's results change is decided by queue/retry.py; this module makes
+the attempts, stores the DSNs it asks for, and writes the new entry through the SpoolEditor
+(atomic, fsynced, under the entry's locks), always in that order. So kill -9 at any moment
+loses nothing: at worst a recipient gets a message twice, or a sender a DSN twice.
 
 The `yuubin queue` tools run in another process and edit entries under the same locks (SpoolEditor);
 this runner rereads an entry before each attempt and each rewrite, rescans the spool every
@@ -39,8 +38,8 @@ from yuubin.delivery.remote import (
 )
 from yuubin.queue.bounce import DELAYED, FAILED, build_dsn, may_bounce, wants_notice
 from yuubin.queue.edit import REMOVE, Edit, Remove, Rewrite, SpoolEditor
-from yuubin.queue.spool import DELIVERED, QUEUED, Envelope, RemoteRecipient, Spool, SpoolCorrupt, new_id
-from yuubin.queue.spool import FAILED as FAILED_STATE
+from yuubin.queue.retry import Applied, apply_outcomes, next_due
+from yuubin.queue.spool import QUEUED, Envelope, RemoteRecipient, Spool, SpoolCorrupt, new_id
 from yuubin.smtp.address import AddressError, parse_path
 
 if TYPE_CHECKING:
@@ -80,12 +79,6 @@ def rcpt_domain(rcpt: RemoteRecipient) -> str:
     return rcpt.to.rpartition("@")[2].lower()
 
 
-def next_due(env: Envelope) -> float | None:
-    """When this entry next has something to send; None when nothing is queued."""
-    times = [r.next for r in env.remote if r.state == QUEUED]
-    return min(times) if times else None
-
-
 @dataclass
 class BounceRoute:
     """Where a DSN for `sender` goes: local mailboxes and/or a remote address."""
@@ -98,7 +91,7 @@ class OutboundScheduler:
     def __init__(self, spool: Spool, editor: SpoolEditor, cfg: OutboundConfig, hostname: str, router: MxRouter,
                  client: SmtpClient, relay: SmtpTarget | None,
                  route_bounce: Callable[[str], BounceRoute | None],
-                 submit_local: Callable[[Envelope, bytes], None]):
+                 submit_local: Callable[[Envelope, bytes], None], clock: Callable[[], float] = time.time):
         self.spool = spool
         self.editor = editor
         self.cfg = cfg
@@ -108,6 +101,7 @@ class OutboundScheduler:
         self.relay = relay
         self.route_bounce = route_bounce
         self.submit_local = submit_local
+        self.clock = clock
         self.hold_check: Callable[[Envelope], bool] | None = None  # e.g. a suspended account
         self._new: set[str] = set()
         self.requests = requests_dir(spool.root)
@@ -179,7 +173,7 @@ class OutboundScheduler:
             self._wake.clear()
             try:
                 self._read_requests()
-                now = time.time()
+                now = self.clock()
                 if self._rescan or now - self._last_scan >= self.cfg.queue_scan:
                     self._new.clear()
                     self._scan()
@@ -278,7 +272,7 @@ class OutboundScheduler:
             raise
         except Exception:
             log.exception("event=outbound_error id=%s dest=%s", qid, dest)
-            self._due[qid] = time.time() + self.cfg.retry_first
+            self._due[qid] = self.clock() + self.cfg.retry_first
         finally:
             self._busy.discard((qid, dest))
             self._per_domain[dest] -= 1
@@ -309,66 +303,54 @@ class OutboundScheduler:
     # ---- recording the result ----
 
     async def _record(self, qid: str, outcomes: dict[int, Outcome]) -> None:
-        """Apply the results to the entry as it is now (the CLI may have held it meanwhile) and write it."""
+        """Apply the rule to the entry as it is now (the CLI may have held it meanwhile) and write it."""
+        applied: Applied | None = None
+
         async def change(env: Envelope, data: bytes) -> Edit:
-            return await self._apply(qid, env, data, outcomes)
+            nonlocal applied
+            applied = apply_outcomes(env, outcomes, self.clock(), self.cfg)
+            self._log_results(qid, applied)
+            await self._notify(applied, data)
+            if applied.finished:
+                return REMOVE
+            if not applied.env.held and self.hold_check is not None and self.hold_check(applied.env):
+                applied.env.held = True  # the account was suspended meanwhile: never undo its hold
+            return Rewrite(applied.env)
 
         edit = await self.editor.edit(qid, change)
-        if edit is None:
+        if edit is None or applied is None:
             log.info("event=outbound_entry_gone id=%s reason=\"deleted during the attempt\"", qid)
             self._due.pop(qid, None)
         elif isinstance(edit, Remove):
             self._due.pop(qid, None)
-        elif isinstance(edit, Rewrite):
-            when = next_due(edit.env)
-            if when is not None and not edit.env.held:
-                self._due[qid] = when
+            log.info("event=outbound_done id=%s attempts=%d", qid, applied.env.attempts)
+        elif applied.next_due is not None and not applied.env.held:
+            self._due[qid] = applied.next_due
 
-    async def _apply(self, qid: str, env: Envelope, data: bytes, outcomes: dict[int, Outcome]) -> Edit:
-        now = time.time()
-        env.attempts += 1
-        for i, o in outcomes.items():
-            r = env.remote[i]
-            r.tries += 1
-            r.error, r.status, r.host = o.diagnostic, o.status, o.host
-            if o.kind == "delivered":
-                r.state = DELIVERED
+    def _log_results(self, qid: str, applied: Applied) -> None:
+        for res in applied.results:
+            to, o = res.rcpt.to, res.outcome
+            if res.verdict == "sent":
                 self.sent += 1
-                log.info('event=sent id=%s to=<%s> host=%s reply="%s"', qid, r.to, o.host, o.diagnostic)
-            elif o.kind == "failed":
-                r.state = FAILED_STATE
-                log.info('event=failed id=%s to=<%s> host=%s reply="%s"', qid, r.to, o.host, o.diagnostic)
-            elif now - env.received >= self.cfg.queue_lifetime:
-                r.state, r.status = FAILED_STATE, "4.4.7"
-                r.error = f"gave up after {self.cfg.queue_lifetime / 86400:g} days: {o.diagnostic}"
-                log.info('event=expired id=%s to=<%s> last="%s"', qid, r.to, o.diagnostic)
+                log.info('event=sent id=%s to=<%s> host=%s reply="%s"', qid, to, o.host, o.diagnostic)
+            elif res.verdict == "failed":
+                log.info('event=failed id=%s to=<%s> host=%s reply="%s"', qid, to, o.host, o.diagnostic)
+            elif res.verdict == "expired":
+                log.info('event=expired id=%s to=<%s> last="%s"', qid, to, o.diagnostic)
             else:
-                delay = min(self.cfg.retry_first * 2 ** (r.tries - 1), self.cfg.retry_max)
-                r.next = now + delay
-                log.info('event=deferred id=%s to=<%s> host=%s reply="%s" retry_in=%.0fs', qid, r.to,
-                         o.host, o.diagnostic, delay)
-        await self._notify(env, data, now)
-        if next_due(env) is None and not env.local:
-            log.info("event=outbound_done id=%s attempts=%d", qid, env.attempts)
-            return REMOVE
-        if not env.held and self.hold_check is not None and self.hold_check(env):
-            env.held = True  # the account was suspended meanwhile: never undo its hold
-        return Rewrite(env)
+                log.info('event=deferred id=%s to=<%s> host=%s reply="%s" retry_in=%.0fs', qid, to, o.host,
+                         o.diagnostic, res.retry_in)
 
-    async def _notify(self, env: Envelope, data: bytes, now: float) -> None:
-        """DSNs for newly failed recipients, and one delay warning; stored before marked reported."""
-        fresh = [r for r in env.remote if r.state == FAILED_STATE and not r.reported]
-        late = []
-        if (self.cfg.delay_warning and not env.extra.get("warned")
-                and now - env.received >= self.cfg.delay_warning):
-            late = [r for r in env.remote if r.state == QUEUED]
-        if not fresh and not late:
+    async def _notify(self, applied: Applied, data: bytes) -> None:
+        """DSNs for newly failed recipients, and the one delay warning; NOTIFY and backscatter per bounce.py."""
+        env = applied.env
+        if not applied.newly_failed and not applied.delayed:
             return
         ok, why = may_bounce(env)
-        for action, rcpts in ((FAILED, fresh), (DELAYED, late)):
-            wanted = [r for r in rcpts if wants_notice(r, action)]
+        for action, rcpts in ((FAILED, applied.newly_failed), (DELAYED, applied.delayed)):
             if not rcpts:
                 continue
+            wanted = [r for r in rcpts if wants_notice(r, action)]
             if not ok or not wanted:
                 if action == FAILED:
                     log.info('event=bounce_suppressed id=%s from=<%s> rcpts=%d reason="%s"', env.id, env.sender,
@@ -376,10 +358,6 @@ class OutboundScheduler:
                 continue
             until = env.received + self.cfg.queue_lifetime if action == DELAYED else None
             await self._send_dsn(env, data, wanted, action, until)
-        for r in fresh:
-            r.reported = True
-        if late:
-            env.extra["warned"] = True
 
     async def _send_dsn(self, env: Envelope, data: bytes, rcpts: list[RemoteRecipient], action: str,
                         until: float | None) -> None:
@@ -388,7 +366,7 @@ class OutboundScheduler:
             log.info('event=bounce_undeliverable id=%s from=<%s> reason="sender is a local address that '
                      'does not exist"', env.id, env.sender)
             return
-        dsn = build_dsn(env, data, rcpts, action, self.hostname, retry_until=until)
+        dsn = build_dsn(env, data, rcpts, action, self.hostname, retry_until=until, now=self.clock())
         bounce = Envelope(id=new_id(), sender="", mail_params={}, local=route.local, remote=route.remote,
                           received=time.time(), client="127.0.0.1", helo=self.hostname, listener="bounce")
         await self.spool.store(bounce, dsn)
