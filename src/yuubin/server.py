@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -32,9 +33,11 @@ from yuubin.policy.mx import MxPolicy
 from yuubin.policy.submission import SubmissionPolicy
 from yuubin.queue.edit import SpoolEditor
 from yuubin.queue.entrylock import EntryLocks
-from yuubin.queue.scheduler import RemoteWake, build_scheduler
-from yuubin.queue.spool import Spool
+from yuubin.queue.scheduler import build_outbound
+from yuubin.queue.signal import QueueSignal, RemoteWake
+from yuubin.queue.spool import Envelope, RemoteRecipient, Spool, new_id
 from yuubin.smtp import listener as listener_module
+from yuubin.smtp.address import AddressError, parse_path
 from yuubin.smtp.listener import ListenerContext, SMTPSession
 from yuubin.smtp.protocol import Limits
 from yuubin.store import Store
@@ -77,8 +80,11 @@ class Server:
         self.containment = AccountContainment(self.store, self.spool, self.editor, self.delivery,
                                               self.directory, config.hostname)
         self.delivery.hold_check = self.containment.is_held
-        self.outbound = build_scheduler(self)  # remote delivery, retries, DSNs (queue/scheduler.py)
-        self.delivery.outbound = self.outbound if self.primary else RemoteWake(self.spool.root)
+        self.signal = QueueSignal()
+        self.outbound = build_outbound(  # remote delivery, retries, DSNs (queue/scheduler.py)
+            config, self.spool, self.editor, self.resolver, self._listening, self.signal, self._inject_dsn,
+            self.containment.is_held)
+        self.delivery.outbound = self.signal if self.primary else RemoteWake(self.spool.root)
         self.geo: GeoDatabase | None = None
         if any(lc.allow_countries for lc in config.listeners if lc.kind in SUBMISSION_KINDS):
             try:  # a country in `allow` without its data would be an open door: refuse to start
@@ -114,6 +120,35 @@ class Server:
         if self._per_ip[ip] <= 0:
             del self._per_ip[ip]
         self._total -= 1
+
+    def _listening(self) -> list[tuple[str, int]]:
+        return [(bl.sockname[0], bl.sockname[1]) for bl in self.listeners]
+
+    async def _inject_dsn(self, to: str, data: bytes) -> str | None:
+        """Store a DSN from the scheduler and hand it on: to the sender's local mailboxes (aliases
+        followed) or out again. A stand-in until intake offers this; None when `to` has no route."""
+        try:
+            addr = parse_path(f"<{to}>", smtputf8=True)
+        except AddressError:
+            return None
+        if addr is None:
+            return None
+        local: list[tuple[str, str]] = []
+        forwards = [to]
+        if self.directory.is_local(addr.domain):
+            res = self.directory.resolve(addr)
+            if res is None:
+                return None
+            local, forwards = [(mb, to) for mb in res.mailboxes], list(res.forwards)
+        env = Envelope(id=new_id(), sender="", mail_params={}, local=local,
+                       remote=[RemoteRecipient(fw, rcpt=to) for fw in forwards], received=time.time(),
+                       client="127.0.0.1", helo=self.config.hostname, listener="bounce")
+        await self.spool.store(env, data)
+        if env.local:
+            self.delivery.submit(env, data)
+        else:
+            self.signal.wake(env.id)
+        return env.id
 
     # ---- life cycle ----
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from yuubin.delivery.maildir import Maildirs
 from yuubin.durable import Commit, FileWrite, GroupCommitter
+from yuubin.queue.signal import Waker
 from yuubin.queue.spool import Envelope, Spool, SpoolCorrupt
 
 log = logging.getLogger("yuubin.delivery")
@@ -31,7 +32,7 @@ class LocalDelivery:
         self._tasks: set[asyncio.Task] = set()
         self.delivered = 0
         self.hold_check: Callable[[Envelope], bool] | None = None  # set by the server (containment)
-        self.outbound = None  # the OutboundScheduler: told when an entry has only remote recipients left
+        self.outbound: Waker | None = None  # the queue signal: told when an entry has only remote recipients left
 
     def submit(self, env: Envelope, data: bytes, stored: Commit | None = None) -> None:
         """Deliver in the background.

@@ -21,7 +21,7 @@ from yuubin.durable import GroupCommitter
 from yuubin.queue.edit import KEEP, Edit, Rewrite, SpoolEditor, Unreadable
 from yuubin.queue.entrylock import EntryLocks
 from yuubin.queue.retry import next_due
-from yuubin.queue.scheduler import request_flush
+from yuubin.queue.signal import request_flush
 from yuubin.queue.spool import QUEUED, Envelope, Spool, SpoolCorrupt
 
 log = logging.getLogger("yuubin.queue")

@@ -2,12 +2,13 @@
 
 State lives only in the spool entry: one RemoteRecipient record per remote recipient
 (spool.py). What an attempt's results change is decided by queue/retry.py; this module makes
-the attempts, stores the DSNs it asks for, and writes the new entry through the SpoolEditor
-(atomic, fsynced, under the entry's locks), always in that order. So kill -9 at any moment
-loses nothing: at worst a recipient gets a message twice, or a sender a DSN twice.
+the attempts, hands the DSNs it asks for to `inject` (the intake path, which stores them), and
+writes the new entry through the SpoolEditor (atomic, fsynced, under the entry's locks), always
+in that order. So kill -9 at any moment loses nothing: at worst a recipient gets a message
+twice, or a sender a DSN twice.
 
-The `yuubin queue` tools run in another process and edit entries under the same locks (SpoolEditor);
-this runner rereads an entry before each attempt and each rewrite, rescans the spool every
+The `yuubin queue` tools run in another process and edit entries under the same locks; this
+runner rereads an entry before each attempt and each rewrite, rescans the spool every
 `queue_scan`, and reads flush requests (files in spool/requests/) every second.
 """
 
@@ -15,16 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from yuubin.auth.accounts import Directory
-from yuubin.config import ConfigError, OutboundConfig
+from yuubin.config import Config, ConfigError, OutboundConfig
 from yuubin.delivery.remote import (
     HostUnusable,
     MxRouter,
@@ -36,62 +33,31 @@ from yuubin.delivery.remote import (
     self_address_check,
     verify_context,
 )
+from yuubin.dns import Resolver
 from yuubin.queue.bounce import DELAYED, FAILED, build_dsn, may_bounce, wants_notice
 from yuubin.queue.edit import REMOVE, Edit, Remove, Rewrite, SpoolEditor
 from yuubin.queue.retry import Applied, apply_outcomes, next_due
-from yuubin.queue.spool import QUEUED, Envelope, RemoteRecipient, Spool, SpoolCorrupt, new_id
-from yuubin.smtp.address import AddressError, parse_path
-
-if TYPE_CHECKING:
-    from yuubin.server import Server
+from yuubin.queue.signal import QueueSignal, requests_dir
+from yuubin.queue.spool import QUEUED, Envelope, RemoteRecipient, Spool, SpoolCorrupt
 
 log = logging.getLogger("yuubin.outbound")
 
 TICK = 1.0  # how often flush requests and due entries are looked at
 RELAY = "[relayhost]"  # the destination key of everything when a relayhost is set
-REQUESTS_DIR = "requests"
 
-
-def requests_dir(spool_root: Path) -> Path:
-    return spool_root / REQUESTS_DIR
-
-
-def request_flush(spool_root: Path, qid: str | None = None) -> None:
-    """Ask the running scheduler (maybe in another process) to look at `qid`, or at everything."""
-    d = requests_dir(spool_root)
-    d.mkdir(exist_ok=True)
-    name = f"flush-{qid or 'all'}.{time.time_ns()}"
-    os.close(os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-
-
-class RemoteWake:
-    """Stands in for the scheduler in a worker process that does not run it: a new entry with
-    remote recipients becomes a flush request the primary worker reads within a second."""
-
-    def __init__(self, spool_root: Path):
-        self.spool_root = spool_root
-
-    def wake(self, qid: str | None = None) -> None:
-        request_flush(self.spool_root, qid)
+# inject(to_address, dsn_bytes): a DSN (null sender) handed to intake, which routes it and stores it
+# durably before returning its queue id; None when the address has no route.
+Inject = Callable[[str, bytes], Awaitable[str | None]]
 
 
 def rcpt_domain(rcpt: RemoteRecipient) -> str:
     return rcpt.to.rpartition("@")[2].lower()
 
 
-@dataclass
-class BounceRoute:
-    """Where a DSN for `sender` goes: local mailboxes and/or a remote address."""
-
-    local: list[tuple[str, str]]
-    remote: list[RemoteRecipient]
-
-
 class OutboundScheduler:
     def __init__(self, spool: Spool, editor: SpoolEditor, cfg: OutboundConfig, hostname: str, router: MxRouter,
-                 client: SmtpClient, relay: SmtpTarget | None,
-                 route_bounce: Callable[[str], BounceRoute | None],
-                 submit_local: Callable[[Envelope, bytes], None], clock: Callable[[], float] = time.time):
+                 client: SmtpClient, relay: SmtpTarget | None, signal: QueueSignal, inject: Inject,
+                 is_held: Callable[[Envelope], bool], clock: Callable[[], float] = time.time):
         self.spool = spool
         self.editor = editor
         self.cfg = cfg
@@ -99,11 +65,10 @@ class OutboundScheduler:
         self.router = router
         self.client = client
         self.relay = relay
-        self.route_bounce = route_bounce
-        self.submit_local = submit_local
+        self.signal = signal
+        self.inject = inject
+        self.is_held = is_held  # beyond env.held: e.g. the submitting account is suspended
         self.clock = clock
-        self.hold_check: Callable[[Envelope], bool] | None = None  # e.g. a suspended account
-        self._new: set[str] = set()
         self.requests = requests_dir(spool.root)
         self.requests.mkdir(exist_ok=True)
         self._due: dict[str, float] = {}
@@ -112,7 +77,6 @@ class OutboundScheduler:
         self._busy: set[tuple[str, str]] = set()
         self._per_domain: Counter[str] = Counter()
         self._jobs: set[asyncio.Task] = set()
-        self._wake = asyncio.Event()
         self._rescan = True
         self._last_scan = 0.0
         self._task: asyncio.Task | None = None
@@ -135,14 +99,6 @@ class OutboundScheduler:
             if pending:
                 await asyncio.wait(pending, timeout=5)
 
-    def wake(self, qid: str | None = None) -> None:
-        """An entry with remote recipients is ready (or, without an id, something changed): look now."""
-        if qid is None:
-            self._rescan = True
-        else:
-            self._new.add(qid)
-        self._wake.set()
-
     def _peek(self, qid: str) -> Envelope | None:
         """The envelope line only: scans and dispatch decisions need no message bytes."""
         try:
@@ -152,7 +108,7 @@ class OutboundScheduler:
             return None
 
     def _held(self, env: Envelope) -> bool:
-        return env.held or (self.hold_check is not None and self.hold_check(env))
+        return env.held or self.is_held(env)
 
     def _consider(self, qid: str) -> None:
         env = self._peek(qid)
@@ -165,22 +121,17 @@ class OutboundScheduler:
 
     async def _run(self) -> None:
         while True:
-            try:
-                async with asyncio.timeout(TICK):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            woken = await self.signal.wait(TICK)
             try:
                 self._read_requests()
                 now = self.clock()
-                if self._rescan or now - self._last_scan >= self.cfg.queue_scan:
-                    self._new.clear()
+                if woken.rescan or self._rescan or now - self._last_scan >= self.cfg.queue_scan:
                     self._scan()
                     self._last_scan = now
                     self._rescan = False
-                while self._new:
-                    self._consider(self._new.pop())
+                else:
+                    for qid in woken.ids:
+                        self._consider(qid)
                 self._dispatch(now)
             except Exception:
                 log.exception("event=scheduler_error")
@@ -278,7 +229,7 @@ class OutboundScheduler:
             self._per_domain[dest] -= 1
             if self._per_domain[dest] <= 0:
                 del self._per_domain[dest]
-            self._wake.set()
+            self.signal.recheck()
 
     async def _attempt(self, env: Envelope, data: bytes, dest: str, todo: list[int]) -> list[Outcome]:
         rcpts = [(env.remote[i].to, _rcpt_params(env.remote[i])) for i in todo]
@@ -313,7 +264,7 @@ class OutboundScheduler:
             await self._notify(applied, data)
             if applied.finished:
                 return REMOVE
-            if not applied.env.held and self.hold_check is not None and self.hold_check(applied.env):
+            if not applied.env.held and self.is_held(applied.env):
                 applied.env.held = True  # the account was suspended meanwhile: never undo its hold
             return Rewrite(applied.env)
 
@@ -361,21 +312,14 @@ class OutboundScheduler:
 
     async def _send_dsn(self, env: Envelope, data: bytes, rcpts: list[RemoteRecipient], action: str,
                         until: float | None) -> None:
-        route = self.route_bounce(env.sender)
-        if route is None:
+        dsn = build_dsn(env, data, rcpts, action, self.hostname, retry_until=until, now=self.clock())
+        qid = await self.inject(env.sender, dsn)
+        if qid is None:
             log.info('event=bounce_undeliverable id=%s from=<%s> reason="sender is a local address that '
                      'does not exist"', env.id, env.sender)
             return
-        dsn = build_dsn(env, data, rcpts, action, self.hostname, retry_until=until, now=self.clock())
-        bounce = Envelope(id=new_id(), sender="", mail_params={}, local=route.local, remote=route.remote,
-                          received=time.time(), client="127.0.0.1", helo=self.hostname, listener="bounce")
-        await self.spool.store(bounce, dsn)
-        log.info("event=dsn id=%s original=%s action=%s to=<%s> rcpts=%d", bounce.id, env.id, action,
+        log.info("event=dsn id=%s original=%s action=%s to=<%s> rcpts=%d", qid, env.id, action,
                  env.sender, len(rcpts))
-        if bounce.local:
-            self.submit_local(bounce, dsn)
-        else:
-            self.wake(bounce.id)
 
 
 def _rcpt_params(rcpt: RemoteRecipient) -> list[str]:
@@ -383,28 +327,13 @@ def _rcpt_params(rcpt: RemoteRecipient) -> list[str]:
     return [f"{k}={v}" for k, v in rcpt.params.items() if k in ("NOTIFY", "ORCPT") and v]
 
 
-def bounce_router(directory: Directory) -> Callable[[str], BounceRoute | None]:
-    """DSNs to a local sender go to its mailboxes (aliases followed); others leave by SMTP."""
-    def route(sender: str) -> BounceRoute | None:
-        try:
-            addr = parse_path(f"<{sender}>", smtputf8=True)
-        except AddressError:
-            return None
-        if addr is None:
-            return None
-        if not directory.is_local(addr.domain):
-            return BounceRoute([], [RemoteRecipient(sender, rcpt=sender)])
-        res = directory.resolve(addr)
-        if res is None:
-            return None
-        return BounceRoute([(mb, sender) for mb in res.mailboxes],
-                           [RemoteRecipient(fw, rcpt=sender) for fw in res.forwards])
-    return route
+def build_outbound(cfg: Config, spool: Spool, editor: SpoolEditor, resolver: Resolver,
+                   listening: Callable[[], list[tuple[str, int]]], signal: QueueSignal, inject: Inject,
+                   is_held: Callable[[Envelope], bool], clock: Callable[[], float] = time.time) -> OutboundScheduler:
+    """The scheduler with its SMTP client and MX router (or relayhost) built from the config.
 
-
-def build_scheduler(server: Server) -> OutboundScheduler:
-    """The scheduler wired to a Server's spool, resolver, directory and local delivery."""
-    cfg = server.config
+    `listening()` gives our own listening sockets, so an MX host that is us counts as a loop.
+    """
     ob = cfg.outbound
     relay = None
     client = SmtpClient(cfg.hostname, ob.connect_timeout, ob.command_timeout)
@@ -423,17 +352,6 @@ def build_scheduler(server: Server) -> OutboundScheduler:
         relay = SmtpTarget(host, host, port, mode, ob.relayhost_username, password)
         client = SmtpClient(cfg.hostname, ob.connect_timeout, ob.command_timeout,
                             verify_context(ob.relayhost_ca_file))
-
-    def listening() -> list[tuple[str, int]]:
-        return [(bl.sockname[0], bl.sockname[1]) for bl in server.listeners]
-
-    router = MxRouter(server.resolver, cfg.hostname, self_address_check(listening, ob.port))
-    scheduler = OutboundScheduler(server.spool, server.editor, ob, cfg.hostname, router, client, relay,
-                                  bounce_router(server.directory), server.delivery.submit)
-
-    def hold_check(env: Envelope) -> bool:  # the same check LocalDelivery uses, when there is one
-        check = getattr(server.delivery, "hold_check", None)
-        return bool(check is not None and check(env))
-
-    scheduler.hold_check = hold_check
-    return scheduler
+    router = MxRouter(resolver, cfg.hostname, self_address_check(listening, ob.port))
+    return OutboundScheduler(spool, editor, ob, cfg.hostname, router, client, relay, signal, inject, is_held,
+                             clock)
