@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TypedDict
 
 from yuubin.durable import GroupCommitter
 from yuubin.queue.edit import KEEP, Edit, Rewrite, SpoolEditor, Unreadable
@@ -62,6 +63,20 @@ def entry_state(env: Envelope) -> str:
     return "queued"
 
 
+class QueueRow(TypedDict):
+    """One entry as `yuubin queue list` shows it (and prints with --json)."""
+
+    id: str
+    age: int
+    sender: str
+    recipients: list[str]
+    state: str
+    next_attempt: float | None
+    last_error: str
+    attempts: int
+    size: int
+
+
 def become_spool_owner(spool_root: Path) -> None:
     """Run as the spool's owner, like postsuper: files root would create are unreadable to the server."""
     st = spool_root.stat()
@@ -92,7 +107,7 @@ class QueueControl:
                 continue
         return out
 
-    def row(self, env: Envelope, now: float | None = None) -> dict[str, object]:
+    def row(self, env: Envelope, now: float | None = None) -> QueueRow:
         now = time.time() if now is None else now
         pending = [r for r in env.remote if r.state == QUEUED]
         errors = [r.error for r in pending if r.error]
@@ -116,7 +131,7 @@ class QueueControl:
             return "queue is empty"
         lines = [f"{'ID':<20} {'AGE':>5} {'STATE':<8} {'NEXT ATTEMPT':<19}  SENDER -> RECIPIENTS / LAST ERROR"]
         for r in rows:
-            rcpts = ", ".join(r["recipients"])  # type: ignore[arg-type]
+            rcpts = ", ".join(r["recipients"])
             lines.append(f"{r['id']:<20} {_age(r['age']):>5} {r['state']:<8} {_when(r['next_attempt']):<19}  "
                          f"<{r['sender']}> -> {rcpts}")
             if r["last_error"]:
