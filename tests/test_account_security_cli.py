@@ -16,7 +16,7 @@ from yuubin.auth.passwords import hash_password, verify_password
 from yuubin.cli import main
 from yuubin.config import from_dict
 from yuubin.geo import AccessList, GeoDatabase, GeoError
-from yuubin.queue.spool import Envelope, Spool, new_id
+from yuubin.queue.spool import Envelope, RemoteRecipient, Spool, new_id
 from yuubin.store import Store
 
 DELEGATED = """2|ripencc|20261127|5|19830705|20261126|+0100
@@ -127,7 +127,7 @@ def test_suspend_holds_queued_mail_and_enable_releases_on_request(cfg_file, caps
     spool = Spool(cfg.spool_dir, committer)
     ids = []
     for auth in ("taro@example.jp", "taro@example.jp", "other@example.jp"):
-        env = Envelope(id=new_id(), sender=auth, mail_params={}, local=[], remote=[{"to": "x@far.test"}],
+        env = Envelope(id=new_id(), sender=auth, mail_params={}, local=[], remote=[RemoteRecipient("x@far.test")],
                        received=0, client="203.0.113.1", helo="h", listener="submission", auth=auth)
         asyncio.run(spool.store(env, b"Subject: x\r\n\r\nbody\r\n"))
         ids.append(env.id)

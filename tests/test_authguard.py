@@ -7,9 +7,9 @@ import logging
 
 import pytest
 
+from yuubin.auth.guard import AuthGuard, source_key
 from yuubin.auth.passwords import hash_password
 from yuubin.config import AuthGuardConfig
-from yuubin.auth.guard import AuthGuard, source_key
 from yuubin.store import Store
 
 ip = ipaddress.ip_address

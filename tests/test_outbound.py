@@ -20,7 +20,7 @@ from tests.smtpsink import SmtpSink
 from yuubin import cli
 from yuubin.delivery.remote import UnsafeInput, check_address, check_param, wire_message
 from yuubin.queue.bounce import build_dsn, may_bounce
-from yuubin.queue.spool import Envelope
+from yuubin.queue.spool import Envelope, RemoteRecipient
 
 SENDER = "alice@example.test"
 FAST = {"retry_first": "0.3s", "retry_max": "1s", "queue_scan": "0.5s", "connect_timeout": "2s",
@@ -123,8 +123,8 @@ def test_only_our_own_users_mail_is_bounced():
 
 def test_dsn_is_a_multipart_report_with_the_original_headers():
     data = b"Subject: the original\r\nFrom: alice@example.test\r\n\r\nsecret body\r\n"
-    rcpt = {"to": "bob@remote.test", "status": "5.1.1", "error": "550 5.1.1 no such user",
-            "host": "mx.remote.test", "params": {"ORCPT": "rfc822;bob+40x@remote.test"}}
+    rcpt = RemoteRecipient("bob@remote.test", status="5.1.1", error="550 5.1.1 no such user",
+                           host="mx.remote.test", params={"ORCPT": "rfc822;bob+40x@remote.test"})
     raw = build_dsn(_env(trusted=True), data, [rcpt], "failed", "mx.test.example")
     msg, parts = dsn_parts(raw)
     assert [p.get_content_type() for p in parts] == ["text/plain", "message/delivery-status",
@@ -461,7 +461,7 @@ def test_queue_tools_run_as_root_keep_entries_readable_by_the_spool_owner():
     try:
         os.chmod(base, 0o755)
         spool = Spool(base / "data" / "spool", GroupCommitter(workers=1))
-        env = _env(remote=[{"to": "carol@remote.test", "params": {}, "rcpt": "carol@remote.test"}])
+        env = _env(remote=[RemoteRecipient("carol@remote.test", rcpt="carol@remote.test")])
         asyncio.run(spool.store(env, b"Subject: x\r\n\r\nbody\r\n"))
         spool.committer.shutdown()
         for p in [base / "data", *(base / "data").rglob("*")]:

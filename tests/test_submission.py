@@ -149,7 +149,7 @@ def test_local_delivery_and_relay_after_auth(srv, dns_server, client_tls, kind):
     assert b"Subject: hi" in delivered
     spool = Spool(srv.config.spool_dir, None)
     relayed = queued(spool)
-    assert any(env.remote and env.remote[0]["to"] == "carol@far.test" and env.auth == ALICE for env in relayed)
+    assert any(env.remote and env.remote[0].to == "carol@far.test" and env.auth == ALICE for env in relayed)
 
 
 def test_received_hides_client_ip_and_missing_headers_added(srv, client_tls):

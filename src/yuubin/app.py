@@ -111,9 +111,9 @@ class App:
             if lc.kind not in SMTP_KINDS:
                 continue
             submission = lc.kind in SUBMISSION_KINDS
-            pipeline = submission_pipeline(
-                lc.kind, self.directory, self.store, cfg.outbound, AccessList(lc.allow_networks, lc.allow_countries, geo),
-                self.containment.limit_broken) if submission else mx
+            access = AccessList(lc.allow_networks, lc.allow_countries, geo)
+            pipeline = submission_pipeline(lc.kind, self.directory, self.store, cfg.outbound, access,
+                                           self.containment.limit_broken) if submission else mx
             shell = ShellSettings(lc.kind, tls_context, lc.kind == "submissions", self.is_trusted)
             self.smtp_listeners.append((index, SmtpListener(
                 shell, cfg.hostname, limits, cfg.limits.idle_timeout, cfg.limits.data_timeout, pipeline, self.intake,

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
-from typing import Any
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -23,9 +23,9 @@ from email.policy import compat32
 
 from yuubin.auth.accounts import Directory
 from yuubin.delivery.local import LocalDelivery
-from yuubin.policy.pipeline import Decision, Pipeline, StageResult, Transaction, reject
 from yuubin.policy.holds import AccountHolds
-from yuubin.queue.spool import Envelope, LocalRecipient, RemoteRecipient, Spool, new_id
+from yuubin.policy.pipeline import Decision, Pipeline, StageResult, Transaction, reject
+from yuubin.queue.spool import Envelope, RemoteRecipient, Spool, new_id
 from yuubin.smtp.address import AddressError, parse_path
 
 log = logging.getLogger("yuubin.intake")
@@ -52,7 +52,7 @@ class NewMessage:
     sender: str  # "" for the null sender
     data: bytes
     origin: str  # the listener kind, "bounce" or "internal"
-    local: list[LocalRecipient] = field(default_factory=list)
+    local: list[tuple[str, str]] = field(default_factory=list)  # (mailbox, recipient as given)
     remote: list[RemoteRecipient] = field(default_factory=list)
     mail_params: dict[str, str] = field(default_factory=dict)
     client: str = "127.0.0.1"
@@ -130,7 +130,7 @@ class Intake:
             trusted=s.trusted, junk=result.quarantine,
         )
         for r in txn.recipients:
-            msg.local.extend(LocalRecipient(mb, r.address.text) for mb in r.route.mailboxes)
+            msg.local.extend((mb, r.address.text) for mb in r.route.mailboxes)
             msg.remote.extend(RemoteRecipient(to=fw, params=r.params, rcpt=r.address.text) for fw in r.route.forwards)
         try:
             await self.store(msg, qid)
@@ -155,8 +155,9 @@ class Intake:
         env = Envelope(
             id=qid or new_id(), sender=msg.sender, mail_params=msg.mail_params, local=msg.local,
             remote=msg.remote, received=self.clock(), client=msg.client, helo=msg.helo, listener=msg.origin,
-            auth=msg.auth, trusted=msg.trusted, junk=msg.junk,
+            auth=msg.auth, trusted=msg.trusted,
         )
+        env.junk = msg.junk
         if msg.auth and self.holds.is_held(env):
             env.held = True  # suspended while this message was in DATA
         stored = self.spool.enqueue_store(env, msg.data)
@@ -189,6 +190,6 @@ class Intake:
             res = self.directory.resolve(addr)
             if res is None:
                 return None
-            msg.local.extend(LocalRecipient(mb, to) for mb in res.mailboxes)
+            msg.local.extend((mb, to) for mb in res.mailboxes)
             msg.remote.extend(RemoteRecipient(to=fw, params={}, rcpt=to) for fw in res.forwards)
         return await self.store(msg)

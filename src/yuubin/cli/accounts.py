@@ -104,16 +104,17 @@ def cmd_account_audit(args: argparse.Namespace) -> int:
 def _hold(cfg: Config, address: str, held: bool) -> int:
     """Hold (or release) the account's queued mail; returns how many entries changed."""
     from yuubin.durable import GroupCommitter
-    from yuubin.policy.containment import hold_account_mail
+    from yuubin.policy.holds import hold_account_mail
+    from yuubin.queue.edit import SpoolEditor
     from yuubin.queue.entrylock import EntryLocks
     from yuubin.queue.spool import Spool
     committer = GroupCommitter()
     spool = Spool(cfg.spool_dir, committer)
-    locks = EntryLocks(spool.root)  # the running server's scheduler edits the same entries
+    editor = SpoolEditor(spool, EntryLocks(spool.root))  # the running server's scheduler edits the same entries
     try:
-        return asyncio.run(hold_account_mail(spool, address, held, locks))
+        return asyncio.run(hold_account_mail(editor, address, held))
     finally:
-        locks.close()
+        editor.close()
         committer.shutdown()
 
 

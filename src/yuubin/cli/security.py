@@ -12,8 +12,8 @@ from yuubin.cli.common import CliError, SubParsers, add_group, load_config, open
 from yuubin.config import Config, IPNetwork
 
 if TYPE_CHECKING:
-    from yuubin.geo import GeoDatabase
     from yuubin.auth.guard import AuthGuard
+    from yuubin.geo import GeoDatabase
 
 
 def _guard(args: argparse.Namespace) -> AuthGuard:

@@ -19,11 +19,12 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal, cast
 
 import aiosmtplib
 
 from yuubin import tls as tlsmod
-from yuubin.dns import Resolver
+from yuubin.dns import DnsLookup
 
 log = logging.getLogger("yuubin.outbound")
 
@@ -69,11 +70,14 @@ def check_param(param: str) -> str:
     return param
 
 
+OutcomeKind = Literal["delivered", "deferred", "failed"]  # 2xx; 4xx: retry; 5xx: bounce
+
+
 @dataclass(slots=True)
 class Outcome:
     """What happened to one recipient in one attempt."""
 
-    kind: str  # "delivered", "deferred" (4xx: retry) or "failed" (5xx: bounce)
+    kind: OutcomeKind
     code: int
     status: str  # RFC 3463 enhanced status code
     text: str
@@ -90,7 +94,7 @@ def _outcome(code: int, text: str, host: str) -> Outcome:
     status = m.group(0) if m else f"{str(code)[0]}.0.0"
     if m:
         text = text[m.end():].strip()
-    kind = "delivered" if 200 <= code < 300 else "failed" if 500 <= code < 600 else "deferred"
+    kind: OutcomeKind = "delivered" if 200 <= code < 300 else "failed" if 500 <= code < 600 else "deferred"
     return Outcome(kind, code, status, text, host)
 
 
@@ -129,7 +133,7 @@ def _ordered(mx: list[tuple[int, str]]) -> list[tuple[int, str]]:
 class MxRouter:
     """RFC 5321 5.1 routing through yuubin's resolver, with null MX and loop detection."""
 
-    def __init__(self, resolver: Resolver, hostname: str, is_self: Callable[[str], bool]):
+    def __init__(self, resolver: DnsLookup, hostname: str, is_self: Callable[[str], bool]):
         self.resolver = resolver
         self.hostname = hostname.lower()
         self.is_self = is_self  # (ip) → True when connecting there would reach this server
@@ -473,7 +477,7 @@ class _Replies(asyncio.Protocol):
 async def pipelined(smtp: aiosmtplib.SMTP, commands: list[str], encoding: str,
                     timeout: float) -> list[tuple[int, str]]:
     """Write `commands` in one go and return their (code, text) replies in order."""
-    transport = smtp.transport
+    transport = cast(asyncio.Transport | None, smtp.transport)  # aiosmtplib types it as BaseTransport
     if transport is None or transport.is_closing():
         raise aiosmtplib.SMTPServerDisconnected("not connected")
     owner = transport.get_protocol()

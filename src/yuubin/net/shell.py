@@ -15,6 +15,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from yuubin import tls as tlsmod
 from yuubin.net.connections import Connections
@@ -85,21 +86,21 @@ class StreamSession(asyncio.Protocol):
     # ---- Protocol callbacks ----
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        self.client = client_address(transport.get_extra_info("peername"))
+        # A stream transport (uvloop's is not a subclass of asyncio.Transport, hence no isinstance).
+        self.transport = cast(asyncio.Transport, transport)
+        self.client = client_address(self.transport.get_extra_info("peername"))
         self.session_id = self.connections.next_id()
         if not self.connections.admit(self.client):
             log.info("event=refused session=%s listener=%s client=%s reason=%s", self.session_id,
                      self.settings.kind, self.client, "too many connections")
-            transport.write(self.refusal())
-            transport.close()
+            self.transport.write(self.refusal())
+            self.transport.close()
             self.lost = True
             return
         self._admitted = True
         self.trusted = self.settings.is_trusted(self.client)
         if self.settings.implicit_tls:
-            self.tls = tlsmod.describe(transport.get_extra_info("ssl_object"))
+            self.tls = tlsmod.describe(self.transport.get_extra_info("ssl_object"))
         self.connections.sessions.add(self)
         self.task = asyncio.get_running_loop().create_task(self.run())
 

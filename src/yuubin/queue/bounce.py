@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Iterable
 
-from yuubin.queue.spool import Envelope
+from yuubin.queue.spool import Envelope, RemoteRecipient
 
 FAILED = "failed"
 DELAYED = "delayed"
@@ -30,9 +30,9 @@ def may_bounce(env: Envelope) -> tuple[bool, str]:
     return True, ""
 
 
-def wants_notice(rcpt: dict[str, object], action: str) -> bool:
+def wants_notice(rcpt: RemoteRecipient, action: str) -> bool:
     """RFC 3461 NOTIFY: absent means failures (and delays, at our discretion) are reported."""
-    notify = str((rcpt.get("params") or {}).get("NOTIFY", "")).upper()  # type: ignore[union-attr]
+    notify = rcpt.params.get("NOTIFY", "").upper()
     if not notify:
         return True
     if "NEVER" in notify:
@@ -53,7 +53,7 @@ def original_headers(data: bytes) -> bytes:
     return data if end < 0 else data[: end + 2]
 
 
-def build_dsn(env: Envelope, data: bytes, rcpts: Iterable[dict[str, object]], action: str, hostname: str,
+def build_dsn(env: Envelope, data: bytes, rcpts: Iterable[RemoteRecipient], action: str, hostname: str,
               retry_until: float | None = None, now: float | None = None) -> bytes:
     """A multipart/report; report-type=delivery-status message to the entry's sender."""
     now = time.time() if now is None else now
@@ -72,7 +72,7 @@ def build_dsn(env: Envelope, data: bytes, rcpts: Iterable[dict[str, object]], ac
                  )
     human = [intro]
     for r in rcpts:
-        human.append(f"\r\n<{_header_safe(r['to'])}>: {_header_safe(r.get('error', ''))}\r\n")
+        human.append(f"\r\n<{_header_safe(r.to)}>: {_header_safe(r.error)}\r\n")
     status_fields = [
         f"Reporting-MTA: dns; {hostname}",
         f"X-Yuubin-Queue-ID: {env.id}",
@@ -82,17 +82,17 @@ def build_dsn(env: Envelope, data: bytes, rcpts: Iterable[dict[str, object]], ac
         status_fields.insert(0, f"Original-Envelope-Id: {_header_safe(_xtext_decode(env.mail_params['ENVID']))}")
     blocks = ["\r\n".join(status_fields)]
     for r in rcpts:
-        fields = [f"Final-Recipient: rfc822; {_header_safe(r['to'])}"]
-        orcpt = str((r.get("params") or {}).get("ORCPT", ""))  # type: ignore[union-attr]
+        fields = [f"Final-Recipient: rfc822; {_header_safe(r.to)}"]
+        orcpt = r.params.get("ORCPT", "")
         if orcpt and ";" in orcpt:
             kind, _, addr = orcpt.partition(";")
             fields.append(f"Original-Recipient: {_header_safe(kind)}; {_header_safe(_xtext_decode(addr))}")
         default_status = "5.0.0" if action == FAILED else "4.0.0"
-        fields += [f"Action: {action}", f"Status: {r.get('status') or default_status}"]
-        if r.get("host"):
-            fields.append(f"Remote-MTA: dns; {_header_safe(r['host'])}")
-        if r.get("error"):
-            fields.append(f"Diagnostic-Code: smtp; {_header_safe(r['error'])}")
+        fields += [f"Action: {action}", f"Status: {r.status or default_status}"]
+        if r.host:
+            fields.append(f"Remote-MTA: dns; {_header_safe(r.host)}")
+        if r.error:
+            fields.append(f"Diagnostic-Code: smtp; {_header_safe(r.error)}")
         fields.append(f"Last-Attempt-Date: {date}")
         if action == DELAYED and retry_until:
             fields.append(f"Will-Retry-Until: {email.utils.formatdate(retry_until, localtime=True)}")

@@ -1,14 +1,14 @@
 """`yuubin queue ...`: look at and steer the outbound queue, like postqueue/postsuper.
 
-It runs in its own process and edits spool entries directly: each change is load → change →
-atomic rewrite under the entry's cross-process lock, so it never races the running scheduler.
+It runs in its own process and edits spool entries directly, through the same SpoolEditor as the
+server (load → change → atomic rewrite under the entry's cross-process lock), so it never races
+the running scheduler.
 "Retry now" cannot be written into an entry without touching its schedule for good, so flush
 drops a request file in spool/requests/ that the scheduler reads within a second.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import getpass
 import json
@@ -16,11 +16,14 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import TypedDict
 
-from yuubin.durable import GroupCommitter, fsync_dir
+from yuubin.durable import GroupCommitter
+from yuubin.queue.edit import KEEP, Edit, Rewrite, SpoolEditor, Unreadable
 from yuubin.queue.entrylock import EntryLocks
-from yuubin.queue.scheduler import QUEUED, next_due, request_flush
-from yuubin.queue.spool import Envelope, Spool, SpoolCorrupt
+from yuubin.queue.retry import next_due
+from yuubin.queue.signal import request_flush
+from yuubin.queue.spool import QUEUED, Envelope, Spool, SpoolCorrupt
 
 log = logging.getLogger("yuubin.queue")
 
@@ -55,9 +58,23 @@ def entry_state(env: Envelope) -> str:
         return "held"
     if env.local:
         return "local"
-    if any(int(r.get("tries", 0)) > 0 for r in env.remote if r.get("state", QUEUED) == QUEUED):
+    if any(r.tries > 0 for r in env.remote if r.state == QUEUED):
         return "deferred"
     return "queued"
+
+
+class QueueRow(TypedDict):
+    """One entry as `yuubin queue list` shows it (and prints with --json)."""
+
+    id: str
+    age: int
+    sender: str
+    recipients: list[str]
+    state: str
+    next_attempt: float | None
+    last_error: str
+    attempts: int
+    size: int
 
 
 def become_spool_owner(spool_root: Path) -> None:
@@ -75,11 +92,11 @@ class QueueControl:
             raise QueueError(f"no queue at {spool_root} (has the server run with this config?)")
         become_spool_owner(spool_root)
         self.spool = Spool(spool_root, GroupCommitter(workers=1))
-        self.locks = EntryLocks(spool_root)
+        self.editor = SpoolEditor(self.spool, EntryLocks(spool_root))
 
     def close(self) -> None:
         self.spool.committer.shutdown()
-        self.locks.close()
+        self.editor.close()
 
     def entries(self) -> list[tuple[Envelope, bytes]]:
         out = []
@@ -90,15 +107,15 @@ class QueueControl:
                 continue
         return out
 
-    def row(self, env: Envelope, now: float | None = None) -> dict[str, object]:
+    def row(self, env: Envelope, now: float | None = None) -> QueueRow:
         now = time.time() if now is None else now
-        pending = [r for r in env.remote if r.get("state", QUEUED) == QUEUED]
-        errors = [str(r["error"]) for r in pending if r.get("error")]
+        pending = [r for r in env.remote if r.state == QUEUED]
+        errors = [r.error for r in pending if r.error]
         return {
             "id": env.id,
             "age": round(now - env.received),
             "sender": env.sender,
-            "recipients": [str(r["to"]) for r in pending] + [mb for mb, _ in env.local],
+            "recipients": [r.to for r in pending] + [mb for mb, _ in env.local],
             "state": entry_state(env),
             "next_attempt": next_due(env) if not env.held else None,
             "last_error": errors[-1] if errors else "",
@@ -114,7 +131,7 @@ class QueueControl:
             return "queue is empty"
         lines = [f"{'ID':<20} {'AGE':>5} {'STATE':<8} {'NEXT ATTEMPT':<19}  SENDER -> RECIPIENTS / LAST ERROR"]
         for r in rows:
-            rcpts = ", ".join(r["recipients"])  # type: ignore[arg-type]
+            rcpts = ", ".join(r["recipients"])
             lines.append(f"{r['id']:<20} {_age(r['age']):>5} {r['state']:<8} {_when(r['next_attempt']):<19}  "
                          f"<{r['sender']}> -> {rcpts}")
             if r["last_error"]:
@@ -134,13 +151,12 @@ class QueueControl:
         env, data = self._load(qid)
         end = data.find(b"\r\n\r\n")
         headers = (data if end < 0 else data[:end]).decode("utf-8", "replace")
-        envelope = {k: v for k, v in env.__dict__.items()}
-        rcpts = [f"  {r['to']}  {r.get('state', QUEUED)}  tries={r.get('tries', 0)}  "
-                 f"next={_when(float(r['next'])) if r.get('state', QUEUED) == QUEUED and r.get('next') else '-'}  "
-                 f"last={r.get('error') or '-'}" for r in env.remote]
+        rcpts = [f"  {r.to}  {r.state}  tries={r.tries}  "
+                 f"next={_when(r.next) if r.state == QUEUED and r.next else '-'}  "
+                 f"last={r.error or '-'}" for r in env.remote]
         return (f"# entry {qid} ({entry_state(env)}), received {_when(env.received)}, "
                 f"{env.attempts} attempts\n" + "\n".join(rcpts) + "\n# envelope\n"
-                + json.dumps(envelope, indent=1, default=str)
+                + json.dumps(env.to_json(), indent=1, default=str)
                 + "\n# headers\n" + headers.replace("\r\n", "\n") + "\n")
 
     def select(self, qid: str | None = None, sender: str | None = None, all_held: bool = False) -> list[str]:
@@ -154,19 +170,22 @@ class QueueControl:
         return chosen
 
     def set_held(self, qids: list[str], held: bool) -> list[str]:
+        def set_held(env: Envelope, _data: bytes) -> Edit:
+            if env.held == held:
+                return KEEP
+            env.held = held
+            return Rewrite(env)
+
         changed = []
         for qid in qids:
-            with self.locks.held(qid):
-                try:
-                    env, data = self.spool.load(qid)
-                except (FileNotFoundError, SpoolCorrupt):
-                    continue
-                if env.held == held:
-                    continue
-                env.held = held
-                asyncio.run(self.spool.rewrite(env, data))
+            try:
+                edit = self.editor.edit_sync(qid, set_held)
+            except Unreadable:
+                continue
+            if not isinstance(edit, Rewrite):
+                continue
             changed.append(qid)
-            log.info("event=queue_%s id=%s from=<%s>", "held" if held else "released", qid, env.sender)
+            log.info("event=queue_%s id=%s from=<%s>", "held" if held else "released", qid, edit.env.sender)
             if not held:
                 self.request_flush(qid)
         return changed
@@ -174,17 +193,12 @@ class QueueControl:
     def delete(self, qids: list[str]) -> list[str]:
         deleted = []
         for qid in qids:
-            with self.locks.held(qid):
-                try:
-                    env, _ = self.spool.load(qid)
-                except SpoolCorrupt:
-                    env = None
-                except FileNotFoundError:
-                    continue
-                self.spool.path(qid).unlink(missing_ok=True)
-                fsync_dir(self.spool.queue_dir)
+            removed = self.editor.remove_sync(qid)
+            if removed is None:
+                continue
             deleted.append(qid)
-            rcpts = ",".join(str(r["to"]) for r in env.remote) if env else "?"
+            env = removed.env
+            rcpts = ",".join(r.to for r in env.remote) if env else "?"
             log.warning("event=queue_deleted id=%s from=<%s> rcpts=%s by=%s", qid, env.sender if env else "?",
                         rcpts, os.environ.get("SUDO_USER") or _login())
         return deleted

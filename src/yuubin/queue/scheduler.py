@@ -1,13 +1,14 @@
-"""The outbound queue runner: which spool entry goes out when, and what its result changes.
+"""The outbound queue runner: which spool entry goes out when, and the I/O around the retry rule.
 
-State lives only in the spool entry: each remote recipient dict carries `state` (queued,
-delivered, failed), `tries`, `next` (epoch seconds), `error`, `status`, `host`, `reported`.
-Every change is written with Spool.rewrite (atomic, fsynced) before anything depends on it,
-so kill -9 at any moment loses nothing: at worst a recipient gets a message twice, or a
-sender a DSN twice. A DSN is stored before the failed recipient is marked reported.
+State lives only in the spool entry: one RemoteRecipient record per remote recipient
+(spool.py). What an attempt's results change is decided by queue/retry.py; this module makes
+the attempts, hands the DSNs it asks for to `inject` (the intake path, which stores them), and
+writes the new entry through the SpoolEditor (atomic, fsynced, under the entry's locks), always
+in that order. So kill -9 at any moment loses nothing: at worst a recipient gets a message
+twice, or a sender a DSN twice.
 
-The `yuubin queue` tools run in another process and edit entries directly under EntryLocks;
-this runner rereads an entry before each attempt and each rewrite, rescans the spool every
+The `yuubin queue` tools run in another process and edit entries under the same locks; this
+runner rereads an entry before each attempt and each rewrite, rescans the spool every
 `queue_scan`, and reads flush requests (files in spool/requests/) every second.
 """
 
@@ -15,16 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from yuubin.auth.accounts import Directory
-from yuubin.config import ConfigError, OutboundConfig
+from yuubin.config import Config, ConfigError, OutboundConfig
 from yuubin.delivery.remote import (
     HostUnusable,
     MxRouter,
@@ -36,79 +33,42 @@ from yuubin.delivery.remote import (
     self_address_check,
     verify_context,
 )
+from yuubin.dns import DnsLookup
 from yuubin.queue.bounce import DELAYED, FAILED, build_dsn, may_bounce, wants_notice
-from yuubin.queue.entrylock import EntryLocks
-from yuubin.queue.spool import Envelope, Spool, SpoolCorrupt, new_id
-from yuubin.smtp.address import AddressError, parse_path
-
-if TYPE_CHECKING:
-    from yuubin.server import Server
+from yuubin.queue.edit import REMOVE, Edit, Remove, Rewrite, SpoolEditor
+from yuubin.queue.retry import Applied, apply_outcomes, next_due
+from yuubin.queue.signal import QueueSignal, requests_dir
+from yuubin.queue.spool import QUEUED, Envelope, RemoteRecipient, Spool, SpoolCorrupt
 
 log = logging.getLogger("yuubin.outbound")
 
-QUEUED, DELIVERED, FAILED_STATE = "queued", "delivered", "failed"
 TICK = 1.0  # how often flush requests and due entries are looked at
 RELAY = "[relayhost]"  # the destination key of everything when a relayhost is set
-REQUESTS_DIR = "requests"
+
+# inject(to_address, dsn_bytes): a DSN (null sender) handed to intake, which routes it and stores it
+# durably before returning its queue id; None when the address has no route.
+Inject = Callable[[str, bytes], Awaitable[str | None]]
 
 
-def requests_dir(spool_root: Path) -> Path:
-    return spool_root / REQUESTS_DIR
-
-
-def request_flush(spool_root: Path, qid: str | None = None) -> None:
-    """Ask the running scheduler (maybe in another process) to look at `qid`, or at everything."""
-    d = requests_dir(spool_root)
-    d.mkdir(exist_ok=True)
-    name = f"flush-{qid or 'all'}.{time.time_ns()}"
-    os.close(os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-
-
-class RemoteWake:
-    """Stands in for the scheduler in a worker process that does not run it: a new entry with
-    remote recipients becomes a flush request the primary worker reads within a second."""
-
-    def __init__(self, spool_root: Path):
-        self.spool_root = spool_root
-
-    def wake(self, qid: str | None = None) -> None:
-        request_flush(self.spool_root, qid)
-
-
-def rcpt_domain(rcpt: dict[str, object]) -> str:
-    return str(rcpt["to"]).rpartition("@")[2].lower()
-
-
-def next_due(env: Envelope) -> float | None:
-    """When this entry next has something to send; None when nothing is queued."""
-    times = [float(r.get("next", 0)) for r in env.remote if r.get("state", QUEUED) == QUEUED]
-    return min(times) if times else None
-
-
-@dataclass
-class BounceRoute:
-    """Where a DSN for `sender` goes: local mailboxes and/or a remote address."""
-
-    local: list[tuple[str, str]]
-    remote: list[dict[str, object]]
+def rcpt_domain(rcpt: RemoteRecipient) -> str:
+    return rcpt.to.rpartition("@")[2].lower()
 
 
 class OutboundScheduler:
-    def __init__(self, spool: Spool, cfg: OutboundConfig, hostname: str, router: MxRouter,
-                 client: SmtpClient, relay: SmtpTarget | None,
-                 route_bounce: Callable[[str], BounceRoute | None],
-                 submit_local: Callable[[Envelope, bytes], None]):
+    def __init__(self, spool: Spool, editor: SpoolEditor, cfg: OutboundConfig, hostname: str, router: MxRouter,
+                 client: SmtpClient, relay: SmtpTarget | None, signal: QueueSignal, inject: Inject,
+                 is_held: Callable[[Envelope], bool], clock: Callable[[], float] = time.time):
         self.spool = spool
+        self.editor = editor
         self.cfg = cfg
         self.hostname = hostname
         self.router = router
         self.client = client
         self.relay = relay
-        self.route_bounce = route_bounce
-        self.submit_local = submit_local
-        self.hold_check: Callable[[Envelope], bool] | None = None  # e.g. a suspended account
-        self._new: set[str] = set()
-        self.locks = EntryLocks(spool.root)
+        self.signal = signal
+        self.inject = inject
+        self.is_held = is_held  # beyond env.held: e.g. the submitting account is suspended
+        self.clock = clock
         self.requests = requests_dir(spool.root)
         self.requests.mkdir(exist_ok=True)
         self._due: dict[str, float] = {}
@@ -116,9 +76,7 @@ class OutboundScheduler:
         self._flush_all = False
         self._busy: set[tuple[str, str]] = set()
         self._per_domain: Counter[str] = Counter()
-        self.entry_locks: dict[str, asyncio.Lock] = {}
         self._jobs: set[asyncio.Task] = set()
-        self._wake = asyncio.Event()
         self._rescan = True
         self._last_scan = 0.0
         self._task: asyncio.Task | None = None
@@ -140,15 +98,6 @@ class OutboundScheduler:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
-        self.locks.close()
-
-    def wake(self, qid: str | None = None) -> None:
-        """An entry with remote recipients is ready (or, without an id, something changed): look now."""
-        if qid is None:
-            self._rescan = True
-        else:
-            self._new.add(qid)
-        self._wake.set()
 
     def _peek(self, qid: str) -> Envelope | None:
         """The envelope line only: scans and dispatch decisions need no message bytes."""
@@ -159,7 +108,7 @@ class OutboundScheduler:
             return None
 
     def _held(self, env: Envelope) -> bool:
-        return env.held or (self.hold_check is not None and self.hold_check(env))
+        return env.held or self.is_held(env)
 
     def _consider(self, qid: str) -> None:
         env = self._peek(qid)
@@ -172,22 +121,17 @@ class OutboundScheduler:
 
     async def _run(self) -> None:
         while True:
-            try:
-                async with asyncio.timeout(TICK):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            self._wake.clear()
+            woken = await self.signal.wait(TICK)
             try:
                 self._read_requests()
-                now = time.time()
-                if self._rescan or now - self._last_scan >= self.cfg.queue_scan:
-                    self._new.clear()
+                now = self.clock()
+                if woken.rescan or self._rescan or now - self._last_scan >= self.cfg.queue_scan:
                     self._scan()
                     self._last_scan = now
                     self._rescan = False
-                while self._new:
-                    self._consider(self._new.pop())
+                else:
+                    for qid in woken.ids:
+                        self._consider(qid)
                 self._dispatch(now)
             except Exception:
                 log.exception("event=scheduler_error")
@@ -241,7 +185,7 @@ class OutboundScheduler:
                 continue
             groups: dict[str, list[int]] = {}
             for i, r in enumerate(env.remote):
-                if r.get("state", QUEUED) == QUEUED and (force or float(r.get("next", 0)) <= now):
+                if r.state == QUEUED and (force or r.next <= now):
                     groups.setdefault(RELAY if self.relay else rcpt_domain(r), []).append(i)
             started_all = True
             for dest, idx in groups.items():
@@ -270,7 +214,7 @@ class OutboundScheduler:
             if self._held(env):
                 log.info("event=outbound_skipped id=%s reason=held", qid)
                 return
-            todo = [i for i in idx if i < len(env.remote) and env.remote[i].get("state", QUEUED) == QUEUED]
+            todo = [i for i in idx if i < len(env.remote) and env.remote[i].state == QUEUED]
             if not todo:
                 return
             outcomes = await self._attempt(env, data, dest, todo)
@@ -279,16 +223,16 @@ class OutboundScheduler:
             raise
         except Exception:
             log.exception("event=outbound_error id=%s dest=%s", qid, dest)
-            self._due[qid] = time.time() + self.cfg.retry_first
+            self._due[qid] = self.clock() + self.cfg.retry_first
         finally:
             self._busy.discard((qid, dest))
             self._per_domain[dest] -= 1
             if self._per_domain[dest] <= 0:
                 del self._per_domain[dest]
-            self._wake.set()
+            self.signal.recheck()
 
     async def _attempt(self, env: Envelope, data: bytes, dest: str, todo: list[int]) -> list[Outcome]:
-        rcpts = [(str(env.remote[i]["to"]), _rcpt_params(env.remote[i])) for i in todo]
+        rcpts = [(env.remote[i].to, _rcpt_params(env.remote[i])) for i in todo]
         if self.relay is not None:
             targets = [self.relay]
         else:
@@ -310,74 +254,54 @@ class OutboundScheduler:
     # ---- recording the result ----
 
     async def _record(self, qid: str, outcomes: dict[int, Outcome]) -> None:
-        lock = self.entry_locks.setdefault(qid, asyncio.Lock())
-        async with lock:
-            await asyncio.to_thread(self.locks.acquire, qid)
-            try:
-                await self._apply(qid, outcomes)
-            finally:
-                self.locks.release(qid)
-        # The lock object stays while the entry exists: dropping it while another editor waits on it
-        # would let a third one create a fresh lock and edit concurrently.
-        if not self.spool.path(qid).exists():
-            self.entry_locks.pop(qid, None)
+        """Apply the rule to the entry as it is now (the CLI may have held it meanwhile) and write it."""
+        applied: Applied | None = None
 
-    async def _apply(self, qid: str, outcomes: dict[int, Outcome]) -> None:
-        try:
-            env, data = self.spool.load(qid)  # reread: the CLI may have held or deleted it meanwhile
-        except FileNotFoundError:
+        async def change(env: Envelope, data: bytes) -> Edit:
+            nonlocal applied
+            applied = apply_outcomes(env, outcomes, self.clock(), self.cfg)
+            self._log_results(qid, applied)
+            await self._notify(applied, data)
+            if applied.finished:
+                return REMOVE
+            if not applied.env.held and self.is_held(applied.env):
+                applied.env.held = True  # the account was suspended meanwhile: never undo its hold
+            return Rewrite(applied.env)
+
+        edit = await self.editor.edit(qid, change)
+        if edit is None or applied is None:
             log.info("event=outbound_entry_gone id=%s reason=\"deleted during the attempt\"", qid)
             self._due.pop(qid, None)
-            return
-        now = time.time()
-        env.attempts += 1
-        for i, o in outcomes.items():
-            r = env.remote[i]
-            r["tries"] = int(r.get("tries", 0)) + 1
-            r.update(error=o.diagnostic, status=o.status, host=o.host)
-            if o.kind == "delivered":
-                r["state"] = DELIVERED
-                self.sent += 1
-                log.info('event=sent id=%s to=<%s> host=%s reply="%s"', qid, r["to"], o.host, o.diagnostic)
-            elif o.kind == "failed":
-                r["state"] = FAILED_STATE
-                log.info('event=failed id=%s to=<%s> host=%s reply="%s"', qid, r["to"], o.host, o.diagnostic)
-            elif now - env.received >= self.cfg.queue_lifetime:
-                r.update(state=FAILED_STATE, status="4.4.7",
-                         error=f"gave up after {self.cfg.queue_lifetime / 86400:g} days: {o.diagnostic}")
-                log.info('event=expired id=%s to=<%s> last="%s"', qid, r["to"], o.diagnostic)
-            else:
-                delay = min(self.cfg.retry_first * 2 ** (r["tries"] - 1), self.cfg.retry_max)
-                r["next"] = now + delay
-                log.info('event=deferred id=%s to=<%s> host=%s reply="%s" retry_in=%.0fs', qid, r["to"],
-                         o.host, o.diagnostic, delay)
-        await self._notify(env, data, now)
-        when = next_due(env)
-        if when is None and not env.local:
-            await self.spool.committer.commit([], unlinks=[self.spool.path(qid)])
+        elif isinstance(edit, Remove):
             self._due.pop(qid, None)
-            log.info("event=outbound_done id=%s attempts=%d", qid, env.attempts)
-        else:
-            if not env.held and self.hold_check is not None and self.hold_check(env):
-                env.held = True  # the account was suspended meanwhile: never undo its hold
-            await self.spool.rewrite(env, data)
-            if when is not None and not env.held:
-                self._due[qid] = when
+            log.info("event=outbound_done id=%s attempts=%d", qid, applied.env.attempts)
+        elif applied.next_due is not None and not applied.env.held:
+            self._due[qid] = applied.next_due
 
-    async def _notify(self, env: Envelope, data: bytes, now: float) -> None:
-        """DSNs for newly failed recipients, and one delay warning; stored before marked reported."""
-        fresh = [r for r in env.remote if r.get("state") == FAILED_STATE and not r.get("reported")]
-        late = []
-        if (self.cfg.delay_warning and not env.extra.get("warned")
-                and now - env.received >= self.cfg.delay_warning):
-            late = [r for r in env.remote if r.get("state", QUEUED) == QUEUED]
-        if not fresh and not late:
+    def _log_results(self, qid: str, applied: Applied) -> None:
+        for res in applied.results:
+            to, o = res.rcpt.to, res.outcome
+            if res.verdict == "sent":
+                self.sent += 1
+                log.info('event=sent id=%s to=<%s> host=%s reply="%s"', qid, to, o.host, o.diagnostic)
+            elif res.verdict == "failed":
+                log.info('event=failed id=%s to=<%s> host=%s reply="%s"', qid, to, o.host, o.diagnostic)
+            elif res.verdict == "expired":
+                log.info('event=expired id=%s to=<%s> last="%s"', qid, to, o.diagnostic)
+            else:
+                log.info('event=deferred id=%s to=<%s> host=%s reply="%s" retry_in=%.0fs', qid, to, o.host,
+                         o.diagnostic, res.retry_in)
+
+    async def _notify(self, applied: Applied, data: bytes) -> None:
+        """DSNs for newly failed recipients, and the one delay warning; NOTIFY and backscatter per bounce.py."""
+        env = applied.env
+        if not applied.newly_failed and not applied.delayed:
             return
         ok, why = may_bounce(env)
-        for action, rcpts in ((FAILED, fresh), (DELAYED, late)):
-            wanted = [r for r in rcpts if wants_notice(r, action)]
+        for action, rcpts in ((FAILED, applied.newly_failed), (DELAYED, applied.delayed)):
             if not rcpts:
                 continue
+            wanted = [r for r in rcpts if wants_notice(r, action)]
             if not ok or not wanted:
                 if action == FAILED:
                     log.info('event=bounce_suppressed id=%s from=<%s> rcpts=%d reason="%s"', env.id, env.sender,
@@ -385,58 +309,31 @@ class OutboundScheduler:
                 continue
             until = env.received + self.cfg.queue_lifetime if action == DELAYED else None
             await self._send_dsn(env, data, wanted, action, until)
-        for r in fresh:
-            r["reported"] = True
-        if late:
-            env.extra["warned"] = True
 
-    async def _send_dsn(self, env: Envelope, data: bytes, rcpts: list[dict[str, object]], action: str,
+    async def _send_dsn(self, env: Envelope, data: bytes, rcpts: list[RemoteRecipient], action: str,
                         until: float | None) -> None:
-        route = self.route_bounce(env.sender)
-        if route is None:
+        dsn = build_dsn(env, data, rcpts, action, self.hostname, retry_until=until, now=self.clock())
+        qid = await self.inject(env.sender, dsn)
+        if qid is None:
             log.info('event=bounce_undeliverable id=%s from=<%s> reason="sender is a local address that '
                      'does not exist"', env.id, env.sender)
             return
-        dsn = build_dsn(env, data, rcpts, action, self.hostname, retry_until=until)
-        bounce = Envelope(id=new_id(), sender="", mail_params={}, local=route.local, remote=route.remote,
-                          received=time.time(), client="127.0.0.1", helo=self.hostname, listener="bounce")
-        await self.spool.store(bounce, dsn)
-        log.info("event=dsn id=%s original=%s action=%s to=<%s> rcpts=%d", bounce.id, env.id, action,
+        log.info("event=dsn id=%s original=%s action=%s to=<%s> rcpts=%d", qid, env.id, action,
                  env.sender, len(rcpts))
-        if bounce.local:
-            self.submit_local(bounce, dsn)
-        else:
-            self.wake(bounce.id)
 
 
-def _rcpt_params(rcpt: dict[str, object]) -> list[str]:
+def _rcpt_params(rcpt: RemoteRecipient) -> list[str]:
     """The DSN parameters worth passing on (RFC 3461); everything else stays here."""
-    params = rcpt.get("params") or {}
-    return [f"{k}={v}" for k, v in params.items() if k in ("NOTIFY", "ORCPT") and v]  # type: ignore[union-attr]
+    return [f"{k}={v}" for k, v in rcpt.params.items() if k in ("NOTIFY", "ORCPT") and v]
 
 
-def bounce_router(directory: Directory) -> Callable[[str], BounceRoute | None]:
-    """DSNs to a local sender go to its mailboxes (aliases followed); others leave by SMTP."""
-    def route(sender: str) -> BounceRoute | None:
-        try:
-            addr = parse_path(f"<{sender}>", smtputf8=True)
-        except AddressError:
-            return None
-        if addr is None:
-            return None
-        if not directory.is_local(addr.domain):
-            return BounceRoute([], [{"to": sender, "params": {}, "rcpt": sender}])
-        res = directory.resolve(addr)
-        if res is None:
-            return None
-        return BounceRoute([(mb, sender) for mb in res.mailboxes],
-                           [{"to": fw, "params": {}, "rcpt": sender} for fw in res.forwards])
-    return route
+def build_outbound(cfg: Config, spool: Spool, editor: SpoolEditor, resolver: DnsLookup,
+                   listening: Callable[[], list[tuple[str, int]]], signal: QueueSignal, inject: Inject,
+                   is_held: Callable[[Envelope], bool], clock: Callable[[], float] = time.time) -> OutboundScheduler:
+    """The scheduler with its SMTP client and MX router (or relayhost) built from the config.
 
-
-def build_scheduler(server: Server) -> OutboundScheduler:
-    """The scheduler wired to a Server's spool, resolver, directory and local delivery."""
-    cfg = server.config
+    `listening()` gives our own listening sockets, so an MX host that is us counts as a loop.
+    """
     ob = cfg.outbound
     relay = None
     client = SmtpClient(cfg.hostname, ob.connect_timeout, ob.command_timeout)
@@ -455,17 +352,6 @@ def build_scheduler(server: Server) -> OutboundScheduler:
         relay = SmtpTarget(host, host, port, mode, ob.relayhost_username, password)
         client = SmtpClient(cfg.hostname, ob.connect_timeout, ob.command_timeout,
                             verify_context(ob.relayhost_ca_file))
-
-    def listening() -> list[tuple[str, int]]:
-        return [(bl.sockname[0], bl.sockname[1]) for bl in server.listeners]
-
-    router = MxRouter(server.resolver, cfg.hostname, self_address_check(listening, ob.port))
-    scheduler = OutboundScheduler(server.spool, ob, cfg.hostname, router, client, relay,
-                                  bounce_router(server.directory), server.delivery.submit)
-
-    def hold_check(env: Envelope) -> bool:  # the same check LocalDelivery uses, when there is one
-        check = getattr(server.delivery, "hold_check", None)
-        return bool(check is not None and check(env))
-
-    scheduler.hold_check = hold_check
-    return scheduler
+    router = MxRouter(resolver, cfg.hostname, self_address_check(listening, ob.port))
+    return OutboundScheduler(spool, editor, ob, cfg.hostname, router, client, relay, signal, inject, is_held,
+                             clock)

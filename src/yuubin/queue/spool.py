@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any, Literal, get_args
 
 from yuubin.durable import Commit, FileWrite, GroupCommitter, fsync_dir
 
@@ -24,13 +25,61 @@ class SpoolCorrupt(Exception):
     pass
 
 
+RecipientState = Literal["queued", "delivered", "failed"]
+QUEUED: RecipientState = "queued"
+DELIVERED: RecipientState = "delivered"
+FAILED: RecipientState = "failed"
+_STATES: tuple[str, ...] = get_args(RecipientState)
+
+
+@dataclass(slots=True)
+class RemoteRecipient:
+    """One remote recipient of a spool entry and where its delivery stands.
+
+    Stored as a JSON object with these field names as keys. Entries from earlier releases
+    carry only the keys they had reached (at first just to, params, rcpt): a missing key means
+    its default, so an old spool loads unchanged.
+    """
+
+    to: str  # the address delivered to
+    params: dict[str, str] = field(default_factory=dict)  # RCPT TO parameters as given (NOTIFY, ORCPT)
+    rcpt: str = ""  # the recipient as given in RCPT TO (differs from `to` for an alias's forward)
+    state: RecipientState = QUEUED
+    tries: int = 0
+    next: float = 0.0  # epoch seconds of the next attempt while queued
+    error: str = ""  # the last reply or problem, for logs, `queue list` and the DSN
+    status: str = ""  # RFC 3463 status of the last attempt
+    host: str = ""  # the host that gave the last reply
+    reported: bool = False  # its failure has been dealt with (DSN stored, or suppressed)
+
+    def to_json(self) -> dict[str, object]:
+        return {"to": self.to, "params": self.params, "rcpt": self.rcpt, "state": self.state,
+                "tries": self.tries, "next": self.next, "error": self.error, "status": self.status,
+                "host": self.host, "reported": self.reported}
+
+    @classmethod
+    def from_json(cls, raw: Any) -> RemoteRecipient:
+        """Raises ValueError, TypeError or KeyError on a malformed record (Spool.load: corrupt)."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("params") or {}, dict):
+            raise TypeError(f"malformed remote recipient {raw!r}")
+        state = raw.get("state") or QUEUED
+        if state not in _STATES:
+            raise ValueError(f"unknown recipient state {state!r}")
+        to = str(raw["to"])
+        return cls(to=to, params={str(k): str(v) for k, v in (raw.get("params") or {}).items()},
+                   rcpt=str(raw.get("rcpt", to)), state=state, tries=int(raw.get("tries") or 0),
+                   next=float(raw.get("next") or 0.0), error=str(raw.get("error") or ""),
+                   status=str(raw.get("status") or ""), host=str(raw.get("host") or ""),
+                   reported=bool(raw.get("reported", False)))
+
+
 @dataclass
 class Envelope:
     id: str
     sender: str  # "" for the null sender
     mail_params: dict[str, str]
     local: list[tuple[str, str]]  # (mailbox, recipient as given)
-    remote: list[dict[str, object]]  # {"to": address, "params": {...}}; delivered by outbound
+    remote: list[RemoteRecipient]  # delivered by outbound
     received: float
     client: str
     helo: str
@@ -42,18 +91,36 @@ class Envelope:
     attempts: int = 0
     extra: dict[str, object] = field(default_factory=dict)
 
-    def encode(self) -> bytes:
+    @property
+    def junk(self) -> bool:
+        """Quarantined by policy: local copies go to the recipient's Junk folder. Kept in `extra`,
+        so an entry written now still loads in the previous release."""
+        return bool(self.extra.get("junk"))
+
+    @junk.setter
+    def junk(self, value: bool) -> None:
+        if value:
+            self.extra["junk"] = True
+        else:
+            self.extra.pop("junk", None)
+
+    def to_json(self) -> dict[str, object]:
         # A shallow dict, not dataclasses.asdict(): asdict deep-copies every value, and this
         # runs for every message on the hot path.
-        fields = {f: getattr(self, f) for f in _FIELDS}
-        return MAGIC + json.dumps(fields, separators=(",", ":")).encode() + b"\n"
+        out = {f: getattr(self, f) for f in _FIELDS}
+        out["remote"] = [r.to_json() for r in self.remote]
+        return out
+
+    def encode(self) -> bytes:
+        return MAGIC + json.dumps(self.to_json(), separators=(",", ":")).encode() + b"\n"
 
     @classmethod
     def decode(cls, line: bytes) -> Envelope:
         if not line.startswith(MAGIC):
             raise SpoolCorrupt("bad magic")
         raw = json.loads(line[len(MAGIC):])
-        raw["local"] = [tuple(x) for x in raw["local"]]
+        raw["local"] = [(str(mb), str(rcpt)) for mb, rcpt in raw["local"]]
+        raw["remote"] = [RemoteRecipient.from_json(r) for r in raw["remote"]]
         return cls(**raw)
 
 
