@@ -269,6 +269,11 @@ class PostfixInstance:
 
     def _allow_alternate_config(self) -> None:
         """List our config dir in the default instance's alternate_config_directories."""
+        default_main = Path("/etc/postfix/main.cf")
+        if not default_main.exists():
+            # Debian's "No configuration" install leaves no main.cf, and postconf refuses to run
+            # without one; an empty file means every parameter at its default.
+            default_main.touch()
         old = subprocess.run(
             [POSTCONF, "-h", "alternate_config_directories"],
             capture_output=True,

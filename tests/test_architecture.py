@@ -31,7 +31,8 @@ def _imports(path: Path, modules: set[str]) -> tuple[set[str], set[str]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, base] if base else parent)
             names = [base] + [f"{base}.{a.name}" for a in node.names]
         for name in names:
             roots.add(name.split(".")[0])
@@ -62,7 +63,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for m in sorted(graph.get(n, ())):
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return [*stack[stack.index(m):], m]
             if m not in state and (found := visit(m)):
                 return found
         stack.pop()

@@ -198,3 +198,55 @@ async def test_password_checks_run_a_bounded_number_at_once(tmp_path, alice_hash
     await asyncio.gather(*(g.login(ip(f"203.0.113.{i}"), "alice@example.test", "nope") for i in range(6)))
     assert peak == 2
     store.close()
+
+
+# ---- one login exchange (auth/login.py): SASL steps, then the guard ----
+
+PASSWORD = "the right one, long enough"
+
+
+def _b(text: str) -> bytes:
+    return text.encode()
+
+
+async def test_login_exchange_plain_with_initial_response(guard):
+    import base64
+
+    from yuubin.auth.login import LoginExchange
+    ex = LoginExchange(guard, ip("203.0.113.5"), "s1")
+    initial = base64.b64encode(_b(f"\0alice@example.test\0{PASSWORD}")).decode()
+    result = await ex.start("PLAIN", initial)
+    assert result.ok and result.account == "alice@example.test"
+
+
+async def test_login_exchange_login_mechanism_challenges_then_checks(guard):
+    from yuubin.auth.guard import LoginResult
+    from yuubin.auth.login import LoginExchange
+    from yuubin.auth.sasl import Challenge
+    ex = LoginExchange(guard, ip("203.0.113.5"), "s1")
+    assert await ex.start("LOGIN", None) == Challenge(b"Username:")
+    assert await ex.respond(_b("alice@example.test")) == Challenge(b"Password:")
+    result = await ex.respond(_b("wrong"))
+    assert isinstance(result, LoginResult) and not result.ok and result.locked is None
+    assert guard.store.auth_failures_since("source", "203.0.113.5", 0) == 1  # the guard counted it
+
+
+async def test_login_exchange_malformed_is_not_a_failed_password(guard):
+    from yuubin.auth.login import LoginExchange, Malformed
+    ex = LoginExchange(guard, ip("203.0.113.5"), "s1")
+    step = await ex.start("PLAIN", "not base64!")
+    assert isinstance(step, Malformed) and "base64" in step.reason
+    step = await ex.start("PLAIN", "AGFsaWNl")  # "\0alice": no password part
+    assert isinstance(step, Malformed)
+    assert isinstance(await ex.respond(b"late"), Malformed)  # nothing in progress any more
+    assert guard.store.auth_failures_since("source", "203.0.113.5", 0) == 0
+
+
+async def test_login_exchange_refuses_a_locked_source_without_checking(guard):
+    import base64
+
+    from yuubin.auth.login import LoginExchange
+    fail(guard, "203.0.113.9", 3)
+    ex = LoginExchange(guard, ip("203.0.113.9"), "s1")
+    result = await ex.start("PLAIN", base64.b64encode(_b(f"\0alice@example.test\0{PASSWORD}")).decode())
+    assert not result.ok and result.locked is not None

@@ -11,11 +11,14 @@ def cmd_queue(args: argparse.Namespace) -> int:
     from yuubin.queue.control import QueueError, run_command
     cfg = load_config(args)
     setup_logging(cfg.log_level)  # hold, release and delete are logged like server events
-    if args.sub in ("hold", "release", "delete") and not (args.id or args.sender or getattr(args, "all_held", False)):
+    qid: str | None = getattr(args, "id", None)  # not every queue subcommand has each argument
+    sender: str | None = getattr(args, "sender", None)
+    all_held: bool = getattr(args, "all_held", False)
+    if args.sub in ("hold", "release", "delete") and not (qid or sender or all_held):
         raise CliError(f"queue {args.sub}: give an ID or --sender ADDR" +
                        (" or --all-held" if args.sub == "delete" else ""))
     try:
-        print(run_command(args, cfg.spool_dir))
+        print(run_command(cfg.spool_dir, args.sub, qid, sender, all_held, getattr(args, "json", False)))
     except QueueError as e:
         raise CliError(str(e)) from None
     return 0

@@ -207,21 +207,23 @@ class QueueControl:
         request_flush(self.spool.root, qid)
 
 
-def run_command(args, spool_root: Path) -> str:
+def run_command(spool_root: Path, sub: str, qid: str | None = None, sender: str | None = None,
+                all_held: bool = False, as_json: bool = False) -> str:
     """One `yuubin queue` subcommand; returns what to print, or raises QueueError."""
     ctl = QueueControl(spool_root)
     try:
-        sub = args.sub
         if sub == "list":
-            return ctl.list_text(args.json)
+            return ctl.list_text(as_json)
         if sub == "show":
-            return ctl.show_text(args.id)
+            if not qid:
+                raise QueueError("ID: missing")
+            return ctl.show_text(qid)
         if sub == "flush":
-            if args.id:
-                ctl._load(args.id)
-            ctl.request_flush(args.id)
-            return f"flush requested for {args.id or 'all entries'} (the running server retries within a second)"
-        qids = ctl.select(args.id, args.sender, getattr(args, "all_held", False))
+            if qid:
+                ctl._load(qid)
+            ctl.request_flush(qid)
+            return f"flush requested for {qid or 'all entries'} (the running server retries within a second)"
+        qids = ctl.select(qid, sender, all_held)
         if sub in ("hold", "release"):
             done = ctl.set_held(qids, sub == "hold")
             return f"{sub}: {len(done)} entries" + (f" ({', '.join(done)})" if done else "")
