@@ -2,10 +2,11 @@
 
 import asyncio
 import os
+import stat
 
 import pytest
 
-from yuubin.durable import FileWrite, GroupCommitter
+from yuubin.durable import FileAccess, FileWrite, GroupCommitter
 
 
 async def test_jobs_of_one_loop_turn_share_a_batch(tmp_path):
@@ -56,3 +57,29 @@ async def test_a_file_that_cannot_be_created_fails_at_once(tmp_path):
             gc.enqueue([FileWrite(tmp_path / "missing-dir" / "f", b"m")])
     finally:
         gc.shutdown()
+
+
+async def test_a_file_gets_its_access_exactly_whatever_the_umask(tmp_path):
+    gc = GroupCommitter()
+    old = os.umask(0o077)  # would take the group's read bit away
+    try:
+        await gc.enqueue([FileWrite(tmp_path / "shared", b"m", access=FileAccess(0o640)),
+                          FileWrite(tmp_path / "private", b"m")])
+        os.umask(0)  # would leave the default open to everyone
+        await gc.enqueue([FileWrite(tmp_path / "private2", b"m")])
+    finally:
+        os.umask(old)
+        gc.shutdown()
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"shared": 0o640, "private": 0o600, "private2": 0o600}
+
+
+def test_directories_get_search_where_files_are_readable(tmp_path):
+    assert (FileAccess().dir_mode, FileAccess(0o640).dir_mode, FileAccess(0o660).dir_mode) == (0o700, 0o750, 0o770)
+    old = os.umask(0o077)
+    try:
+        created = FileAccess(0o640).make_dirs(tmp_path / "a" / "b")
+    finally:
+        os.umask(old)
+    assert created == [tmp_path / "a", tmp_path / "a" / "b"]
+    assert [stat.S_IMODE(d.stat().st_mode) for d in created] == [0o750, 0o750]

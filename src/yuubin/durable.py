@@ -5,6 +5,9 @@ batching lets many sessions share it. Jobs queued during one turn of the event l
 batch; up to `workers` threads each take a batch, fsync every file, rename where asked, then
 fsync each touched directory once. Parallel batches keep the disk busy while the event loop
 goes on parsing.
+
+What is written is private (files 0600, directories 0700) unless a `FileAccess` says otherwise:
+the Maildirs may be shared with a reader such as Dovecot or a backup job (`[mail]` in the config).
 """
 
 from __future__ import annotations
@@ -19,11 +22,69 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+@dataclass(frozen=True, slots=True)
+class FileAccess:
+    """Mode and ownership of the files yuubin creates, and of the directories that hold them.
+
+    Set exactly, whatever the umask: a service manager's `UMask=0077` must not hide mail from
+    the reader the admin configured, nor may a umask of 0022 show it to everyone.
+    """
+
+    mode: int = 0o600  # files; directories get search (x) wherever files are readable
+    uid: int = -1  # -1: the process's own user (no chown)
+    gid: int = -1  # -1: the process's own group
+
+    @property
+    def dir_mode(self) -> int:
+        """0600 → 0700, 0640 → 0750, 0660 → 0770."""
+        return self.mode | (self.mode & 0o444) >> 2
+
+    @property
+    def private(self) -> bool:
+        return self.mode == 0o600 and self.uid == -1 and self.gid == -1
+
+    def set_fd(self, fd: int) -> None:
+        """Give a newly created file its owner and mode (nothing to do when private)."""
+        if self.uid != -1 or self.gid != -1:
+            os.fchown(fd, self.uid, self.gid)
+        if self.mode != 0o600:
+            os.fchmod(fd, self.mode)
+
+    def set_dir(self, path: str | Path) -> None:
+        """Give an existing directory this access (at start, for the directories yuubin owns)."""
+        st = os.stat(path)
+        if (self.uid not in (-1, st.st_uid)) or (self.gid not in (-1, st.st_gid)):
+            os.chown(path, self.uid, self.gid)
+        if st.st_mode & 0o777 != self.dir_mode:  # an admin's setgid bit stays
+            os.chmod(path, st.st_mode & 0o7000 | self.dir_mode)
+
+    def make_dirs(self, path: str | Path) -> list[Path]:
+        """`mkdir -p` giving every directory it creates this access; returns those, top first."""
+        missing: list[Path] = []
+        p = Path(path)
+        while not p.exists():
+            missing.append(p)
+            p = p.parent
+        created = []
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, self.dir_mode)
+            except FileExistsError:  # another worker process made it just now
+                continue
+            self.set_dir(d)
+            created.append(d)
+        return created
+
+
+PRIVATE = FileAccess()
+
+
 @dataclass(slots=True)
 class FileWrite:
     path: str | Path  # written with O_EXCL and fsynced
     data: bytes | list[bytes]
     rename_to: str | Path | None = None  # then renamed here (Maildir tmp/ → new/, spool rewrite)
+    access: FileAccess = PRIVATE  # its mode and owner, set before the first byte is written
 
 
 @dataclass(slots=True, eq=False)
@@ -71,8 +132,10 @@ class GroupCommitter:
         opened: list[tuple[int, FileWrite]] = []
         try:
             for w in writes:
-                fd = os.open(w.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                fd = os.open(w.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, w.access.mode)
                 opened.append((fd, w))
+                if not w.access.private:
+                    w.access.set_fd(fd)
                 _write_all(fd, w.data if isinstance(w.data, list) else [w.data])
         except OSError:
             for fd, w in opened:
