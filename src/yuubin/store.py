@@ -3,14 +3,21 @@
 Everything that touches SQL lives here, so another database can take its place when several
 hosts share state. WAL mode lets the server read while the CLI writes; each call reads the
 current rows, so `account add` takes effect in a running server without a restart.
+
+The file holds password hashes: it is created 0600 before SQLite opens it (its -wal and -shm
+files take the same mode from SQLite), and an older, more open one is tightened.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from yuubin.durable import PRIVATE
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -59,6 +66,18 @@ CREATE INDEX IF NOT EXISTS submission_recipients_account ON submission_recipient
 """
 
 
+def _tighten(path: Path) -> None:
+    """0600 for a state file an older release left more open (only its owner or root may: for
+    anyone else this is a no-op, and the owner's next start fixes it)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if st.st_mode & 0o777 != 0o600:
+        with contextlib.suppress(PermissionError):
+            os.chmod(path, 0o600)
+
+
 @dataclass(frozen=True)
 class AccountRow:
     address: str
@@ -71,10 +90,14 @@ class Store:
     """One SQLite connection; not shared across threads."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        PRIVATE.make_dirs(path.parent)  # the data directory, 0700 when it is made here
         self.path = path
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        _tighten(path)
         self.db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
+        for suffix in ("-wal", "-shm"):
+            _tighten(Path(f"{path}{suffix}"))
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
 

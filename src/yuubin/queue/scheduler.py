@@ -70,7 +70,7 @@ class OutboundScheduler:
         self.is_held = is_held  # beyond env.held: e.g. the submitting account is suspended
         self.clock = clock
         self.requests = requests_dir(spool.root)
-        self.requests.mkdir(exist_ok=True)
+        self.requests.mkdir(mode=0o700, exist_ok=True)
         self._due: dict[str, float] = {}
         self._flush: set[str] = set()
         self._flush_all = False

@@ -71,7 +71,7 @@ def requests_dir(spool_root: Path) -> Path:
 def request_flush(spool_root: Path, qid: str | None = None) -> None:
     """Ask the running scheduler (maybe in another process) to look at `qid`, or at everything."""
     d = requests_dir(spool_root)
-    d.mkdir(exist_ok=True)
+    d.mkdir(mode=0o700, exist_ok=True)
     name = f"flush-{qid or 'all'}.{time.time_ns()}"
     os.close(os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from yuubin.durable import Commit, FileWrite, GroupCommitter, fsync_dir
+from yuubin.durable import PRIVATE, Commit, FileWrite, GroupCommitter, fsync_dir
 
 MAGIC = b"YUUBIN-SPOOL-1 "
 _counter = itertools.count()
@@ -140,7 +140,9 @@ class Spool:
         self.tmp_dir = root / "tmp"
         self.corrupt_dir = root / "corrupt"
         for d in (self.queue_dir, self.tmp_dir, self.corrupt_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            PRIVATE.make_dirs(d)
+        for d in (root, self.queue_dir, self.tmp_dir, self.corrupt_dir):
+            PRIVATE.set_dir(d)  # 0700, also when an older release made them 0755: only yuubin reads the spool
         fsync_dir(root)
         self.committer = committer
 
