@@ -28,7 +28,7 @@ from yuubin.config import Config, ConfigError, ListenerConfig
 from yuubin.delivery.local import LocalDelivery
 from yuubin.delivery.maildir import Maildirs
 from yuubin.dns import Resolver
-from yuubin.durable import GroupCommitter
+from yuubin.durable import FileAccess, GroupCommitter
 from yuubin.geo import AccessList, GeoDatabase, GeoError
 from yuubin.intake import Intake
 from yuubin.net.connections import Connections
@@ -75,6 +75,9 @@ class App:
         self.primary = worker == 0
         cfg = config
         self.store = Store(cfg.state_db)
+        # data_dir: 0700, or 0750 with the [mail] group, whose reader must pass through to mail/.
+        FileAccess(0o600 if cfg.mail.gid == -1 else 0o640, gid=cfg.mail.gid).set_dir(cfg.data_dir)
+        mail_access = FileAccess(cfg.mail.mode, cfg.mail.uid, cfg.mail.gid)
         self.directory = Directory(self.store, cfg.local_domains, cfg.postmaster)
         self.committer = GroupCommitter()
         self.spool = Spool(cfg.spool_dir, self.committer)
@@ -82,8 +85,8 @@ class App:
         self.signal = QueueSignal()
         waker: Waker = self.signal if self.primary else RemoteWake(self.spool.root)
         self.holds = AccountHolds(self.store, self.editor)
-        self.delivery = LocalDelivery(self.spool, Maildirs(cfg.mail_dir, cfg.hostname), self.committer,
-                                      self.editor, self.holds.is_held, waker)
+        maildirs = Maildirs(cfg.mail_dir, cfg.hostname, mail_access)
+        self.delivery = LocalDelivery(self.spool, maildirs, self.committer, self.editor, self.holds.is_held, waker)
         self.intake = Intake(cfg.hostname, self.spool, self.delivery, self.holds, self.directory, waker.wake,
                              show_submitter=cfg.submission.received_client_ip)
         self.containment = AccountContainment(self.store, self.holds, self.intake.inject, cfg.postmaster,

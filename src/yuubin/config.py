@@ -6,7 +6,10 @@ what to fix. Unknown keys are errors too: a typo must not silently fall back to 
 
 from __future__ import annotations
 
+import grp
 import ipaddress
+import os
+import pwd
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -81,6 +84,18 @@ class SubmissionConfig:
 
 
 @dataclass(frozen=True)
+class MailConfig:
+    """[mail]: who besides yuubin may read the Maildirs (Dovecot, a backup job). Names are
+    resolved when the config is loaded, so a typo is an error naming the key."""
+
+    owner: str = ""  # "" = the user yuubin runs as
+    group: str = ""  # "" = none (with an owner: the owner's group)
+    mode: int = 0o600  # mail files; directories get x wherever r is set
+    uid: int = -1  # resolved owner, -1 = no chown
+    gid: int = -1  # resolved group, -1 = no chgrp
+
+
+@dataclass(frozen=True)
 class OutboundConfig:
     relayhost: str = ""
     relayhost_username: str = ""
@@ -118,6 +133,7 @@ class Config:
     auth_guard: AuthGuardConfig
     outbound: OutboundConfig
     submission: SubmissionConfig = SubmissionConfig()
+    mail: MailConfig = MailConfig()
     log_level: str = "info"
     workers: int = 1
     source: str = "<memory>"
@@ -270,6 +286,48 @@ def _outbound_delivery(ob: _Table) -> dict[str, Any]:
     return out
 
 
+def _mail(t: _Table) -> MailConfig:
+    """[mail] owner, group and mode, with the names resolved to ids."""
+    owner = t.get("owner", "", str).strip()
+    group = t.get("group", "", str).strip()
+    mode_text = t.get("mode", "", str).strip()
+    shared = bool(group)  # a group named for readers: its default is read access
+    uid = gid = -1
+    if owner:
+        try:
+            user = pwd.getpwnam(owner)
+        except KeyError:
+            raise ConfigError(f"{t.key('owner')}: no user named {owner!r} on this host") from None
+        uid = user.pw_uid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"{t.key('group')}: no group named {group!r} on this host") from None
+    elif owner:  # the owner's own group, so that it can pass through data_dir to mail/
+        gid = user.pw_gid
+        try:
+            group = grp.getgrgid(gid).gr_name
+        except KeyError:
+            raise ConfigError(f"{t.key('owner')}: the group {gid} of user {owner!r} has no name; "
+                              f"set {t.key('group')}") from None
+    if not mode_text:
+        mode = 0o640 if shared else 0o600
+    elif not re.fullmatch(r"0?[0-7]{3}", mode_text):
+        raise ConfigError(f"{t.key('mode')}: expected an octal file mode like \"0640\", got {mode_text!r}")
+    else:
+        mode = int(mode_text, 8)
+        if mode & 0o600 != 0o600:
+            raise ConfigError(f"{t.key('mode')}: the owner must be able to read and write (0600), got {mode_text!r}")
+        if mode & 0o007:
+            raise ConfigError(f"{t.key('mode')}: other users must get no access (give a reader "
+                              f"{t.key('group')} instead), got {mode_text!r}")
+        if mode & 0o070 and gid == -1:
+            raise ConfigError(f"{t.key('mode')}: {mode_text!r} gives the group access, but {t.key('group')} "
+                              "is not set")
+    return MailConfig(owner, group, mode, uid, gid)
+
+
 def load(path: str | Path) -> Config:
     """Load and validate a config file; raises ConfigError naming file and key."""
     p = Path(path)
@@ -419,6 +477,10 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         raise ConfigError("auth_guard.max_lockout: must not be shorter than auth_guard.lockout")
     ag.finish()
 
+    mail_t = top.table("mail")
+    mail = _mail(mail_t)
+    mail_t.finish()
+
     ob = top.table("outbound")
     outbound = OutboundConfig(
         relayhost=ob.get("relayhost", "", str),
@@ -464,6 +526,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         auth_guard=auth_guard,
         outbound=outbound,
         submission=submission,
+        mail=mail,
         log_level=log_level,
         workers=workers,
         source=source,
@@ -488,6 +551,24 @@ def check_tls_files(cfg: Config) -> None:
     except (ssl.SSLError, OSError) as e:
         raise ConfigError(f"tls.cert: {cfg.tls.cert} / tls.key: {cfg.tls.key}: not a matching PEM "
                           f"certificate and key ({getattr(e, 'reason', None) or e})") from None
+
+
+def check_mail_access(cfg: Config) -> None:
+    """Raise ConfigError when this process could not give mail files the [mail] owner or group:
+    giving a file away needs root, setting its group needs root or membership of the group."""
+    euid = os.geteuid()
+    if euid == 0:
+        return
+    try:
+        me = pwd.getpwuid(euid).pw_name
+    except KeyError:
+        me = f"uid {euid}"
+    if cfg.mail.uid not in (-1, euid):
+        raise ConfigError(f"mail.owner: giving mail files to {cfg.mail.owner!r} needs root "
+                          f"(yuubin runs as {me})")
+    if cfg.mail.gid not in (-1, os.getegid(), *os.getgroups()):
+        raise ConfigError(f"mail.group: yuubin runs as {me}, who is not in group {cfg.mail.group!r} "
+                          "(add the user to it, or run yuubin as root)")
 
 
 def describe(cfg: Config) -> str:
@@ -558,6 +639,11 @@ def describe(cfg: Config) -> str:
         "",
         "[submission]",
         f"received_client_ip = {q(cfg.submission.received_client_ip)}",
+        "",
+        "[mail]",
+        f"owner = {q(cfg.mail.owner)}",
+        f"group = {q(cfg.mail.group)}",
+        f"mode = {q(f'{cfg.mail.mode:04o}')}",
         "",
         "[outbound]",
         f"relayhost = {q(cfg.outbound.relayhost)}",

@@ -10,7 +10,7 @@ from typing import Any
 
 from yuubin import __version__
 from yuubin.cli.common import SubParsers, add_group, load_config, open_store, setup_logging
-from yuubin.config import Config, ConfigError, check_tls_files, describe, load
+from yuubin.config import Config, ConfigError, check_mail_access, check_tls_files, describe, load
 
 LOCALSERVE_CONFIG = """\
 # Written by `yuubin localserve`: a server on loopback for trying yuubin with a mail client.
@@ -56,6 +56,7 @@ def _run_server(cfg: Config, on_ready: Callable[[Any], None] | None = None) -> i
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     check_tls_files(cfg)
+    check_mail_access(cfg)
     setup_logging(cfg.log_level)
     return _run_server(cfg)
 
@@ -113,6 +114,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = load_config(args)
     check_tls_files(cfg)
     check_geo_source(cfg)  # a country in `allow` needs readable data, as at start
+    check_mail_access(cfg)  # [mail] owner and group must be ours to give, as at start
     print(f"# {cfg.source}: OK\n" + describe(cfg), end="")
     return 0
 

@@ -6,6 +6,9 @@ shows up in the client's Junk folder.
 
 A file appears in new/ only complete: written in tmp/, fsynced, renamed; the directory is
 fsynced by the group commit before the spool entry goes away.
+
+Files and directories get the `FileAccess` the admin configured in `[mail]` (private by
+default), so another program — Dovecot, a backup job — can read what yuubin delivers.
 """
 
 from __future__ import annotations
@@ -15,15 +18,20 @@ import os
 import time
 from pathlib import Path
 
-from yuubin.durable import FileWrite, fsync_dir
+from yuubin.durable import PRIVATE, FileAccess, FileWrite, fsync_dir
 
 _counter = itertools.count()
 JUNK = "Junk"
 
 
 class Maildirs:
-    def __init__(self, root: Path, hostname: str):
+    def __init__(self, root: Path, hostname: str, access: FileAccess = PRIVATE):
         self.root = root
+        self.access = access
+        # The root is set at every start, so a change of [mail] reaches it; what lies below
+        # keeps what it was given when it was created.
+        access.make_dirs(root)
+        access.set_dir(root)
         self.hostname = hostname.replace("/", "\\057").replace(":", "\\072")
         self._ready: dict[str, tuple[str, str]] = {}
         self._pid = os.getpid()
@@ -47,10 +55,14 @@ class Maildirs:
             return base
         created = not base.exists()
         for sub in ("tmp", "new", "cur"):
-            (base / sub).mkdir(parents=True, exist_ok=True)
+            self.access.make_dirs(base / sub)
         if created:
             if folder:
-                (base / "maildirfolder").touch()
+                fd = os.open(base / "maildirfolder", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, self.access.mode)
+                try:
+                    self.access.set_fd(fd)
+                finally:
+                    os.close(fd)
             fsync_dir(base)
             fsync_dir(base.parent)
             if not folder:  # the domain directory may be new too
@@ -65,4 +77,4 @@ class Maildirs:
         size = sum(len(p) for p in parts)
         now = time.time()
         name = f"{int(now)}.M{int((now % 1) * 1e6)}P{self._pid}Q{next(_counter)}.{self.hostname},S={size}"
-        return FileWrite(tmp + name, parts, rename_to=new + name)
+        return FileWrite(tmp + name, parts, rename_to=new + name, access=self.access)
