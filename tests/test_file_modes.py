@@ -104,13 +104,14 @@ def test_an_older_more_open_install_is_tightened_at_start(common_umask, cached_h
         assert mode(f) == 0o600, f
 
 
-def test_account_add_before_the_first_start_makes_a_private_state_db(common_umask, make_config):
-    path = make_config().write()
+def test_account_add_before_the_first_start_makes_a_private_state_db(common_umask, make_config, tmp_path):
+    data = tmp_path / "srv" / "yuubin"
+    path = make_config(data_dir=str(data)).write()
     r = run_yuubin(["account", "add", ALICE], config=path, stdin="Tangerine-orbit-71-quasar\n")
     assert r.returncode == 0, r.stderr
-    data = path.parent / "data"
     assert mode(data) == 0o700
     assert mode(data / "state.db") == 0o600
+    assert mode(data.parent) == 0o755  # not yuubin's: made as `mkdir -p` would, a reader may pass
 
 
 @needs_root

@@ -90,6 +90,7 @@ class Store:
     """One SQLite connection; not shared across threads."""
 
     def __init__(self, path: Path):
+        path.parent.parent.mkdir(parents=True, exist_ok=True)  # not ours: as `mkdir -p` would
         PRIVATE.make_dirs(path.parent)  # the data directory, 0700 when it is made here
         self.path = path
         os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
