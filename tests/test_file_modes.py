@@ -98,7 +98,7 @@ def test_an_older_more_open_install_is_tightened_at_start(common_umask, cached_h
     srv = make_server(accounts={ALICE: "Tangerine-orbit-71-quasar"}, data_dir=data)
     db.close()
     assert mode(data) == 0o700
-    for d in spool_dirs(srv) + [srv.config.mail_dir]:
+    for d in [*spool_dirs(srv), srv.config.mail_dir]:
         assert mode(d) == 0o700, d
     for f in state_files(srv):
         assert mode(f) == 0o600, f
