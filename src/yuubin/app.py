@@ -203,10 +203,9 @@ class App:
         """Listen (on `sockets`, by listener index, when a parent process bound them) and serve.
 
         Every listener is bound before anything else happens, so an address in use stops the start
-        with ListenerBindError and nothing half-run; connections wait in the backlog until the spool
-        is recovered."""
+        with ListenerBindError and nothing half-run; the spool is recovered before any serves."""
         loop = asyncio.get_running_loop()
-        bound: list[tuple[ListenerConfig, asyncio.base_events.Server]] = []
+        bound: list[tuple[int, asyncio.base_events.Server]] = []
         for index, listener in self.smtp_listeners:
             lc = self.config.listeners[index]
             ssl_context = listener.shell.tls_context if listener.shell.implicit_tls else None
@@ -221,16 +220,22 @@ class App:
                                                    ssl=ssl_context, ssl_handshake_timeout=handshake,
                                                    start_serving=False)
             except OSError as e:
-                for _lc, other in bound:
+                for _index, other in bound:
                     other.close()
                 raise ListenerBindError(index, lc, e, self.config.source) from None
-            bound.append((lc, srv))
+            bound.append((index, srv))
         if self.primary:
             recovered = await self.delivery.recover()
             if recovered:
                 log.info("event=spool_recovered entries=%d", recovered)
-        for lc, srv in bound:
-            await srv.start_serving()
+        for index, srv in bound:
+            lc = self.config.listeners[index]
+            try:
+                await srv.start_serving()  # listen(): can still find the address taken
+            except OSError as e:
+                for _index, other in bound:
+                    other.close()
+                raise ListenerBindError(index, lc, e, self.config.source) from None
             bl = BoundListener(lc, srv)
             self.listeners.append(bl)
             host, port = bl.sockname[:2]
