@@ -7,6 +7,7 @@ argument, exit status 2, and never a traceback.
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 import subprocess
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import YUUBIN, run_yuubin
+from tests.harness import YUUBIN, free_port, run_yuubin
 
 # What the CLI tests need from their config, over the shared base: the values the output is checked
 # for, a data_dir relative to the config file, and no DNS server (no command here resolves names).
@@ -120,6 +121,92 @@ def test_bad_config_is_one_line_exit_2(cli_config, tmp_path, case):
 def test_bad_config_stops_serve_the_same_way(cli_config, tmp_path):
     path = bad_config(cli_config, tmp_path, "unknown key")
     assert_usage_error(run_yuubin(["serve"], config=path), "limits.message_sise")
+
+
+def test_a_misspelt_required_key_is_named_as_the_typo(cli_config):
+    path = cli_config(hostname=None, hostnmae="mx.example.test").write("typo.toml")
+    line = assert_usage_error(run_yuubin(["config", "check"], config=path), "hostnmae", "unknown key",
+                              "did you mean hostname?")
+    assert "hostname: required" not in line, line
+
+
+def test_a_listener_without_kind_says_kind_is_required(cli_config):
+    path = cli_config(listener=[{"address": "127.0.0.1:2525"}]).write("nokind.toml")
+    line = assert_usage_error(run_yuubin(["config", "check"], config=path), "listener[0].kind", "required", "mx")
+    assert "None" not in line, line
+
+
+@pytest.mark.parametrize(("key", "overrides", "wide", "host"), [
+    ("network.trusted[0]", {"network": {"trusted": ["127.0.0.71/24"]}}, "127.0.0.0/24", "127.0.0.71/32"),
+    ("listener[0].allow[0]", {"listener": [{"kind": "submission", "address": "127.0.0.1:0",
+                                            "allow": ["2001:db8::7/64"]}]}, "2001:db8::/64", "2001:db8::7/128"),
+])
+def test_host_bits_in_a_network_are_refused_not_widened(cli_config, key, overrides, wide, host):
+    path = cli_config(**overrides).write("hostbits.toml")
+    assert_usage_error(run_yuubin(["config", "check"], config=path), key, "host bits", wide, host)
+
+
+# Configs that load but that `serve` refuses at start: `config check` must refuse them too, with the
+# same line. Each case makes its overrides from the test's directory and a free port.
+RELAY = "smtp.isp.example:587"
+SERVE_REFUSES = {
+    "missing relayhost password file": (
+        lambda d, port: {"outbound": {"relayhost": RELAY, "relayhost_password_file": "missing/password"}},
+        ["outbound.relayhost_password_file", "missing/password"]),
+    "relayhost password file is a directory": (
+        lambda d, port: {"outbound": {"relayhost": RELAY, "relayhost_password_file": str(d)}},
+        ["outbound.relayhost_password_file", "cannot read"]),
+    "missing relayhost CA file": (
+        lambda d, port: {"outbound": {"relayhost": RELAY, "relayhost_ca_file": "missing/ca.pem"}},
+        ["outbound.relayhost_ca_file", "missing/ca.pem"]),
+    "IPv4 wildcard beside one of its addresses": (
+        lambda d, port: {"listener": [{"kind": "mx", "address": f"0.0.0.0:{port}"},
+                                      {"kind": "mx", "address": f"127.0.0.7:{port}"}]},
+        ["listener[1].address", "listener[0]", "0.0.0.0"]),
+    "IPv6 wildcard beside ::1": (
+        lambda d, port: {"listener": [{"kind": "mx", "address": f"[::1]:{port}"},
+                                      {"kind": "mx", "address": f"[::]:{port}"}]},
+        ["listener[1].address", "listener[0]", "[::]"]),
+    "localhost beside 127.0.0.1": (
+        lambda d, port: {"listener": [{"kind": "mx", "address": f"127.0.0.1:{port}"},
+                                      {"kind": "mx", "address": f"localhost:{port}"}]},
+        ["listener[1].address", "listener[0]"]),
+    "listener kind not implemented": (
+        lambda d, port: {"listener": [{"kind": "mx", "address": "127.0.0.1:0"},
+                                      {"kind": "imaps", "address": "127.0.0.1:0"}]},
+        ["listener[1].kind", "imaps", "not implemented"]),
+    "no listener": (lambda d, port: {"listener": None}, ["listener", "none"]),
+    "data_dir is a file": (lambda d, port: {"data_dir": "refuse.toml"}, ["data_dir", "not a directory"]),
+}
+
+
+@pytest.mark.parametrize("case", list(SERVE_REFUSES))
+def test_config_check_refuses_what_serve_refuses_with_the_same_line(cli_config, tmp_path, case):
+    make, names = SERVE_REFUSES[case]
+    path = cli_config(**make(tmp_path, free_port())).write("refuse.toml")
+    check = run_yuubin(["config", "check"], config=path)
+    line = assert_usage_error(check, str(path), *names)
+    served = run_yuubin(["serve"], config=path, timeout=30)
+    assert assert_usage_error(served, *names) == line
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_names_the_listener_whose_address_is_taken(cli_config, workers):
+    taken_port = free_port()
+    path = cli_config(listener=[{"kind": "mx", "address": "127.0.0.1:0"},
+                                {"kind": "mx", "address": f"127.0.0.1:{taken_port}"}],
+                      server={"workers": workers}).write("taken.toml")
+    assert run_yuubin(["config", "check"], config=path).returncode == 0  # the bind alone is left to serve
+    with socket.create_server(("127.0.0.1", taken_port)):
+        p = run_yuubin(["serve"], config=path, timeout=30)
+    assert_usage_error(p, str(path), "listener[1].address", f"127.0.0.1:{taken_port}", "(mx)", "already in use")
+    assert "event=listening" not in p.stderr  # nothing half-run: every listener is bound before any serves
+
+
+def test_localserve_port_base_out_of_range(tmp_path):
+    p = run_yuubin(["localserve", "--dir", str(tmp_path / "ls"), "--port-base", "65000"])
+    assert_usage_error(p, "--port-base", "65000", "out of range")
+    assert not (tmp_path / "ls").exists()
 
 
 def test_missing_config_file(tmp_path):

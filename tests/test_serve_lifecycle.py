@@ -248,6 +248,55 @@ def test_localserve_runs_everything_on_loopback(tmp_path):
         assert (d / "tls" / "cert.pem").read_bytes() == cert_path.read_bytes()
 
 
+def test_localserve_on_a_taken_port_says_which_and_shows_the_password_on_the_next_start(tmp_path):
+    d = tmp_path / "ls"
+    with port_2525():
+        with socket.create_server(("127.0.0.1", 2525)):  # another program on the mx port
+            p = run_yuubin(["localserve", "--dir", str(d)], timeout=60)
+        assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+        assert "Traceback" not in p.stderr
+        (line,) = p.stderr.strip().splitlines()
+        for name in ("mx", "127.0.0.1:2525", "already in use", "--port-base"):
+            assert name in line, (name, line)
+        assert "password" not in p.stdout
+
+        ls = LocalServe(d)  # the port is free now: this is the first start that shows a password
+        try:
+            text = ls.banner()
+            m = re.search(r"demo@localhost\.test\s+password:\s*(\S+)", text)
+            assert m, text
+        finally:
+            ls.interrupt()
+
+
+def _free_port_base() -> int:
+    """A --port-base whose three localserve ports (N+465, N+525, N+587) are free now."""
+    for base in range(20000 + os.getpid() % 1000 * 20, 60000, 1000):
+        try:
+            socks = [socket.create_server(("127.0.0.1", base + off)) for off in (465, 525, 587)]
+        except OSError:
+            continue
+        for s in socks:
+            s.close()
+        return base
+    pytest.skip("no free set of localserve ports")
+
+
+def test_localserve_port_base_moves_every_port(tmp_path):
+    base = _free_port_base()
+    ls = LocalServe(tmp_path / "ls", "--port-base", str(base))
+    try:
+        text = ls.banner()
+        for kind, offset in (("mx", 525), ("submission", 587), ("submissions", 465)):
+            assert re.search(rf"^\s+{kind}\s+127\.0\.0\.1:{base + offset}$", text, re.M), (kind, text)
+        with smtplib.SMTP("127.0.0.1", base + 525, local_hostname="client.example", timeout=10) as s:
+            assert s.noop()[0] == 250
+    finally:
+        assert ls.interrupt() == 0, ls.log_text()
+    # The config it wrote keeps those ports for the next start without --port-base.
+    assert f'address = "127.0.0.1:{base + 525}"' in (tmp_path / "ls" / "yuubin.toml").read_text()
+
+
 # ---- a full disk, and failing writes, never lose an accepted message ------------------------------
 # These run the server in-process (tests/harness.py) with its data_dir on a small tmpfs, so
 # the disk really fills up; they are skipped where mounting is not allowed.

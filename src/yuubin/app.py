@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from yuubin.auth.accounts import Directory
 from yuubin.auth.guard import AuthGuard
 from yuubin.auth.login import LoginExchange
 from yuubin.auth.sasl import MECHANISMS
-from yuubin.config import Config, ConfigError, ListenerConfig
+from yuubin.config import Config, ConfigError, ListenerConfig, check_tls_files
 from yuubin.delivery.local import LocalDelivery
 from yuubin.delivery.maildir import Maildirs
 from yuubin.dns import Resolver
@@ -39,7 +41,7 @@ from yuubin.policy.holds import AccountHolds
 from yuubin.policy.listeners import mx_pipeline, submission_pipeline
 from yuubin.queue.edit import SpoolEditor
 from yuubin.queue.entrylock import EntryLocks
-from yuubin.queue.scheduler import OutboundScheduler, build_outbound
+from yuubin.queue.scheduler import OutboundScheduler, build_outbound, relay_context, relay_target
 from yuubin.queue.signal import QueueSignal, RemoteWake, Waker
 from yuubin.queue.spool import Spool
 from yuubin.smtp.listener import SmtpListener, SMTPSession
@@ -53,6 +55,68 @@ SMTP_KINDS = ("mx", "submission", "submissions")
 SUBMISSION_KINDS = ("submission", "submissions")  # AUTH mandatory; 465 is TLS from the first byte
 HANDSHAKE_TIMEOUT = 30.0
 BACKLOG = 1024
+
+
+def check(config: Config) -> None:
+    """Everything serve refuses at start, short of binding the ports, so that `config check` says
+    what `serve` will say (both call this). Raises ConfigError naming the file and the key."""
+    try:
+        _check_listeners(config)
+        check_tls_files(config)
+        if any(lc.allow_countries for lc in config.listeners):
+            try:
+                GeoDatabase.load(config.geo_source)
+            except GeoError as e:
+                raise ConfigError(str(e)) from None
+        if relay_target(config.outbound) is not None:  # reads relayhost_password_file
+            relay_context(config.outbound)
+        _check_data_dir(config.data_dir)
+    except ConfigError as e:
+        raise ConfigError(f"{config.source}: {e}" if config.source != "<memory>" else str(e)) from None
+
+
+def _check_listeners(config: Config) -> None:
+    if not config.listeners:
+        raise ConfigError('listener: none configured, serve would listen on nothing: add a [[listener]] '
+                          '(e.g. kind = "mx", address = "0.0.0.0:25")')
+    for i, lc in enumerate(config.listeners):
+        if lc.kind not in SMTP_KINDS:
+            raise ConfigError(f'listener[{i}].kind: "{lc.kind}" is not implemented yet (serve runs '
+                              f'{", ".join(SMTP_KINDS)}): remove this listener for now')
+
+
+def _check_data_dir(path: Path) -> None:
+    """data_dir must be a writable directory, or creatable in its nearest existing parent."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"data_dir: {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "is not writable" if existing == path else f"cannot be created ({existing} is not writable)"
+        raise ConfigError(f"data_dir: {path} {what} by this user (uid {os.getuid()})")
+
+
+class ListenerBindError(ConfigError):
+    """A listener's address could not be bound: the message names the listener and says why."""
+
+    def __init__(self, index: int, listener: ListenerConfig, error: OSError, source: str):
+        self.index = index
+        self.listener = listener
+        self.reason = _bind_reason(error)
+        where = f"{source}: " if source != "<memory>" else ""
+        super().__init__(f"{where}listener[{index}].address: cannot listen on {listener.address} "
+                         f"({listener.kind}): {self.reason}")
+
+
+def _bind_reason(error: OSError) -> str:
+    if error.errno == errno.EADDRINUSE:
+        return "address already in use (another program listens there)"
+    if error.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return "not an address of this machine"
+    return error.strerror or str(error)
 
 
 @dataclass
@@ -74,6 +138,7 @@ class App:
         self.worker = worker
         self.primary = worker == 0
         cfg = config
+        _check_listeners(cfg)  # an unimplemented kind is an error, never a listener quietly missing
         self.store = Store(cfg.state_db)
         # data_dir: 0700, or 0750 with the [mail] group, whose reader must pass through to mail/.
         FileAccess(0o600 if cfg.mail.gid == -1 else 0o640, gid=cfg.mail.gid).set_dir(cfg.data_dir)
@@ -111,8 +176,6 @@ class App:
         limits = Limits.from_config(cfg.limits)
         self.smtp_listeners: list[tuple[int, SmtpListener]] = []
         for index, lc in enumerate(cfg.listeners):
-            if lc.kind not in SMTP_KINDS:
-                continue
             submission = lc.kind in SUBMISSION_KINDS
             access = AccessList(lc.allow_networks, lc.allow_countries, geo)
             pipeline = submission_pipeline(lc.kind, self.directory, self.store, cfg.outbound, access,
@@ -140,27 +203,42 @@ class App:
     # ---- life cycle ----
 
     async def start(self, sockets: dict[int, socket.socket] | None = None) -> None:
-        """Listen (on `sockets`, by listener index, when a parent process bound them) and serve."""
-        if self.primary:
-            recovered = await self.delivery.recover()
-            if recovered:
-                log.info("event=spool_recovered entries=%d", recovered)
-        for lc in self.config.listeners:
-            if lc.kind not in SMTP_KINDS:
-                log.warning('event=listener_skipped kind=%s address=%s reason="not implemented yet"',
-                            lc.kind, lc.address)
+        """Listen (on `sockets`, by listener index, when a parent process bound them) and serve.
+
+        Every listener is bound before anything else happens, so an address in use stops the start
+        with ListenerBindError and nothing half-run; the spool is recovered before any serves."""
         loop = asyncio.get_running_loop()
+        bound: list[tuple[int, asyncio.base_events.Server]] = []
         for index, listener in self.smtp_listeners:
             lc = self.config.listeners[index]
             ssl_context = listener.shell.tls_context if listener.shell.implicit_tls else None
             handshake = HANDSHAKE_TIMEOUT if ssl_context is not None else None
             factory = self._session_factory(listener)
-            if sockets is not None:
-                srv = await loop.create_server(factory, sock=sockets[index], backlog=BACKLOG, ssl=ssl_context,
-                                               ssl_handshake_timeout=handshake)
-            else:
-                srv = await loop.create_server(factory, lc.host, lc.port, reuse_address=True, backlog=BACKLOG,
-                                               ssl=ssl_context, ssl_handshake_timeout=handshake)
+            try:
+                if sockets is not None:
+                    srv = await loop.create_server(factory, sock=sockets[index], backlog=BACKLOG, ssl=ssl_context,
+                                                   ssl_handshake_timeout=handshake, start_serving=False)
+                else:
+                    srv = await loop.create_server(factory, lc.host, lc.port, reuse_address=True, backlog=BACKLOG,
+                                                   ssl=ssl_context, ssl_handshake_timeout=handshake,
+                                                   start_serving=False)
+            except OSError as e:
+                for _index, other in bound:
+                    other.close()
+                raise ListenerBindError(index, lc, e, self.config.source) from None
+            bound.append((index, srv))
+        if self.primary:
+            recovered = await self.delivery.recover()
+            if recovered:
+                log.info("event=spool_recovered entries=%d", recovered)
+        for index, srv in bound:
+            lc = self.config.listeners[index]
+            try:
+                await srv.start_serving()  # listen(): can still find the address taken
+            except OSError as e:
+                for _index, other in bound:
+                    other.close()
+                raise ListenerBindError(index, lc, e, self.config.source) from None
             bl = BoundListener(lc, srv)
             self.listeners.append(bl)
             host, port = bl.sockname[:2]
@@ -216,6 +294,7 @@ def _serve(config: Config, on_ready: Callable[[App], None] | None = None, worker
 
 def run(config: Config, on_ready: Callable[[App], None] | None = None) -> int:
     """Run the server; with `[server] workers` > 1, as that many processes sharing the listeners."""
+    _check_listeners(config)
     if config.workers <= 1:
         _serve(config, on_ready)
         return 0
@@ -237,7 +316,14 @@ def _run_workers(config: Config) -> int:
     """
     from yuubin import logs
 
-    sockets = {i: _listening_socket(lc) for i, lc in enumerate(config.listeners) if lc.kind in SMTP_KINDS}
+    sockets: dict[int, socket.socket] = {}
+    for i, lc in enumerate(config.listeners):
+        try:
+            sockets[i] = _listening_socket(lc)
+        except OSError as e:
+            for sock in sockets.values():
+                sock.close()
+            raise ListenerBindError(i, lc, e, config.source) from None
     logs.shutdown()  # the writer thread does not survive fork: no thread may hold a lock then
     children: dict[int, int] = {}
     stopping = False

@@ -6,6 +6,7 @@ what to fix. Unknown keys are errors too: a typo must not silently fall back to 
 
 from __future__ import annotations
 
+import difflib
 import grp
 import ipaddress
 import os
@@ -192,10 +193,35 @@ def parse_hostport(value: Any, key: str) -> tuple[str, int]:
 
 
 def _network(value: Any, key: str) -> IPNetwork:
+    """A network as written; host bits are refused, never silently cleared (`10.0.0.7/24` may have
+    been meant as one host)."""
     try:
-        return ipaddress.ip_network(value, strict=False)
+        return ipaddress.ip_network(value, strict=True)
+    except (ValueError, TypeError):
+        pass
+    try:
+        wide = ipaddress.ip_network(value, strict=False)
     except (ValueError, TypeError):
         raise ConfigError(f"{key}: {value!r} is not an IP network like \"192.168.1.0/24\"") from None
+    host = str(value).partition("/")[0]
+    raise ConfigError(f"{key}: {value!r} has host bits set: write \"{wide}\" for the network "
+                      f"or \"{host}/{wide.max_prefixlen}\" for the one host")
+
+
+def _bind_addresses(host: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The addresses a listener on `host` binds (`localhost` binds both loopbacks)."""
+    if host == "localhost":
+        return [ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")]
+    return [ipaddress.ip_address(host.split("%")[0])]
+
+
+def _overlap(a: ListenerConfig, b: ListenerConfig) -> bool:
+    """Whether two listeners cannot both be bound: the same port on the same address, or on a
+    wildcard (0.0.0.0, ::) and any address of its family. Port 0 always gets a free port."""
+    if a.port != b.port or a.port == 0:
+        return False
+    return any(x.version == y.version and (x == y or x.is_unspecified or y.is_unspecified)
+               for x in _bind_addresses(a.host) for y in _bind_addresses(b.host))
 
 
 class _Table:
@@ -240,9 +266,13 @@ class _Table:
         return _Table(self.get(k, {}, dict), self.key(k))
 
     def finish(self) -> None:
+        """Refuse keys nobody asked for, suggesting the nearest known one (a typo of a required
+        key is reported as the typo, not as the key missing)."""
         extra = sorted(set(self.data) - self.used)
         if extra:
-            raise ConfigError(f"{self.key(extra[0])}: unknown key")
+            near = difflib.get_close_matches(extra[0], sorted(self.used), n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"{self.key(extra[0])}: unknown key{hint}")
 
 
 def _domain(value: str, key: str) -> str:
@@ -350,10 +380,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     base = base or Path.cwd()
     top = _Table(raw, "")
 
-    hostname = top.get("hostname", None, str)
-    if hostname is None:
-        raise ConfigError("hostname: required (the name in the banner and Received: headers)")
-    hostname = _domain(hostname, "hostname")
+    hostname_raw = top.get("hostname", None, str)  # required: checked after the unknown keys
 
     data_dir = Path(top.get("data_dir", "/var/lib/yuubin", str))
     if not data_dir.is_absolute():
@@ -361,12 +388,13 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
 
     domains = top.table("domains")
     local = [_domain(d, f"domains.local[{i}]") for i, d in enumerate(domains.str_list("local", []))]
+    postmaster_raw = domains.get("postmaster", None, str)
+    domains.finish()
     if not local:
         raise ConfigError("domains.local: required: at least one domain to receive mail for")
-    postmaster = domains.get("postmaster", f"postmaster@{local[0]}", str).strip().lower()
+    postmaster = (f"postmaster@{local[0]}" if postmaster_raw is None else postmaster_raw).strip().lower()
     if "@" not in postmaster:
         raise ConfigError(f"domains.postmaster: {postmaster!r} is not an address")
-    domains.finish()
 
     network = top.table("network")
     trusted_raw = network.get("trusted", ["127.0.0.0/8", "::1/128"], list)
@@ -402,27 +430,35 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     for i, item in enumerate(raw_listeners):
         lt = _Table(item, f"listener[{i}]")
         kind = lt.get("kind", None, str)
+        address = lt.get("address", None, str)
+        allow = lt.str_list("allow", [])
+        lt.finish()
+        if kind is None:
+            raise ConfigError(f"listener[{i}].kind: required: one of {', '.join(LISTENER_KINDS)}")
         if kind not in LISTENER_KINDS:
             raise ConfigError(f"listener[{i}].kind: expected one of {', '.join(LISTENER_KINDS)}, got {kind!r}")
-        address = lt.get("address", None, str)
         if address is None:
             raise ConfigError(f"listener[{i}].address: required, e.g. \"0.0.0.0:25\"")
         host, port = parse_hostport(address, f"listener[{i}].address")
         nets, countries = [], []
-        for j, a in enumerate(lt.str_list("allow", [])):
+        for j, a in enumerate(allow):
             if re.fullmatch(r"[A-Za-z]{2}", a):
                 countries.append(a.upper())
             else:
                 nets.append(_network(a, f"listener[{i}].allow[{j}]"))
-        lt.finish()
         if kind == "mx" and (nets or countries):
             raise ConfigError(f"listener[{i}].allow: not for kind \"mx\" (an MX must be reachable by all)")
         listeners.append(ListenerConfig(kind, host, port, tuple(nets), tuple(countries)))
-    seen = set()
     for i, lc in enumerate(listeners):
-        if lc.port and (lc.host, lc.port) in seen:  # port 0: each gets its own free port
-            raise ConfigError(f"listener[{i}].address: {lc.address} is used twice")
-        seen.add((lc.host, lc.port))
+        for j, other in enumerate(listeners[:i]):
+            if (lc.host, lc.port) == (other.host, other.port) and lc.port:
+                raise ConfigError(f"listener[{i}].address: {lc.address} is used twice (also listener[{j}])")
+            if _overlap(lc, other):
+                wide = [x for x in (other, lc) if x.host in ("0.0.0.0", "::")]
+                why = (f"{wide[0].address} takes port {lc.port} on every IPv{'6' if ':' in wide[0].host else '4'} "
+                       "address" if wide else f"both bind port {lc.port} on the same address")
+                raise ConfigError(f"listener[{i}].address: {lc.address} overlaps listener[{j}] {other.address} "
+                                  f"({why}): only one of them can listen")
 
     dnsbl = top.table("dnsbl")
     zones = [_domain(z, f"dnsbl.zones[{i}]") for i, z in
@@ -481,14 +517,19 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     mail = _mail(mail_t)
     mail_t.finish()
 
+    def _file(v: str) -> str:  # relative to the config file, as for serve whatever its working directory
+        return str(_path(v)) if v else ""
+
     ob = top.table("outbound")
+    delivery = _outbound_delivery(ob)
+    delivery["relayhost_ca_file"] = _file(delivery["relayhost_ca_file"])
     outbound = OutboundConfig(
         relayhost=ob.get("relayhost", "", str),
         relayhost_username=ob.get("relayhost_username", "", str),
-        relayhost_password_file=ob.get("relayhost_password_file", "", str),
+        relayhost_password_file=_file(ob.get("relayhost_password_file", "", str)),
         max_per_hour=ob.positive_int("max_per_hour", 100),
         max_recipients_per_day=ob.positive_int("max_recipients_per_day", 500),
-        **_outbound_delivery(ob),
+        **delivery,
     )
     ob.finish()
 
@@ -505,6 +546,9 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     log.finish()
 
     top.finish()
+    if hostname_raw is None:
+        raise ConfigError("hostname: required (the name in the banner and Received: headers)")
+    hostname = _domain(hostname_raw, "hostname")
 
     tls = TlsConfig(_path(cert), _path(key))
     needs_tls = [lc for lc in listeners if lc.kind in ("submissions", "imaps", "pop3s", "submission")]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -327,6 +328,38 @@ def _rcpt_params(rcpt: RemoteRecipient) -> list[str]:
     return [f"{k}={v}" for k, v in rcpt.params.items() if k in ("NOTIFY", "ORCPT") and v]
 
 
+def relay_target(ob: OutboundConfig) -> SmtpTarget | None:
+    """The relayhost to hand every message to (its password read from its file), or None to route
+    by MX. Raises ConfigError naming the key; `config check` calls it too, so it says what serve will."""
+    if not ob.relayhost:
+        return None
+    try:
+        host, port = parse_relayhost(ob.relayhost, 587)
+    except ValueError as e:
+        raise ConfigError(f"outbound.relayhost: {e}") from None
+    password = ""
+    if ob.relayhost_password_file:
+        try:
+            password = Path(ob.relayhost_password_file).read_text(encoding="utf-8").strip("\r\n")
+        except OSError as e:
+            raise ConfigError(f"outbound.relayhost_password_file: {ob.relayhost_password_file}: "
+                              f"cannot read: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"outbound.relayhost_password_file: {ob.relayhost_password_file}: "
+                              "not UTF-8 text") from None
+    mode = ob.relayhost_tls or ("implicit" if port == 465 else "starttls")
+    return SmtpTarget(host, host, port, mode, ob.relayhost_username, password)
+
+
+def relay_context(ob: OutboundConfig) -> ssl.SSLContext:
+    """The context that verifies the relayhost (system CAs plus `relayhost_ca_file`)."""
+    try:
+        return verify_context(ob.relayhost_ca_file)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"outbound.relayhost_ca_file: {ob.relayhost_ca_file}: not a readable PEM CA file "
+                          f"({getattr(e, 'strerror', None) or getattr(e, 'reason', None) or e})") from None
+
+
 def build_outbound(cfg: Config, spool: Spool, editor: SpoolEditor, resolver: DnsLookup,
                    listening: Callable[[], list[tuple[str, int]]], signal: QueueSignal, inject: Inject,
                    is_held: Callable[[Envelope], bool], clock: Callable[[], float] = time.time) -> OutboundScheduler:
@@ -335,23 +368,10 @@ def build_outbound(cfg: Config, spool: Spool, editor: SpoolEditor, resolver: Dns
     `listening()` gives our own listening sockets, so an MX host that is us counts as a loop.
     """
     ob = cfg.outbound
-    relay = None
+    relay = relay_target(ob)
     client = SmtpClient(cfg.hostname, ob.connect_timeout, ob.command_timeout)
-    if ob.relayhost:
-        try:
-            host, port = parse_relayhost(ob.relayhost, 587)
-        except ValueError as e:
-            raise ConfigError(f"outbound.relayhost: {e}") from None
-        password = ""
-        if ob.relayhost_password_file:
-            try:
-                password = Path(ob.relayhost_password_file).read_text(encoding="utf-8").strip("\r\n")
-            except OSError as e:
-                raise ConfigError(f"outbound.relayhost_password_file: cannot read: {e.strerror}") from None
-        mode = ob.relayhost_tls or ("implicit" if port == 465 else "starttls")
-        relay = SmtpTarget(host, host, port, mode, ob.relayhost_username, password)
-        client = SmtpClient(cfg.hostname, ob.connect_timeout, ob.command_timeout,
-                            verify_context(ob.relayhost_ca_file))
+    if relay is not None:
+        client = SmtpClient(cfg.hostname, ob.connect_timeout, ob.command_timeout, relay_context(ob))
     router = MxRouter(resolver, cfg.hostname, self_address_check(listening, ob.port))
     return OutboundScheduler(spool, editor, ob, cfg.hostname, router, client, relay, signal, inject, is_held,
                              clock)
