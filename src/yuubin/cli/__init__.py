@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status: int = args.func(args)  # every leaf parser sets func to one of the cmd_* functions
         return status
-    except (CliError, ConfigError) as e:
+    except CliError as e:
+        print(f"yuubin: error: {e}", file=sys.stderr)
+        return e.status
+    except ConfigError as e:
         print(f"yuubin: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

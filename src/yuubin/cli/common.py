@@ -27,6 +27,14 @@ log = logging.getLogger("yuubin.cli")
 class CliError(Exception):
     """A one-line error for the admin; exit status 2."""
 
+    status = EXIT_USAGE
+
+
+class CliFailure(CliError):
+    """The command was right but could not do its work (e.g. it needs the running server); exit status 1."""
+
+    status = 1
+
 
 class Parser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line and exit 2, like every other CLI error."""
