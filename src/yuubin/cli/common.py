@@ -1,5 +1,6 @@
-"""What every `yuubin` command group shares: the one-line error, the parser class, config loading,
-password reading and address arguments.
+"""What every `yuubin` command group shares: the one-line error, the parser and sub-command classes
+(-c anywhere, --help descriptions, typo suggestions), config loading, password reading and address
+arguments.
 
 Imports no other cli module, so each command group can import it without forming a circle.
 Heavy modules (the store, password hashing, logging setup) are imported when a command needs them.
