@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import ipaddress
+import re
 import shutil
 import subprocess
 import sys
@@ -114,6 +115,31 @@ def test_audit_finds_guessable_passwords(cfg_file, capsys, monkeypatch):
     assert code == 0 and "UNFINISHED\tjiro@example.jp" in out and "WEAK" not in out
 
 
+def test_audit_says_how_long_it_will_take_before_it_starts(cfg_file, capsys, monkeypatch):
+    from argon2 import PasswordHasher
+
+    from yuubin.auth.strength import audit_guesses
+    cheap = PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1).hash
+    store = Store(from_dict_cfg(cfg_file).state_db)
+    store.add_account("jiro@example.jp", cheap("violet staple orbit 93"))
+    store.add_account("saburo@example.jp", cheap("granite lumen tulip 4471"))
+    store.close()
+    guesses = len(audit_guesses("jiro@example.jp")) + len(audit_guesses("saburo@example.jp"))
+    code, out, err = run(cfg_file, "account", "audit", "--workers", "2", capsys=capsys, monkeypatch=monkeypatch)
+    assert code == 0 and "2 accounts audited, 0 weak, 0 unfinished" in out
+    first, *rest = err.splitlines()
+    assert re.fullmatch(rf"auditing 2 accounts: {guesses} guesses in all, \d+ ms each with 2 in parallel: "
+                        r"at most about \d+s", first), first
+    assert rest[0].startswith("[1/2] jiro@example.jp: ")  # said before the first account is tried
+    # a budget shorter than the estimate says so
+    store = Store(from_dict_cfg(cfg_file).state_db)
+    store.add_account("shiro@example.jp", PasswordHasher().hash("violet staple orbit 93"))  # the real cost
+    store.close()
+    code, out, err = run(cfg_file, "account", "audit", "shiro@example.jp", "--max-time", "0.01", capsys=capsys,
+                         monkeypatch=monkeypatch)
+    assert "--max-time 0.01s stops it sooner" in err.splitlines()[0]
+
+
 # ---- suspend / enable -----------------------------------------------------------------------
 
 def test_suspend_holds_queued_mail_and_enable_releases_on_request(cfg_file, capsys, monkeypatch):
@@ -152,7 +178,7 @@ def test_suspend_holds_queued_mail_and_enable_releases_on_request(cfg_file, caps
 
 def test_auth_unlock_rejects_garbage(cfg_file, capsys, monkeypatch):
     code, _, err = run(cfg_file, "auth", "unlock", "not an address", capsys=capsys, monkeypatch=monkeypatch)
-    assert code == 2 and "TARGET" in err
+    assert code == 2 and "IP|ADDRESS" in err
     code, out, _ = run(cfg_file, "auth", "lockouts", capsys=capsys, monkeypatch=monkeypatch)
     assert code == 0 and "no lockouts" in out
 

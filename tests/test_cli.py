@@ -6,7 +6,9 @@ argument, exit status 2, and never a traceback.
 
 from __future__ import annotations
 
+import calendar
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -225,6 +227,79 @@ def test_usage_errors_are_one_line_exit_2(config):
     assert_usage_error(run_yuubin(["alias", "add", "sales@example.test"], config=config))
 
 
+# ---- one CLI: -c anywhere, a default config, help, typos, argument names ----------------------
+
+
+def test_config_option_after_the_command(config, tmp_path):
+    for args in (["config", "check", "-c", str(config)], ["account", "list", "--config", str(config)],
+                 ["auth", "-c", str(config), "lockouts"], ["alias", "list", "-c", str(config)]):
+        p = run_yuubin(args, cwd=tmp_path)
+        assert p.returncode == 0, (args, p.stderr)
+    # after the command wins over before it (and over YUUBIN_CONFIG): the nearest is what was meant
+    p = run_yuubin(["config", "check", "-c", str(config)], config=tmp_path / "nope.toml",
+                   env={"YUUBIN_CONFIG": str(tmp_path / "nope-either.toml")})
+    assert p.returncode == 0, p.stderr
+    assert 'hostname = "mx.example.test"' in p.stdout
+
+
+def test_without_config_the_default_path_is_named(tmp_path):
+    if Path("/etc/yuubin/yuubin.toml").exists():
+        pytest.skip("this machine has a /etc/yuubin/yuubin.toml")
+    line = assert_usage_error(run_yuubin(["account", "list"], cwd=tmp_path), "/etc/yuubin/yuubin.toml")
+    assert "-c" in line and "YUUBIN_CONFIG" in line
+
+
+def _commands(parser, path=()):
+    """(path, parser) for every command that runs something: `config check`, `queue list`, ..."""
+    import argparse
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for action in subs:
+        for name, child in action.choices.items():
+            yield from _commands(child, (*path, name))
+
+
+def test_every_command_describes_itself_and_takes_c(capsys):
+    from yuubin.cli import build_parser, main
+    commands = dict(_commands(build_parser()))
+    assert ("queue", "show") in commands and ("config", "check") in commands and len(commands) >= 20
+    for path, parser in commands.items():
+        with pytest.raises(SystemExit) as done:
+            main([*path, "--help"])
+        assert done.value.code == 0
+        out = capsys.readouterr().out
+        usage, description = out.split("\n\n")[:2]
+        assert parser.description and description.strip() == parser.description, (path, out)
+        assert "\n" not in description.strip(), (path, description)  # one line
+        if path != ("localserve",):  # it writes and reads its own config in --dir
+            assert "-c FILE" in usage, (path, usage)
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["acount", "list"], "yuubin: error: unknown command 'acount' (did you mean 'account'?)"),
+    (["queue", "lst"], "yuubin: error: unknown command 'queue lst' (did you mean 'queue list'?)"),
+    (["config", "chek"], "yuubin: error: unknown command 'config chek' (did you mean 'config check'?)"),
+    (["frobnicate"], "yuubin: error: unknown command 'frobnicate' (see yuubin --help)"),
+])
+def test_a_mistyped_command_names_the_nearest(config, args, line):
+    assert assert_usage_error(run_yuubin(args, config=config)) == line
+
+
+@pytest.mark.parametrize(("args", "name"), [
+    (["account", "add"], "ADDRESS"),
+    (["account", "suspend"], "ADDRESS"),
+    (["alias", "remove"], "ALIAS"),
+    (["alias", "add", "sales@example.test"], "TARGET"),
+    (["queue", "show"], "ID"),
+    (["auth", "unlock"], "IP|ADDRESS"),
+    (["queue"], "COMMAND"),
+])
+def test_a_missing_argument_is_named_as_in_usage_and_errors(config, args, name):
+    line = assert_usage_error(run_yuubin(args, config=config), name)
+    assert " sub" not in line and "argument" not in line.replace("arguments are required", "")
+
+
 # ---- accounts -----------------------------------------------------------------------------------
 
 
@@ -299,10 +374,39 @@ def test_account_remove_bad_address(config):
     assert_usage_error(run_yuubin(["account", "remove", "nonsense"], config=config), "ADDRESS")
 
 
+UTC_STAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+def test_times_are_shown_in_utc_like_the_logs(config):
+    far_east = {"TZ": "JST-9"}  # local time 9 hours ahead of UTC: local times would show
+    before = time.time()
+    added = run_yuubin(["account", "add", "alice@example.test"], config=config, stdin="Tangerine-orbit-71-quasar\n")
+    assert added.returncode == 0, added.stderr
+    line = run_yuubin(["account", "list"], config=config, env=far_east).stdout.strip()
+    created = UTC_STAMP.search(line)
+    assert created, line
+    shown = calendar.timegm(time.strptime(created.group(), "%Y-%m-%dT%H:%M:%SZ"))
+    assert int(before) - 1 <= shown <= time.time() + 1, line
+    from yuubin.config import load
+    from yuubin.store import Store
+    store = Store(load(config).state_db)
+    store.set_auth_lockout("127.1.2.3", 2000000000.0, 1, before)
+    store.close()
+    out = run_yuubin(["auth", "lockouts"], config=config, env=far_east).stdout
+    assert "127.1.2.3\tlocked until 2033-05-18T03:33:20Z" in out, out
+
+
+def test_audit_of_an_account_that_does_not_exist(config):
+    p = run_yuubin(["account", "audit", "nobody@example.test"], config=config)
+    assert_usage_error(p, "ADDRESS", "nobody@example.test")
+
+
 # ---- aliases ------------------------------------------------------------------------------------
 
 
 def test_alias_add_list_remove(config):
+    added = run_yuubin(["account", "add", "alice@example.test"], config=config, stdin="Tangerine-orbit-71-quasar\n")
+    assert added.returncode == 0, added.stderr
     p = run_yuubin(["alias", "add", "sales@example.test", "alice@example.test", "Partner@Remote.Example"],
                    config=config)
     assert p.returncode == 0, p.stderr
@@ -327,6 +431,25 @@ def test_alias_errors(config):
     assert added.returncode == 0, added.stderr
     assert_usage_error(run_yuubin(["alias", "add", "alice@example.test", "bob@remote.example"], config=config), "ALIAS")
     assert run_yuubin(["alias", "list"], config=config).stdout == ""
+
+
+def test_alias_to_a_local_address_nobody_has_is_refused(config):
+    p = run_yuubin(["alias", "add", "sales@example.test", "alice@example.test", "partner@remote.example"],
+                   config=config)
+    assert_usage_error(p, "TARGET", "alice@example.test", "--force")
+    assert run_yuubin(["alias", "list"], config=config).stdout == ""
+    # a local target that exists: an account, an alias, plus-addressing, postmaster of any local domain
+    added = run_yuubin(["account", "add", "alice@example.test"], config=config, stdin="Tangerine-orbit-71-quasar\n")
+    assert added.returncode == 0, added.stderr
+    for alias, target in (("sales@example.test", "alice+sales@example.test"),
+                          ("team@example.test", "sales@example.test"), ("abuse@other.test", "postmaster@other.test")):
+        p = run_yuubin(["alias", "add", alias, target], config=config)
+        assert p.returncode == 0 and p.stderr == "", (target, p.stderr)
+    # --force adds it anyway, with a warning
+    p = run_yuubin(["alias", "add", "--force", "help@example.test", "bob@example.test"], config=config)
+    assert p.returncode == 0, p.stderr
+    assert "warning" in p.stderr and "bob@example.test" in p.stderr
+    assert "help@example.test\tbob@example.test" in run_yuubin(["alias", "list"], config=config).stdout
 
 
 # ---- password prompt on a terminal -------------------------------------------------------------

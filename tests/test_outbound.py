@@ -375,7 +375,7 @@ def test_queue_tools_hold_release_flush_delete(make_server, dns_server, mx_port,
     wait_until(lambda: spool_ids(srv) and json.loads(_queue_cli(cfg_path, "list", "--json", capsys=capsys))[0]
                ["state"] == "deferred", what="deferred")
     out = _queue_cli(cfg_path, "delete", "--sender", SENDER, capsys=capsys)
-    assert "deleted 1 entries" in out and not spool_ids(srv)
+    assert "deleted 1 entry" in out and not spool_ids(srv)
     assert cli.main(["-c", str(cfg_path), "queue", "show", "nosuchid"]) == 2
 
 

@@ -33,9 +33,9 @@ from yuubin.policy.pipeline import (
     quarantine,
     reject,
 )
-from yuubin.policy.ratelimit import DAY, HOUR, SUSPENDED_TEXT
+from yuubin.policy.ratelimit import DAY, HOUR, SUSPENDED_BY_ADMIN_TEXT, SUSPENDED_TEXT, SUSPENDED_UNKNOWN_TEXT
 from yuubin.smtp.address import Address, AddressError, parse_path
-from yuubin.store import Store
+from yuubin.store import SUSPENDED_BY_ADMIN, SUSPENDED_BY_LIMIT, Store
 
 ip = ipaddress.ip_address
 
@@ -473,11 +473,17 @@ async def test_submission_mail_needs_a_login(sub):
     assert checks(result) == ["auth"]  # ownership is not asked
 
 
-@pytest.mark.parametrize("account", [ALICE, "ghost@example.test"])  # suspended, or no account row at all
-async def test_submission_mail_from_a_suspended_account(sub, account):
-    sub.store.set_suspended(ALICE, True)
+@pytest.mark.parametrize(("account", "by", "text", "reason"), [
+    (ALICE, SUSPENDED_BY_LIMIT, SUSPENDED_TEXT, f"account {ALICE} is suspended by the sending limit"),
+    (ALICE, SUSPENDED_BY_ADMIN, SUSPENDED_BY_ADMIN_TEXT, f"account {ALICE} is suspended by the administrator"),
+    (ALICE, "", SUSPENDED_UNKNOWN_TEXT, f"account {ALICE} is suspended"),  # suspended by an older yuubin
+    ("ghost@example.test", SUSPENDED_BY_ADMIN, SUSPENDED_UNKNOWN_TEXT, "account ghost@example.test is suspended"),
+])  # the reply says who suspended it; no account row at all is a suspension without a reason
+async def test_submission_mail_from_a_suspended_account(sub, account, by, text, reason):
+    sub.store.set_suspended(ALICE, True, by)
     result = await sub.pipeline.mail(sub.txn(account, None), addr(account))
-    assert refusal(result.decision) == no(550, "5.7.1", "suspended", SUSPENDED_TEXT)
+    assert refusal(result.decision) == no(550, "5.7.1", "suspended", text)
+    assert result.decision.reason == reason
     assert checks(result) == ["suspended"]
     assert sub.limit_calls == []
     bob = await sub.pipeline.mail(sub.txn(BOB, None), addr(BOB))

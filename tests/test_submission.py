@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.harness import run_yuubin
 from tests.smtpclient import RawSMTP
 from yuubin.queue.spool import Spool
 
@@ -453,7 +454,20 @@ def test_distinct_recipients_per_day_limit(make_server, dns_server, client_tls):
     s.rset()
     code, text = s.mail(ALICE)
     assert (code, text[:5]) == (550, b"5.7.1")
+    assert b"suspended after unusual sending" in text
     s.quit()
+
+
+def test_an_account_suspended_by_the_admin_is_told_so(make_server, client_tls):
+    srv = make_server(listener=LISTENERS)
+    p = run_yuubin(["account", "suspend", ALICE], config=srv.config_file())
+    assert p.returncode == 0, p.stderr
+    s = connect(srv, "submissions", client_tls, login=(ALICE, ALICE_PW))
+    code, text = s.mail(ALICE)
+    assert (code, text) == (550, b"5.7.1 account suspended by the administrator; contact the postmaster")
+    s.quit()
+    listed = run_yuubin(["account", "list"], config=srv.config_file()).stdout
+    assert f"{ALICE}\t" in listed and "suspended by the administrator" in listed
 
 
 def test_message_finished_after_suspension_is_held(make_server, dns_server, client_tls):

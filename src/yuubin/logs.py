@@ -105,3 +105,8 @@ def shutdown() -> None:
         if isinstance(h, BatchedLineHandler):
             root.removeHandler(h)
             h.close()
+
+
+def utc_time(ts: float) -> str:
+    """`2026-11-27T20:34:15Z`: how the CLI shows a time, in UTC like the log lines."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS accounts (
     address TEXT PRIMARY KEY,
     password_hash TEXT NOT NULL,
     created REAL NOT NULL,
-    suspended INTEGER NOT NULL DEFAULT 0
+    suspended INTEGER NOT NULL DEFAULT 0,
+    suspended_by TEXT                 -- SUSPENDED_BY_ADMIN or _LIMIT; NULL when not known (older files)
 );
 CREATE TABLE IF NOT EXISTS aliases (
     alias TEXT NOT NULL,
@@ -78,12 +79,18 @@ def _tighten(path: Path) -> None:
             os.chmod(path, 0o600)
 
 
+# Why an account is suspended: its reply and `account list` say so.
+SUSPENDED_BY_ADMIN = "admin"  # `yuubin account suspend`
+SUSPENDED_BY_LIMIT = "limit"  # an outbound limit tripped (policy/ratelimit.py)
+
+
 @dataclass(frozen=True)
 class AccountRow:
     address: str
     password_hash: str
     created: float
     suspended: bool
+    suspended_by: str = ""  # SUSPENDED_BY_ADMIN, SUSPENDED_BY_LIMIT, or "" when not known
 
 
 class Store:
@@ -101,6 +108,17 @@ class Store:
             _tighten(Path(f"{path}{suffix}"))
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        self._add_column("accounts", "suspended_by", "TEXT")
+
+    def _add_column(self, table: str, column: str, decl: str) -> None:
+        """Bring a state.db written by an older yuubin up to date; its rows keep their values."""
+        if any(r[1] == column for r in self.db.execute(f"PRAGMA table_info({table})")):
+            return
+        try:
+            self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+        except sqlite3.OperationalError as e:
+            if "duplicate column" not in str(e):  # another process added it just now
+                raise
 
     def close(self) -> None:
         self.db.close()
@@ -111,17 +129,17 @@ class Store:
                         (address, password_hash, time.time()))
 
     def account(self, address: str) -> AccountRow | None:
-        row = self.db.execute("SELECT address, password_hash, created, suspended FROM accounts "
+        row = self.db.execute("SELECT address, password_hash, created, suspended, suspended_by FROM accounts "
                               "WHERE address = ?", (address,)).fetchone()
-        return AccountRow(row[0], row[1], row[2], bool(row[3])) if row else None
+        return AccountRow(row[0], row[1], row[2], bool(row[3]), row[4] or "") if row else None
 
     def account_exists(self, address: str) -> bool:
         return self.db.execute("SELECT 1 FROM accounts WHERE address = ?", (address,)).fetchone() is not None
 
     def accounts(self) -> list[AccountRow]:
-        rows = self.db.execute("SELECT address, password_hash, created, suspended FROM accounts "
+        rows = self.db.execute("SELECT address, password_hash, created, suspended, suspended_by FROM accounts "
                                "ORDER BY address").fetchall()
-        return [AccountRow(r[0], r[1], r[2], bool(r[3])) for r in rows]
+        return [AccountRow(r[0], r[1], r[2], bool(r[3]), r[4] or "") for r in rows]
 
     def set_password(self, address: str, password_hash: str) -> bool:
         return self.db.execute("UPDATE accounts SET password_hash = ? WHERE address = ?",
@@ -151,9 +169,10 @@ class Store:
         return self.db.execute("DELETE FROM aliases WHERE alias = ?", (alias,)).rowcount > 0
 
     # account suspension (compromised-account containment)
-    def set_suspended(self, address: str, suspended: bool) -> bool:
-        return self.db.execute("UPDATE accounts SET suspended = ? WHERE address = ?",
-                               (int(suspended), address)).rowcount > 0
+    def set_suspended(self, address: str, suspended: bool, by: str = "") -> bool:
+        """Suspend (`by` says why: SUSPENDED_BY_ADMIN or _LIMIT) or enable; False when no such account."""
+        return self.db.execute("UPDATE accounts SET suspended = ?, suspended_by = ? WHERE address = ?",
+                               (int(suspended), (by or None) if suspended else None, address)).rowcount > 0
 
     # auth guard: failures, lockouts, sources that logged in successfully
     def record_auth_failure(self, scope: str, key: str, source: str, at: float) -> None:

@@ -11,7 +11,7 @@ import sys
 
 from yuubin import __version__
 from yuubin.cli import accounts, aliases, queue, security, serve
-from yuubin.cli.common import EXIT_USAGE, CliError, Parser
+from yuubin.cli.common import EXIT_USAGE, CliError, Parser, add_commands, add_config_option
 from yuubin.config import ConfigError
 
 __all__ = ["build_parser", "main"]
@@ -19,9 +19,9 @@ __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="yuubin", description="A self-hosted mail server: strict by default, easy to run.")
-    p.add_argument("-c", "--config", help="config file (default: $YUUBIN_CONFIG)")
+    add_config_option(p, None)  # also accepted after the command (cli/common.Commands)
     p.add_argument("--version", action="version", version=f"yuubin {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    sub = add_commands(p, "command")
     # The order here is the order `yuubin --help` lists the commands in.
     serve.register(sub)  # serve, localserve, config check
     accounts.register(sub)  # account add, list, remove, passwd, audit, suspend, enable
@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status: int = args.func(args)  # every leaf parser sets func to one of the cmd_* functions
         return status
-    except (CliError, ConfigError) as e:
+    except CliError as e:
+        print(f"yuubin: error: {e}", file=sys.stderr)
+        return e.status
+    except ConfigError as e:
         print(f"yuubin: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

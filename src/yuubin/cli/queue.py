@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import argparse
 
-from yuubin.cli.common import CliError, SubParsers, add_group, load_config, setup_logging
+from yuubin.cli.common import CliError, CliFailure, SubParsers, add_group, load_config, setup_logging
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from yuubin.queue.control import QueueError, run_command
+    from yuubin.queue.control import NoServer, QueueError, run_command
     cfg = load_config(args)
     setup_logging(cfg.log_level)  # hold, release and delete are logged like server events
     qid: str | None = getattr(args, "id", None)  # not every queue subcommand has each argument
     sender: str | None = getattr(args, "sender", None)
     all_held: bool = getattr(args, "all_held", False)
     if args.sub in ("hold", "release", "delete") and not (qid or sender or all_held):
-        raise CliError(f"queue {args.sub}: give an ID or --sender ADDR" +
+        raise CliError(f"queue {args.sub}: give an ID or --sender ADDRESS" +
                        (" or --all-held" if args.sub == "delete" else ""))
     try:
         print(run_command(cfg.spool_dir, args.sub, qid, sender, all_held, getattr(args, "json", False)))
     except QueueError as e:
         raise CliError(str(e)) from None
+    except NoServer as e:
+        raise CliFailure(str(e)) from None
     return 0
 
 
@@ -31,20 +33,20 @@ def register(sub: SubParsers) -> None:
     x.add_argument("--json", action="store_true", help="machine-readable output")
     x.set_defaults(func=cmd_queue)
     x = qs.add_parser("show", help="an entry's envelope, headers and attempts")
-    x.add_argument("id")
+    x.add_argument("id", metavar="ID", help="a queue id or a unique start of one")
     x.set_defaults(func=cmd_queue)
     x = qs.add_parser("flush", help="retry now: one entry, or all (the running server acts within a second)")
-    x.add_argument("id", nargs="?")
+    x.add_argument("id", nargs="?", metavar="ID", help="a queue id or a unique start of one (default: all)")
     x.set_defaults(func=cmd_queue)
     for name, text in (("hold", "never send these until released"), ("release", "send these again")):
         x = qs.add_parser(name, help=text)
         g = x.add_mutually_exclusive_group()
-        g.add_argument("id", nargs="?")
-        g.add_argument("--sender", metavar="ADDR", help="every entry with this envelope sender")
+        g.add_argument("id", nargs="?", metavar="ID", help="a queue id or a unique start of one")
+        g.add_argument("--sender", metavar="ADDRESS", help="every entry with this envelope sender")
         x.set_defaults(func=cmd_queue)
     x = qs.add_parser("delete", help="remove entries for good (logged)")
     g = x.add_mutually_exclusive_group()
-    g.add_argument("id", nargs="?")
-    g.add_argument("--sender", metavar="ADDR", help="every entry with this envelope sender")
+    g.add_argument("id", nargs="?", metavar="ID", help="a queue id or a unique start of one")
+    g.add_argument("--sender", metavar="ADDRESS", help="every entry with this envelope sender")
     g.add_argument("--all-held", action="store_true", help="every held entry")
     x.set_defaults(func=cmd_queue)

@@ -4,12 +4,12 @@ submission allow lists."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import ipaddress
 from typing import TYPE_CHECKING
 
 from yuubin.cli.common import CliError, SubParsers, add_group, load_config, open_store
 from yuubin.config import Config, IPNetwork
+from yuubin.logs import utc_time
 
 if TYPE_CHECKING:
     from yuubin.auth.guard import AuthGuard
@@ -25,8 +25,7 @@ def _guard(args: argparse.Namespace) -> AuthGuard:
 def cmd_auth_lockouts(args: argparse.Namespace) -> int:
     sources, accounts = _guard(args).lockouts()
     for lk in sources:
-        until = datetime.datetime.fromtimestamp(lk.until).strftime("%Y-%m-%d %H:%M:%S")
-        print(f"source\t{lk.source}\tlocked until {until}\toffence {lk.offences}")
+        print(f"source\t{lk.source}\tlocked until {utc_time(lk.until)}\toffence {lk.offences}")
     for account, failures, nsources in accounts:
         print(f"account\t{account}\t{failures} failures from {nsources} sources: unknown sources slowed down")
     if not sources and not accounts:
@@ -39,7 +38,7 @@ def cmd_auth_unlock(args: argparse.Namespace) -> int:
     try:
         done = _guard(args).unlock(args.target)
     except (AddressInputError, ValueError):
-        raise CliError(f"TARGET: {args.target!r} is neither an IP address, a network nor an address") from None
+        raise CliError(f"IP|ADDRESS: {args.target!r} is neither an IP address, a network nor an address") from None
     print("\n".join(done) if done else f"nothing to unlock for {args.target}")
     return 0
 
@@ -93,13 +92,13 @@ def cmd_firewall_nftables(args: argparse.Namespace) -> int:
 
 def register(sub: SubParsers) -> None:
     """Add the auth group (lockouts, unlock) and the firewall group (nftables)."""
-    au = add_group(sub, "auth", "login lockouts")
+    au = add_group(sub, "auth", "login lockouts: list, unlock")
     au.add_parser("lockouts", help="sources locked out and accounts under attack").set_defaults(
         func=cmd_auth_lockouts)
     x = au.add_parser("unlock", help="lift a lockout now (IP or network) or an account's slow-down")
     x.add_argument("target", metavar="IP|ADDRESS")
     x.set_defaults(func=cmd_auth_unlock)
 
-    fw = add_group(sub, "firewall", "firewall rules")
+    fw = add_group(sub, "firewall", "firewall rules: nftables")
     fw.add_parser("nftables", help="print an nftables ruleset enforcing the 587/465 allow lists").set_defaults(
         func=cmd_firewall_nftables)

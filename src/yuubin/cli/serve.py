@@ -159,13 +159,14 @@ def register(sub: SubParsers) -> None:
     s = sub.add_parser("serve", help="run the server from the config file (foreground, logs to stderr)")
     s.set_defaults(func=cmd_serve)
 
-    s = sub.add_parser("localserve", help="run everything on loopback with a demo account, for trying it out")
+    s = sub.add_parser("localserve", help="run everything on loopback with a demo account, for trying it out",
+                       takes_config=False)  # it writes and uses its own config in --dir
     s.add_argument("--dir", default="./yuubin-data", help="where config, certificate and mail live")
     s.add_argument("--port-base", type=_port_base, metavar="N",
                    help=f"listen on ports N+525 (mx), N+587 (submission), N+465 (submissions); "
                         f"default {PORT_BASE}, or what DIR/yuubin.toml says")
     s.set_defaults(func=cmd_localserve)
 
-    c = add_group(sub, "config", "configuration")
+    c = add_group(sub, "config", "the configuration file: check")
     c.add_parser("check", help="validate the file and print the effective settings").set_defaults(
         func=cmd_config_check)

@@ -14,13 +14,15 @@ from collections.abc import Callable
 from yuubin.config import OutboundConfig
 from yuubin.policy.pipeline import Decision, SessionFacts, Transaction, accept, reject
 from yuubin.smtp.address import Address
-from yuubin.store import Store
+from yuubin.store import SUSPENDED_BY_ADMIN, SUSPENDED_BY_LIMIT, Store
 
 HOUR = 3600.0
 DAY = 86400.0
 PRUNE_EVERY = 1000  # submissions between deletions of counter rows older than a day
 
 SUSPENDED_TEXT = "account suspended after unusual sending; contact the postmaster"
+SUSPENDED_BY_ADMIN_TEXT = "account suspended by the administrator; contact the postmaster"
+SUSPENDED_UNKNOWN_TEXT = "account suspended; contact the postmaster"  # no reason stored (an older state.db)
 
 
 class AccountLimits:
@@ -38,7 +40,11 @@ class AccountLimits:
             return reject("auth", "not authenticated", 530, "5.7.0", "authentication required")
         row = self.store.account(account)
         if row is None or row.suspended:
-            return reject("suspended", f"account {account} is suspended", 550, "5.7.1", SUSPENDED_TEXT)
+            by = row.suspended_by if row else ""
+            text = {SUSPENDED_BY_ADMIN: SUSPENDED_BY_ADMIN_TEXT, SUSPENDED_BY_LIMIT: SUSPENDED_TEXT}.get(
+                by, SUSPENDED_UNKNOWN_TEXT)
+            why = f" by the {'administrator' if by == SUSPENDED_BY_ADMIN else 'sending limit'}" if by else ""
+            return reject("suspended", f"account {account} is suspended{why}", 550, "5.7.1", text)
         sent = self.store.submissions_since(account, self.clock() - HOUR)
         if sent >= self.outbound.max_per_hour:
             return self._limit_broken(txn.session, f"{sent} messages in the last hour "
@@ -72,7 +78,7 @@ class AccountLimits:
         account = session.auth_user or ""
         # Suspend at once (the next MAIL gets 5.7.1); holding the queue and telling postmaster
         # happen in the background.
-        self.store.set_suspended(account, True)
+        self.store.set_suspended(account, True, SUSPENDED_BY_LIMIT)
         self.on_limit(account, what, session)
         return reject("limit", f"{account}: {what}", 451, "4.7.1",
                       "sending limit exceeded; the account is suspended pending review by the postmaster")

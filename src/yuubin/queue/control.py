@@ -4,12 +4,12 @@ It runs in its own process and edits spool entries directly, through the same Sp
 server (load → change → atomic rewrite under the entry's cross-process lock), so it never races
 the running scheduler.
 "Retry now" cannot be written into an entry without touching its schedule for good, so flush
-drops a request file in spool/requests/ that the scheduler reads within a second.
+drops a request file in spool/requests/ that the scheduler reads within a second — and says so
+when no server runs to read it. An ID argument may be any unique start of a queue id.
 """
 
 from __future__ import annotations
 
-import datetime
 import getpass
 import json
 import logging
@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import TypedDict
 
 from yuubin.durable import GroupCommitter
+from yuubin.logs import utc_time
 from yuubin.queue.edit import KEEP, Edit, Rewrite, SpoolEditor, Unreadable
 from yuubin.queue.entrylock import EntryLocks
 from yuubin.queue.retry import next_due
-from yuubin.queue.signal import request_flush
+from yuubin.queue.signal import request_flush, scheduler_running
 from yuubin.queue.spool import QUEUED, Envelope, Spool, SpoolCorrupt
 
 log = logging.getLogger("yuubin.queue")
@@ -39,10 +40,16 @@ class QueueError(ValueError):
     """A bad queue id or selection, worded for the admin."""
 
 
+class NoServer(Exception):
+    """What was asked needs the running server, and none runs with this spool."""
+
+
 def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    return "-" if ts is None else utc_time(ts)
+
+
+def _entries(n: int) -> str:
+    return f"{n} {'entry' if n == 1 else 'entries'}"
 
 
 def _age(seconds: float) -> str:
@@ -129,15 +136,34 @@ class QueueControl:
             return json.dumps(rows, indent=1)
         if not rows:
             return "queue is empty"
-        lines = [f"{'ID':<20} {'AGE':>5} {'STATE':<8} {'NEXT ATTEMPT':<19}  SENDER -> RECIPIENTS / LAST ERROR"]
-        for r in rows:
-            rcpts = ", ".join(r["recipients"])
-            lines.append(f"{r['id']:<20} {_age(r['age']):>5} {r['state']:<8} {_when(r['next_attempt']):<19}  "
-                         f"<{r['sender']}> -> {rcpts}")
+        header = ("ID", "AGE", "STATE", "NEXT ATTEMPT")
+        cells = [(r["id"], _age(r["age"]), r["state"], _when(r["next_attempt"])) for r in rows]
+        width = [max(len(c[i]) for c in [header, *cells]) for i in range(len(header))]
+
+        def columns(c: tuple[str, str, str, str]) -> str:
+            return f"{c[0]:<{width[0]}}  {c[1]:>{width[1]}}  {c[2]:<{width[2]}}  {c[3]:<{width[3]}}  "
+
+        indent = " " * len(columns(header))  # the last error goes under the sender
+        lines = [columns(header) + "SENDER -> RECIPIENTS / LAST ERROR"]
+        for r, c in zip(rows, cells, strict=True):
+            lines.append(columns(c) + f"<{r['sender']}> -> {', '.join(r['recipients'])}")
             if r["last_error"]:
-                lines.append(f"{'':<56}{r['last_error']}")
-        lines.append(f"-- {len(rows)} entries")
+                lines.append(indent + r["last_error"])
+        lines.append(f"-- {_entries(len(rows))}")
         return "\n".join(lines)
+
+    def resolve(self, given: str) -> str:
+        """The queue id `given` is, or the one it is the unique start of."""
+        ids = self.spool.ids()
+        if given in ids:
+            return given
+        matches = [qid for qid in ids if qid.startswith(given)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise QueueError(f"ID: no queue entry {given}")
+        shown = ", ".join(matches[:3]) + (", ..." if len(matches) > 3 else "")
+        raise QueueError(f"ID: {given} is the start of {len(matches)} queue ids ({shown}): give more of it")
 
     def _load(self, qid: str) -> tuple[Envelope, bytes]:
         try:
@@ -148,6 +174,7 @@ class QueueControl:
             raise QueueError(f"ID: entry {qid} is unreadable: {e}") from None
 
     def show_text(self, qid: str) -> str:
+        qid = self.resolve(qid)
         env, data = self._load(qid)
         end = data.find(b"\r\n\r\n")
         headers = (data if end < 0 else data[:end]).decode("utf-8", "replace")
@@ -161,6 +188,7 @@ class QueueControl:
 
     def select(self, qid: str | None = None, sender: str | None = None, all_held: bool = False) -> list[str]:
         if qid:
+            qid = self.resolve(qid)
             self._load(qid)
             return [qid]
         chosen = []
@@ -220,16 +248,20 @@ def run_command(spool_root: Path, sub: str, qid: str | None = None, sender: str 
             return ctl.show_text(qid)
         if sub == "flush":
             if qid:
+                qid = ctl.resolve(qid)
                 ctl._load(qid)
+            if not scheduler_running(spool_root):
+                raise NoServer(f"queue flush: no server is running with the queue in {spool_root}: nothing "
+                               "was flushed (`yuubin serve` retries what is due when it starts)")
             ctl.request_flush(qid)
             return f"flush requested for {qid or 'all entries'} (the running server retries within a second)"
         qids = ctl.select(qid, sender, all_held)
         if sub in ("hold", "release"):
             done = ctl.set_held(qids, sub == "hold")
-            return f"{sub}: {len(done)} entries" + (f" ({', '.join(done)})" if done else "")
+            return f"{sub}: {_entries(len(done))}" + (f" ({', '.join(done)})" if done else "")
         if sub == "delete":
             done = ctl.delete(qids)
-            return f"deleted {len(done)} entries" + (f" ({', '.join(done)})" if done else "")
+            return f"deleted {_entries(len(done))}" + (f" ({', '.join(done)})" if done else "")
         raise QueueError(f"unknown queue command {sub!r}")
     finally:
         ctl.close()

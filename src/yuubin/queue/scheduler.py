@@ -38,7 +38,7 @@ from yuubin.dns import DnsLookup
 from yuubin.queue.bounce import DELAYED, FAILED, build_dsn, may_bounce, wants_notice
 from yuubin.queue.edit import REMOVE, Edit, Remove, Rewrite, SpoolEditor
 from yuubin.queue.retry import Applied, apply_outcomes, next_due
-from yuubin.queue.signal import QueueSignal, requests_dir
+from yuubin.queue.signal import QueueSignal, RunningLock, requests_dir
 from yuubin.queue.spool import QUEUED, Envelope, RemoteRecipient, Spool, SpoolCorrupt
 
 log = logging.getLogger("yuubin.outbound")
@@ -81,11 +81,13 @@ class OutboundScheduler:
         self._rescan = True
         self._last_scan = 0.0
         self._task: asyncio.Task | None = None
+        self._running: RunningLock | None = None  # held while running: `queue flush` checks it
         self.sent = 0
 
     # ---- life cycle ----
 
     def start(self) -> None:
+        self._running = RunningLock(self.spool.root)
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self, grace: float) -> None:
@@ -99,6 +101,9 @@ class OutboundScheduler:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        if self._running is not None:
+            self._running.close()
+            self._running = None
 
     def _peek(self, qid: str) -> Envelope | None:
         """The envelope line only: scans and dispatch decisions need no message bytes."""

@@ -4,11 +4,16 @@ Intake and local delivery call `wake(qid)` when an entry has remote recipients r
 `wake()` when anything may have changed. In the process that runs the scheduler that is a
 QueueSignal the scheduler waits on; in the other worker processes (and for the `yuubin queue`
 tools) it is a flush request file in spool/requests/ that the scheduler reads every second.
+
+While it runs, the scheduler holds a shared lock on spool/scheduler.lock, so `yuubin queue flush`
+can tell whether anyone will read its request. A lock, not a pid file: the kernel drops it when
+the process ends, however it ends, so a crash leaves nothing stale behind.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import time
 from dataclasses import dataclass
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 REQUESTS_DIR = "requests"
+RUNNING_LOCK = "scheduler.lock"
 
 
 class Waker(Protocol):
@@ -74,6 +80,37 @@ def request_flush(spool_root: Path, qid: str | None = None) -> None:
     d.mkdir(mode=0o700, exist_ok=True)
     name = f"flush-{qid or 'all'}.{time.time_ns()}"
     os.close(os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+
+
+class RunningLock:
+    """The scheduler's mark that it runs, from construction to close().
+
+    Shared, so a second server on the same spool does not wait; a prober's exclusive try holds
+    it for microseconds at most, so taking it here never waits long."""
+
+    def __init__(self, spool_root: Path):
+        self._fd = os.open(spool_root / RUNNING_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_SH)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def scheduler_running(spool_root: Path) -> bool:
+    """Whether a scheduler (in a server running with this spool) holds spool/scheduler.lock."""
+    try:
+        fd = os.open(spool_root / RUNNING_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False  # no server has run here yet
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also lets go of the lock if we got it
+    return False
 
 
 class RemoteWake:
