@@ -1,0 +1,175 @@
+"""Everything that happens is in the server's log: every reply of 400 or more with its reason
+(including those the SMTP core answers itself), admin actions with who did them, start and stop,
+session ids that stay unique across restarts, and a resolver that does not answer.
+
+Servers run in-process (make_server, caplog) or as `yuubin serve` (serve_process, its stderr);
+clients talk over real sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import smtplib
+import time
+
+import pytest
+
+from tests.smtpclient import RawSMTP
+
+UNTRUSTED = "127.1.0.1"
+ALICE, ALICE_PW = "alice@example.test", "correct horse battery staple"
+
+
+def log_lines(caplog, logger: str = "yuubin") -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith(logger)]
+
+
+def session_of(lines: list[str], client: str) -> str:
+    """The session id of the last connection from `client`."""
+    sessions = [m.group(1) for line in lines
+                if (m := re.search(rf"event=connect session=(\S+) .*client={re.escape(client)} ", line))]
+    assert sessions, lines
+    return sessions[-1]
+
+
+def session_log(caplog, client: str, timeout: float = 5.0) -> list[str]:
+    """The lines of the last session from `client`, once its disconnect line is there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = log_lines(caplog)
+        sid = session_of(lines, client)
+        mine = [line for line in lines if f"session={sid} " in line]
+        if any(line.startswith("event=disconnect ") for line in mine):
+            return mine
+        assert time.monotonic() < deadline, mine
+        time.sleep(0.02)
+
+
+def rejects(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("event=reject ")]
+
+
+def field(line: str, key: str) -> str:
+    m = re.search(rf' {key}=("(?:[^"\\]|\\.)*"|\S+)', line)
+    assert m, (key, line)
+    return m.group(1).strip('"')
+
+
+def greet(srv, source: str = UNTRUSTED) -> RawSMTP:
+    c = RawSMTP(srv.port("mx"), source=source)
+    assert c.reply()[0] == 220
+    assert c.cmd("EHLO client.remote.example")[0] == 250
+    return c
+
+
+# ---- the replies the SMTP core gives itself ----------------------------------------------------
+
+
+def test_bare_lf_in_data_is_logged_with_its_reason(make_server, caplog):
+    caplog.set_level(logging.INFO, logger="yuubin")
+    srv = make_server()
+    c = greet(srv)
+    assert c.cmd("MAIL FROM:<sender@remote.example>")[0] == 250
+    assert c.cmd("RCPT TO:<alice@example.test>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    code, text = c.cmd(b"Subject: smuggled\r\n\r\nline one\nline two\r\n.")
+    assert (code, text[0][:5]) == (550, "5.5.2"), text
+    c.cmd("QUIT")
+    [line] = rejects(session_log(caplog, UNTRUSTED))
+    assert field(line, "stage") == "data" and field(line, "check") == "protocol", line
+    assert "bare LF" in field(line, "reason"), line
+    assert field(line, "reply").startswith("550 5.5.2 "), line
+
+
+def test_announced_size_over_the_limit_is_logged_with_both_numbers(make_server, caplog):
+    caplog.set_level(logging.INFO, logger="yuubin")
+    srv = make_server(limits={"message_size": 10000})
+    c = greet(srv)
+    code, _ = c.cmd("MAIL FROM:<sender@remote.example> SIZE=20000")
+    assert code == 552
+    c.cmd("QUIT")
+    [line] = rejects(session_log(caplog, UNTRUSTED))
+    assert field(line, "stage") == "mail" and field(line, "check") == "protocol", line
+    reason = field(line, "reason")
+    assert "SIZE=20000" in reason and "limits.message_size" in reason and "10000" in reason, line
+    assert field(line, "reply").startswith("552 5.3.4 "), line
+
+
+def test_message_over_the_size_limit_is_logged(make_server, caplog):
+    caplog.set_level(logging.INFO, logger="yuubin")
+    srv = make_server(limits={"message_size": 1000})
+    c = greet(srv)
+    assert c.cmd("MAIL FROM:<sender@remote.example>")[0] == 250
+    assert c.cmd("RCPT TO:<alice@example.test>")[0] == 250
+    assert c.cmd("DATA")[0] == 354
+    assert c.cmd(b"Subject: big\r\n\r\n" + (b"x" * 70 + b"\r\n") * 30 + b".")[0] == 552
+    c.cmd("QUIT")
+    [line] = rejects(session_log(caplog, UNTRUSTED))
+    assert field(line, "stage") == "data" and "limits.message_size (1000 octets)" in field(line, "reason"), line
+
+
+def test_a_line_too_long_is_logged_with_the_limit(make_server, caplog):
+    caplog.set_level(logging.INFO, logger="yuubin")
+    srv = make_server()
+    c = greet(srv)
+    code, _ = c.cmd("NOOP " + "x" * 600)
+    assert code == 500
+    c.cmd("QUIT")
+    [line] = rejects(session_log(caplog, UNTRUSTED))
+    assert field(line, "stage") == "command" and field(line, "check") == "protocol", line
+    assert "limits.line_length (512 octets)" in field(line, "reason"), line
+    assert field(line, "reply") == "500 5.5.2 line too long", line
+
+
+@pytest.mark.parametrize(("commands", "verb", "when"), [
+    (["MAIL FROM:<sender@remote.example>"], "MAIL", "before EHLO/HELO"),
+    (["EHLO c.example", "RCPT TO:<alice@example.test>"], "RCPT", "before MAIL"),
+    (["EHLO c.example", "MAIL FROM:<sender@remote.example>", "DATA"], "DATA", "no recipient accepted"),
+])
+def test_a_bad_sequence_is_logged_naming_the_command(make_server, caplog, commands, verb, when):
+    caplog.set_level(logging.INFO, logger="yuubin")
+    srv = make_server()
+    c = RawSMTP(srv.port("mx"), source=UNTRUSTED)
+    assert c.reply()[0] == 220
+    codes = [c.cmd(cmd)[0] for cmd in commands]
+    assert codes[-1] in (503, 554), codes
+    c.cmd("QUIT")
+    [line] = rejects(session_log(caplog, UNTRUSTED))
+    assert field(line, "stage") == verb.lower() and field(line, "check") == "protocol", line
+    assert field(line, "reason").startswith(f"bad sequence: {verb} ") and when in field(line, "reason"), line
+
+
+def test_a_failed_login_is_logged_as_a_rejection(make_server, caplog, client_tls):
+    caplog.set_level(logging.INFO, logger="yuubin")
+    srv = make_server(listener=[{"kind": "submissions", "address": "127.0.0.1:0"}],
+                      accounts={ALICE: ALICE_PW})
+    with smtplib.SMTP_SSL("127.0.0.1", srv.port("submissions"), source_address=(UNTRUSTED, 0), timeout=10,
+                          context=client_tls) as s:
+        s.ehlo("client.test")
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            s.login(ALICE, "not the password")  # smtplib tries each mechanism: one 535 each
+    lines = rejects(session_log(caplog, UNTRUSTED))
+    assert lines
+    for line in lines:
+        assert field(line, "stage") == "auth" and field(line, "check") == "login", line
+        assert field(line, "reason") == "invalid credentials" and field(line, "reply").startswith("535 5.7.8 "), line
+
+
+def test_every_error_reply_has_its_log_line(make_server, caplog):
+    """Whatever the client does wrong, the count of replies >= 400 and of reject lines agree."""
+    caplog.set_level(logging.INFO, logger="yuubin")
+    srv = make_server(limits={"max_errors": 30, "recipients": 2})
+    c = RawSMTP(srv.port("mx"), source=UNTRUSTED)
+    replies = [c.reply()]
+    for cmd in [b"DATA", b"HELO", b"EHLO c.example", b"FROB", b"MAIL FROM:<x>", b"MAIL FROM:<a@b.example> BODY=9",
+                b"RCPT TO:<alice@example.test>", b"MAIL FROM:<s@remote.example>", b"MAIL FROM:<s@remote.example>",
+                b"RCPT TO:<nobody@example.test>", b"RCPT TO:<carol@remote.example>", b"RCPT TO:<alice@example.test>",
+                b"RCPT TO:<bob@example.test>", b"RCPT TO:<alice+x@example.test>", b"STARTTLS x", b"AUTH PLAIN",
+                b"VRFY", b"EXPN x", b"NOOP \x00", b"NOOP \xff", b"BDAT x"]:
+        replies.append(c.cmd(cmd))
+    errors = [r for r in replies if r[0] >= 400]
+    assert len(errors) >= 15, replies
+    lines = rejects(session_log(caplog, UNTRUSTED))
+    assert [field(line, "reply")[:3] for line in lines] == [str(code) for code, _ in errors], (replies, lines)
+    assert all(field(line, "reason") for line in lines)
