@@ -173,3 +173,39 @@ def test_every_error_reply_has_its_log_line(make_server, caplog):
     lines = rejects(session_log(caplog, UNTRUSTED))
     assert [field(line, "reply")[:3] for line in lines] == [str(code) for code, _ in errors], (replies, lines)
     assert all(field(line, "reason") for line in lines)
+
+
+# ---- start and stop, session ids across restarts ----------------------------------------------
+
+
+def connect_and_quit(port: int) -> None:
+    c = RawSMTP(port)
+    assert c.reply()[0] == 220
+    assert c.cmd("QUIT")[0] == 221
+
+
+@pytest.mark.slow
+def test_start_and_stop_are_logged_and_session_ids_never_repeat(make_config, serve_process):
+    from yuubin import __version__
+    config = make_config(limits={"shutdown_grace": "2s"})
+    runs = []
+    for _ in range(2):
+        srv = serve_process(config)
+        connect_and_quit(srv.port())
+        connect_and_quit(srv.port())
+        assert srv.stop() == 0
+        runs.append(srv.log_text())
+    first, second = runs
+    [start] = [line for line in first.splitlines() if "event=starting " in line]
+    assert f"version={__version__} " in start and f"config={config.path} " in start, start
+    assert "hostname=mx.test.example " in start and f"data_dir={srv.config.data_dir} " in start, start
+    assert 'listeners="mx 127.0.0.1:0"' in start, start
+    [stop] = [line for line in first.splitlines() if "event=stopped " in line]
+    assert "commit_batches" not in stop, stop
+    summary = field(stop, "summary")
+    assert summary.startswith("stopped after ") and "2 sessions, 0 messages received" in summary, stop
+    assert "the spool is empty" in summary, stop
+    assert "cause=SIGTERM " in next(line for line in first.splitlines() if "event=stopping " in line)
+    ids = [re.findall(r"event=connect session=(\S+) ", text) for text in runs]
+    assert len(ids[0]) == len(ids[1]) == 2, runs
+    assert not set(ids[0]) & set(ids[1]), ids  # a log spanning the restart can still be followed
