@@ -195,7 +195,7 @@ def test_start_and_stop_are_logged_and_session_ids_never_repeat(make_config, ser
         connect_and_quit(srv.port())
         assert srv.stop() == 0
         runs.append(srv.log_text())
-    first, second = runs
+    first = runs[0]
     [start] = [line for line in first.splitlines() if "event=starting " in line]
     assert f"version={__version__} " in start and f"config={config.path} " in start, start
     assert "hostname=mx.test.example " in start and f"data_dir={srv.config.data_dir} " in start, start
@@ -209,3 +209,81 @@ def test_start_and_stop_are_logged_and_session_ids_never_repeat(make_config, ser
     ids = [re.findall(r"event=connect session=(\S+) ", text) for text in runs]
     assert len(ids[0]) == len(ids[1]) == 2, runs
     assert not set(ids[0]) & set(ids[1]), ids  # a log spanning the restart can still be followed
+
+
+# ---- admin actions ---------------------------------------------------------------------------
+
+
+def admin_actions(caplog) -> list[str]:
+    return [line for line in log_lines(caplog, "yuubin.admin") if line.startswith("event=admin_action ")]
+
+
+def wait_for(pred, timeout: float = 10.0, what: str = "it"):
+    deadline = time.monotonic() + timeout
+    while not (found := pred()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return found
+
+
+@pytest.mark.slow
+def test_admin_actions_land_in_the_running_servers_log_with_who_did_them(make_server, dns_server, caplog):
+    from tests.harness import free_port, run_yuubin
+    from yuubin.store import Store
+    caplog.set_level(logging.INFO, logger="yuubin")
+    dns_server.add("remote.test", "MX", "10 mx.remote.test.")
+    dns_server.add("mx.remote.test", "A", "127.1.0.1")  # nothing listens there: the entries stay queued
+    srv = make_server(accounts={ALICE: ALICE_PW},
+                      outbound={"port": free_port("127.1.0.1"), "retry_first": "1h", "retry_max": "2h"})
+    cfg = srv.config_file()
+    for i in range(2):
+        with smtplib.SMTP("127.0.0.1", srv.port(), timeout=10) as s:
+            s.sendmail(ALICE, [f"carol{i}@remote.test"], f"Subject: {i}\r\n\r\nbody\r\n")
+    first, second = [p.name for p in wait_for(lambda: len(srv.queue_entries()) == 2 and srv.queue_entries())]
+    store = Store(srv.config.state_db)
+    store.set_auth_lockout("127.1.2.3", time.time() + 3600, 1, time.time())
+    store.close()
+
+    def admin(*args: str, stdin: str = "") -> None:
+        r = run_yuubin(list(args), config=cfg, stdin=stdin, env={"SUDO_USER": "hana"})
+        assert r.returncode == 0, (args, r.stdout, r.stderr)
+
+    admin("account", "add", "bob@example.test", stdin="Tangerine-orbit-71-quasar\n")
+    admin("account", "suspend", "bob@example.test")
+    admin("account", "enable", "bob@example.test")
+    admin("account", "passwd", "bob@example.test", stdin="Quiet-harbour-58-lantern\n")
+    admin("account", "remove", "bob@example.test")
+    admin("alias", "add", "sales@example.test", ALICE)
+    admin("alias", "remove", "sales@example.test")
+    admin("auth", "unlock", "127.1.2.3")
+    admin("queue", "hold", first)
+    admin("queue", "release", first)
+    admin("queue", "delete", second)
+    expected = [("account_add", "bob@example.test"), ("account_suspend", "bob@example.test"),
+                ("account_enable", "bob@example.test"), ("account_passwd", "bob@example.test"),
+                ("account_remove", "bob@example.test"), ("alias_add", "sales@example.test"),
+                ("alias_remove", "sales@example.test"), ("auth_unlock", "127.1.2.3"), ("queue_hold", first),
+                ("queue_release", first), ("queue_delete", second)]
+    lines = wait_for(lambda: len(admin_actions(caplog)) >= len(expected) and admin_actions(caplog),
+                     what="the admin actions in the server's log")
+    assert [(field(line, "action"), field(line, "target")) for line in lines] == expected, lines
+    assert all(field(line, "by") == "hana" for line in lines), lines
+    assert "carol1@remote.test" in field(lines[-1], "detail"), lines[-1]
+
+
+@pytest.mark.slow
+def test_admin_actions_taken_while_the_server_is_down_are_logged_at_its_next_start(make_config, serve_process):
+    from tests.harness import run_yuubin
+    config = make_config()
+    config.write()
+    r = run_yuubin(["alias", "add", "sales@example.test", "alice@example.test"], config=config.path,
+                   env={"SUDO_USER": "kenji"})
+    assert r.returncode == 0, r.stderr
+    srv = serve_process(config)
+    assert srv.stop() == 0
+    [line] = [line for line in srv.log_text().splitlines() if "event=admin_action " in line]
+    assert "action=alias_add target=sales@example.test by=kenji " in line, line
+    assert "alice@example.test" in field(line, "detail"), line
+    again = serve_process(config)
+    assert again.stop() == 0
+    assert "event=admin_action " not in again.log_text()  # logged once, not at every start

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from yuubin import __version__
+from yuubin.adminlog import AdminActionLog
 from yuubin.auth.accounts import Directory
 from yuubin.auth.guard import AuthGuard
 from yuubin.auth.login import LoginExchange
@@ -96,6 +97,8 @@ class App:
         if self.primary:  # remote delivery, retries, DSNs
             self.outbound = build_outbound(cfg, self.spool, self.editor, self.resolver, self.listening,
                                            self.signal, self.intake.inject, self.holds.is_held)
+        # What admins did with the CLI, into this log (the primary alone: one line per action).
+        self.admin_log = AdminActionLog(self.store) if self.primary else None
         self.guard = AuthGuard(self.store, cfg.auth_guard, self.is_trusted)
         self.connections = Connections(cfg.limits.connections_per_ip, cfg.limits.max_connections,
                                        workers=cfg.workers,
@@ -169,6 +172,8 @@ class App:
                      f"[{host}]:{port}" if ":" in host else f"{host}:{port}", self.worker)
         if self.outbound is not None:
             self.outbound.start()
+        if self.admin_log is not None:
+            self.admin_log.start()
 
     def _session_factory(self, listener: SmtpListener) -> Callable[[], SMTPSession]:
         connections = self.connections
@@ -189,6 +194,8 @@ class App:
             await self.outbound.stop(grace=grace)
         await self.containment.drain(timeout=grace)
         await self.delivery.drain(timeout=grace)
+        if self.admin_log is not None:
+            await self.admin_log.stop()
         self.editor.close()
         self.committer.shutdown()
         self.store.close()

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from yuubin.cli.common import CliError, SubParsers, add_group, address_arg, load_config, local_address_arg, open_store
+from yuubin.cli.common import (
+    CliError,
+    SubParsers,
+    add_group,
+    address_arg,
+    load_config,
+    local_address_arg,
+    open_store,
+    record_admin_action,
+)
 
 
 def cmd_alias_add(args: argparse.Namespace) -> int:
@@ -17,7 +26,9 @@ def cmd_alias_add(args: argparse.Namespace) -> int:
     if store.account_exists(alias):
         raise CliError(f"ALIAS: {alias} is an account")
     store.add_alias(alias, targets)
-    print(f"{alias} -> {', '.join(store.alias_targets(alias))}")
+    now = ", ".join(store.alias_targets(alias))
+    record_admin_action(store, "alias_add", alias, f"added {', '.join(targets)}; now -> {now}")
+    print(f"{alias} -> {now}")
     return 0
 
 
@@ -33,6 +44,7 @@ def cmd_alias_remove(args: argparse.Namespace) -> int:
     alias = address_arg(args.alias, "ALIAS")
     if not store.remove_alias(alias):
         raise CliError(f"ALIAS: no alias {alias}")
+    record_admin_action(store, "alias_remove", alias)
     print(f"removed {alias}")
     return 0
 
