@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import smtplib
+import socket
 import time
 
 import pytest
@@ -287,3 +288,35 @@ def test_admin_actions_taken_while_the_server_is_down_are_logged_at_its_next_sta
     again = serve_process(config)
     assert again.stop() == 0
     assert "event=admin_action " not in again.log_text()  # logged once, not at every start
+
+
+# ---- a resolver that does not answer -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_silent_resolver_is_one_warning_naming_it_and_queue_show_names_it_too(make_server, caplog):
+    from tests.harness import run_yuubin
+    caplog.set_level(logging.INFO, logger="yuubin")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # bound, never answers: a resolver that hangs
+        nameserver = f"127.0.0.1:{silent.getsockname()[1]}"
+        srv = make_server(dns={"nameservers": ["127.0.0.1"], "port": silent.getsockname()[1], "timeout": 0.5},
+                          outbound={"retry_first": "1h", "retry_max": "2h"})
+        for i in range(3):  # every client from outside is looked up on the DNSBL zones
+            c = RawSMTP(srv.port(), source=f"127.1.0.{i + 1}")
+            assert c.reply()[0] == 220
+            assert c.cmd("QUIT")[0] == 221
+        with smtplib.SMTP("127.0.0.1", srv.port(), timeout=10) as s:  # the LAN relays: an MX lookup
+            s.sendmail(ALICE, ["carol@remote.test"], "Subject: out\r\n\r\nbody\r\n")
+        [entry] = srv.queue_entries()
+
+        def shown() -> str | None:
+            r = run_yuubin(["queue", "show", entry.name], config=srv.config_file())
+            assert r.returncode == 0, r.stderr
+            return r.stdout if "tries=1" in r.stdout else None
+
+        out = wait_for(shown, what="the first delivery attempt")
+        assert f"MX lookup for remote.test failed: timeout (no answer from nameserver {nameserver})" in out, out
+    warnings = [line for line in log_lines(caplog, "yuubin.dns") if line.startswith("event=dns_timeout ")]
+    assert len(warnings) == 1, warnings
+    assert f"nameserver={nameserver} " in warnings[0] and "[dns].nameservers" in warnings[0], warnings
