@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 
@@ -201,3 +202,34 @@ def test_system_resolver_is_used_without_nameservers() -> None:
 
 def test_port_applies_to_given_nameservers() -> None:
     assert Resolver(["127.0.0.1"], port=5353)._resolver.port == 5353
+
+
+def _timeout_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "yuubin.dns" and r.getMessage().startswith("event=dns_timeout ")]
+
+
+@pytest.mark.asyncio
+async def test_a_silent_nameserver_is_named_and_warned_about_once(
+    dns_server: TestDNSServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="yuubin.dns")
+    now = [1000.0]
+    resolver = Resolver(["127.0.0.1"], port=dns_server.port, timeout=0.3, clock=lambda: now[0])
+    endpoint = f"127.0.0.1:{dns_server.port}"
+    for name in ("a.example.test", "b.example.test", "c.example.test"):
+        dns_server.set_behaviour(name, "timeout")
+        result = await resolver.lookup(name, "A")
+        assert (result.status, result.silent) == ("timeout", (endpoint,))
+    [warning] = _timeout_warnings(caplog)
+    assert warning.startswith(f"event=dns_timeout nameserver={endpoint} timeout=0.3s "), warning
+    assert "[dns].nameservers" in warning
+    now[0] += 3601  # an hour later it is said again, once
+    await resolver.lookup("a.example.test", "A")
+    await resolver.lookup("b.example.test", "A")
+    assert len(_timeout_warnings(caplog)) == 2
+    dns_server.add("d.example.test", "A", "192.0.2.4")
+    assert (await resolver.lookup("d.example.test", "A")).status == "ok"
+    answering = [r.getMessage() for r in caplog.records if "event=dns_answering " in r.getMessage()]
+    assert answering == [f"event=dns_answering nameserver={endpoint}"]
+

@@ -265,8 +265,9 @@ def test_untrusted_client_cannot_relay(make_server, caplog):
         assert s.docmd("DATA")[0] == 554
     assert spool_entries(srv) == []
     rejects = [r.getMessage() for r in caplog.records if "event=reject" in r.getMessage()]
-    assert len(rejects) == 1, rejects
+    assert len(rejects) == 2, rejects  # the relay refusal, then DATA without a recipient
     assert "stage=rcpt" in rejects[0] and "check=relay" in rejects[0] and f"client={UNTRUSTED}" in rejects[0]
+    assert "stage=data" in rejects[1] and "check=protocol" in rejects[1] and 'reply="554 5.5.1' in rejects[1]
     session = re.search(r"session=(\S+)", rejects[0]).group(1)
     connects = [r.getMessage() for r in caplog.records if "event=connect" in r.getMessage()]
     assert any(f"session={session} " in m and f"client={UNTRUSTED}" in m for m in connects)

@@ -959,6 +959,42 @@ def test_policy_rejections_count_as_errors() -> None:
     assert s.closed
 
 
+def test_the_core_keeps_every_error_reply_of_its_own_with_its_reason() -> None:
+    """The session logs these (the core does no I/O); the policy's refusals it logs itself."""
+    s = Session(lambda ev: refuse(550, "5.1.1") if isinstance(ev, RcptTo) else None,
+                limits=Limits(message_size=1000, max_errors=5))
+    s.say("MAIL FROM:<a@b.test>", "EHLO c.test", "MAIL FROM:<a@b.test> SIZE=2000", "MAIL FROM:<a@b.test>",
+          "RCPT TO:<x@mx.test>", "DATA")
+    errors = s.conn.take_errors()
+    assert [(e.stage, e.reply.code) for e in errors] == [("mail", 503), ("mail", 552), ("data", 554)]
+    assert errors[0].reason == "bad sequence: MAIL before EHLO/HELO"
+    assert errors[1].reason == "announced SIZE=2000 over limits.message_size (1000 octets)"
+    assert errors[2].reason == "bad sequence: DATA in a transaction with no recipient accepted yet"
+    assert [r.short for r in s.replies if r.code >= 400] == ["503 5.5.1", "552 5.3.4", "550 5.1.1", "554 5.5.1"]
+    assert s.conn.take_errors() == ()
+    s.say("FOO")  # the fifth error: the 421 that ends the session is kept too
+    assert [(e.reply.code, e.reason) for e in s.conn.take_errors()] == [
+        (500, "unknown command FOO"), (421, "5 errors in one session (limits.max_errors)")]
+
+
+@pytest.mark.parametrize(("content", "bare"), [(b"a\nb\r\n", "bare LF"), (b"a\rb\r\n", "bare CR"),
+                                               (b"a\rb\nc\r\n", "bare CR and LF")])
+def test_a_bare_line_ending_is_kept_with_which_one(content: bytes, bare: str) -> None:
+    s = in_transaction()
+    s.feed(b"DATA\r\n" + content + b".\r\n")
+    [error] = s.conn.take_errors()
+    assert (error.stage, error.reply) == ("data", R.BARE_LINE_ENDING)
+    assert error.reason.startswith(bare + " in the message")
+
+
+def test_line_too_long_and_oversized_data_name_their_limits() -> None:
+    s = in_transaction(limits=Limits(line_length=100, message_size=50))
+    s.feed(b"NOOP " + b"x" * 200 + b"\r\nDATA\r\n" + b"y" * 60 + b"\r\n.\r\n")
+    assert [(e.stage, e.reply, e.reason) for e in s.conn.take_errors()] == [
+        ("command", R.LINE_TOO_LONG, "command line longer than limits.line_length (100 octets)"),
+        ("data", R.MESSAGE_TOO_BIG, "message larger than limits.message_size (50 octets)")]
+
+
 def test_reject_with_421_closes() -> None:
     s = greeted(policy=lambda ev: refuse(421, "4.3.2") if isinstance(ev, MailFrom) else None)
     assert s.say("MAIL FROM:<a@b.test>", "NOOP") == ["421 4.3.2"]

@@ -18,10 +18,13 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from yuubin import __version__
+from yuubin.adminlog import AdminActionLog
 from yuubin.auth.accounts import Directory
 from yuubin.auth.guard import AuthGuard
 from yuubin.auth.login import LoginExchange
@@ -33,7 +36,7 @@ from yuubin.dns import Resolver
 from yuubin.durable import FileAccess, GroupCommitter
 from yuubin.geo import AccessList, GeoDatabase, GeoError
 from yuubin.intake import Intake
-from yuubin.net.connections import Connections
+from yuubin.net.connections import Connections, session_id_prefix
 from yuubin.net.shell import IPAddress, ShellSettings
 from yuubin.policy.containment import AccountContainment
 from yuubin.policy.dnsbl import DnsblChecker
@@ -137,6 +140,7 @@ class App:
         self.config = config
         self.worker = worker
         self.primary = worker == 0
+        self.started = time.time()
         cfg = config
         _check_listeners(cfg)  # an unimplemented kind is an error, never a listener quietly missing
         self.store = Store(cfg.state_db)
@@ -161,9 +165,12 @@ class App:
         if self.primary:  # remote delivery, retries, DSNs
             self.outbound = build_outbound(cfg, self.spool, self.editor, self.resolver, self.listening,
                                            self.signal, self.intake.inject, self.holds.is_held)
+        # What admins did with the CLI, into this log (the primary alone: one line per action).
+        self.admin_log = AdminActionLog(self.store) if self.primary else None
         self.guard = AuthGuard(self.store, cfg.auth_guard, self.is_trusted)
         self.connections = Connections(cfg.limits.connections_per_ip, cfg.limits.max_connections,
-                                       workers=cfg.workers, id_prefix=f"{worker}-" if cfg.workers > 1 else "")
+                                       workers=cfg.workers,
+                                       id_prefix=session_id_prefix(self.started, worker if cfg.workers > 1 else None))
         geo: GeoDatabase | None = None
         if any(lc.allow_countries for lc in cfg.listeners if lc.kind in SUBMISSION_KINDS):
             try:  # a country in `allow` without its data would be an open door: refuse to start
@@ -246,28 +253,46 @@ class App:
                      f"[{host}]:{port}" if ":" in host else f"{host}:{port}", self.worker)
         if self.outbound is not None:
             self.outbound.start()
+        if self.admin_log is not None:
+            self.admin_log.start()
 
     def _session_factory(self, listener: SmtpListener) -> Callable[[], SMTPSession]:
         connections = self.connections
         return lambda: SMTPSession(listener, connections)
 
-    async def stop(self) -> None:
+    async def stop(self, cause: str = "requested") -> None:
         if self.stopping:
             return
         self.stopping = True
         grace = self.config.limits.shutdown_grace
-        log.info("event=stopping sessions=%d", len(self.connections.sessions))
+        log.info('event=stopping worker=%d cause=%s sessions_open=%d detail="no new connections; idle sessions '
+                 'closed now, transactions in flight get up to %gs (limits.shutdown_grace)"', self.worker, cause,
+                 len(self.connections.sessions), grace)
         for bl in self.listeners:
             bl.server.close()
-        await self.connections.stop(grace)
+        cut = await self.connections.stop(grace)
         if self.outbound is not None:
             await self.outbound.stop(grace=grace)
         await self.containment.drain(timeout=grace)
         await self.delivery.drain(timeout=grace)
+        if self.admin_log is not None:
+            await self.admin_log.stop()
         self.editor.close()
         self.committer.shutdown()
         self.store.close()
-        log.info("event=stopped commit_batches=%d commit_jobs=%d", self.committer.batches, self.committer.jobs)
+        uptime = _duration(time.time() - self.started)
+        sessions, messages = self.connections.admitted, self.intake.received
+        words = [f"stopped after {uptime}: {sessions} sessions, {messages} messages received"]
+        if cut:
+            words.append(f"{cut} sessions still busy after the grace time were cut off (what they were "
+                         "sending was never acknowledged)")
+        left = len(self.spool.ids()) if self.primary else None  # one spool: the primary counts it
+        if left:
+            words.append(f"{left} messages wait in the spool for the next start")
+        elif left == 0:
+            words.append("the spool is empty")
+        log.info('event=stopped worker=%d uptime=%s sessions=%d messages=%d summary="%s"', self.worker, uptime,
+                 sessions, messages, "; ".join(words))
         self.stopped.set()
 
 
@@ -277,8 +302,13 @@ def _serve(config: Config, on_ready: Callable[[App], None] | None = None, worker
     async def main() -> None:
         app = App(config, worker)
         loop = asyncio.get_running_loop()
+        stopping: list[asyncio.Task] = []  # a reference, so the stop task is not collected
+
+        def on_signal(name: str) -> None:
+            stopping.append(loop.create_task(app.stop(name)))
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(app.stop()))
+            loop.add_signal_handler(sig, on_signal, sig.name)
         await app.start(sockets)
         if on_ready:
             on_ready(app)
@@ -292,9 +322,23 @@ def _serve(config: Config, on_ready: Callable[[App], None] | None = None, worker
         uvloop.run(main())
 
 
+def _duration(seconds: float) -> str:
+    """`2d3h`, `3h12m`, `4m10s` or `12s`: an uptime as an admin reads it."""
+    s = int(seconds)
+    d, h, m = s // 86400, s // 3600 % 24, s // 60 % 60
+    if d:
+        return f"{d}d{h}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{s % 60:02d}s" if m else f"{s}s"
+
+
 def run(config: Config, on_ready: Callable[[App], None] | None = None) -> int:
     """Run the server; with `[server] workers` > 1, as that many processes sharing the listeners."""
     _check_listeners(config)
+    listeners = ", ".join(f"{lc.kind} {lc.address}" for lc in config.listeners)
+    log.info('event=starting version=%s config=%s hostname=%s data_dir=%s listeners="%s" workers=%d pid=%d',
+             __version__, config.source, config.hostname, config.data_dir, listeners, config.workers, os.getpid())
     if config.workers <= 1:
         _serve(config, on_ready)
         return 0

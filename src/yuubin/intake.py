@@ -112,6 +112,7 @@ class Intake:
         self.wake = wake  # the outbound queue: an entry with remote recipients is ready
         self.show_submitter = show_submitter  # [submission] received_client_ip
         self.clock = clock
+        self.received = 0  # messages accepted from clients since the start, for the stop line
 
     async def receive(self, txn: Transaction, data: bytes, pipeline: Pipeline, trace: Trace) -> Accepted | Refused:
         """A message at the end of DATA/BDAT: the message stage, then stored and on its way."""
@@ -145,6 +146,7 @@ class Intake:
                       refusal.reply)
             return Refused(refusal)
         pipeline.accepted(txn)
+        self.received += 1
         log.info("event=accepted session=%s id=%s from=<%s> rcpts=%d size=%d%s", s.session, qid, msg.sender,
                  len(txn.recipients), len(msg.data), " quarantine=yes" if msg.junk else "")
         return Accepted(qid, len(msg.data), result)

@@ -1,4 +1,4 @@
-"""SQLite state (accounts, aliases, auth lockouts, submission counters; later reports).
+"""SQLite state (accounts, aliases, auth lockouts, submission counters, admin actions; later reports).
 
 Everything that touches SQL lives here, so another database can take its place when several
 hosts share state. WAL mode lets the server read while the CLI writes; each call reads the
@@ -64,6 +64,16 @@ CREATE TABLE IF NOT EXISTS submission_recipients (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS submission_recipients_account ON submission_recipients(account, at);
+CREATE TABLE IF NOT EXISTS admin_actions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,              -- who ran the command: the sudo user, else the login name
+    action TEXT NOT NULL,             -- e.g. "account_suspend", "queue_delete"
+    target TEXT NOT NULL,             -- the address, alias, IP or queue id acted on
+    detail TEXT NOT NULL DEFAULT '',
+    logged REAL                       -- when the server logged it; NULL until then
+);
+CREATE INDEX IF NOT EXISTS admin_actions_unlogged ON admin_actions(id) WHERE logged IS NULL;
 """
 
 
@@ -91,6 +101,16 @@ class AccountRow:
     created: float
     suspended: bool
     suspended_by: str = ""  # SUSPENDED_BY_ADMIN, SUSPENDED_BY_LIMIT, or "" when not known
+
+
+@dataclass(frozen=True)
+class AdminAction:
+    id: int
+    at: float
+    actor: str
+    action: str
+    target: str
+    detail: str
 
 
 class Store:
@@ -258,3 +278,17 @@ class Store:
     def prune_submissions(self, before: float) -> None:
         self.db.execute("DELETE FROM submissions WHERE at <= ?", (before,))
         self.db.execute("DELETE FROM submission_recipients WHERE at <= ?", (before,))
+
+    # admin actions: written by the CLI, logged by the server (at once, or at its next start)
+    def record_admin_action(self, actor: str, action: str, target: str, detail: str = "") -> None:
+        self.db.execute("INSERT INTO admin_actions(at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
+                        (time.time(), actor, action, target, detail))
+
+    def unlogged_admin_actions(self, limit: int = 1000) -> list[AdminAction]:
+        rows = self.db.execute("SELECT id, at, actor, action, target, detail FROM admin_actions "
+                               "WHERE logged IS NULL ORDER BY id LIMIT ?", (limit,))
+        return [AdminAction(*r) for r in rows]
+
+    def mark_admin_actions_logged(self, through: int, at: float) -> None:
+        """Every action up to id `through` is in the log (ids only grow: later ones stay unlogged)."""
+        self.db.execute("UPDATE admin_actions SET logged = ? WHERE logged IS NULL AND id <= ?", (at, through))

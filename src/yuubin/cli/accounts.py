@@ -20,6 +20,7 @@ from yuubin.cli.common import (
     new_password_hash,
     open_store,
     plural,
+    record_admin_action,
 )
 from yuubin.config import Config
 from yuubin.logs import utc_time
@@ -33,6 +34,7 @@ def cmd_account_add(args: argparse.Namespace) -> int:
     if store.account_exists(address):
         raise CliError(f"ADDRESS: {address} already exists")
     store.add_account(address, new_password_hash(address, args.allow_weak))
+    record_admin_action(store, "account_add", address)
     print(f"added {address}")
     return 0
 
@@ -51,6 +53,7 @@ def cmd_account_remove(args: argparse.Namespace) -> int:
     address = address_arg(args.address, "ADDRESS")
     if not store.remove_account(address):
         raise CliError(f"ADDRESS: no account {address}")
+    record_admin_action(store, "account_remove", address, "its Maildir is kept")
     print(f"removed {address} (its Maildir is kept)")
     return 0
 
@@ -61,6 +64,7 @@ def cmd_account_passwd(args: argparse.Namespace) -> int:
     if not store.account_exists(address):
         raise CliError(f"ADDRESS: no account {address}")
     store.set_password(address, new_password_hash(address, args.allow_weak))
+    record_admin_action(store, "account_passwd", address, "password changed")
     print(f"password changed for {address}")
     return 0
 
@@ -173,6 +177,7 @@ def cmd_account_suspend(args: argparse.Namespace) -> int:
     if not store.set_suspended(address, True, SUSPENDED_BY_ADMIN):
         raise CliError(f"ADDRESS: no account {address}")
     held = _hold(cfg, address, True)
+    record_admin_action(store, "account_suspend", address, f"submissions refused; {held} queued messages held")
     print(f"suspended {address}: submissions refused; {plural(held, 'queued message')} put on hold")
     return 0
 
@@ -185,8 +190,11 @@ def cmd_account_enable(args: argparse.Namespace) -> int:
         raise CliError(f"ADDRESS: no account {address}")
     store.clear_submissions(address)  # else the counts that tripped the limit would suspend it again at once
     if args.release:
-        print(f"enabled {address}; {plural(_hold(cfg, address, False), 'held message')} released")
+        released = _hold(cfg, address, False)
+        record_admin_action(store, "account_enable", address, f"{released} held messages released")
+        print(f"enabled {address}; {plural(released, 'held message')} released")
     else:
+        record_admin_action(store, "account_enable", address, "its held mail stays on hold")
         print(f"enabled {address}; its held mail stays on hold (release it with --release)")
     return 0
 

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from yuubin.cli.common import CliError, SubParsers, add_group, address_arg, load_config, local_address_arg, open_store
+from yuubin.cli.common import (
+    CliError,
+    SubParsers,
+    add_group,
+    address_arg,
+    load_config,
+    local_address_arg,
+    open_store,
+    record_admin_action,
+)
 from yuubin.config import Config
 from yuubin.store import Store
 
@@ -40,7 +49,9 @@ def cmd_alias_add(args: argparse.Namespace) -> int:
         print(f"yuubin: warning: TARGET: {what}; mail to {alias} for it will bounce until it exists",
               file=sys.stderr)
     store.add_alias(alias, targets)
-    print(f"{alias} -> {', '.join(store.alias_targets(alias))}")
+    now = ", ".join(store.alias_targets(alias))
+    record_admin_action(store, "alias_add", alias, f"added {', '.join(targets)}; now -> {now}")
+    print(f"{alias} -> {now}")
     return 0
 
 
@@ -56,6 +67,7 @@ def cmd_alias_remove(args: argparse.Namespace) -> int:
     alias = address_arg(args.alias, "ALIAS")
     if not store.remove_alias(alias):
         raise CliError(f"ALIAS: no alias {alias}")
+    record_admin_action(store, "alias_remove", alias)
     print(f"removed {alias}")
     return 0
 

@@ -1,6 +1,6 @@
 """What every `yuubin` command group shares: the one-line error, the parser and sub-command classes
-(-c anywhere, --help descriptions, typo suggestions), config loading, password reading and address
-arguments.
+(-c anywhere, --help descriptions, typo suggestions), config loading, password reading, address
+arguments and the record of admin actions for the server's log.
 
 Imports no other cli module, so each command group can import it without forming a circle.
 Heavy modules (the store, password hashing, logging setup) are imported when a command needs them.
@@ -130,6 +130,28 @@ def plural(n: int, word: str, many: str | None = None) -> str:
 def open_store(cfg: Config) -> Store:
     from yuubin.store import Store
     return Store(cfg.state_db)
+
+
+def admin_name() -> str:
+    """Who runs the command, for the server's log: the admin behind sudo, else the login name."""
+    sudo_user = os.environ.get("SUDO_USER")
+    if sudo_user:
+        return sudo_user
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid{os.getuid()}"
+
+
+def record_admin_action(store: Store, action: str, target: str, detail: str = "") -> None:
+    """Leave what the admin did in state.db: the running server logs it within a second, a stopped
+    one at its next start (the CLI's own stderr is gone with the terminal)."""
+    import sqlite3
+    try:
+        store.record_admin_action(admin_name(), action, target, detail)
+    except sqlite3.Error as e:  # the action itself is done: say what is missing, do not fail it
+        print(f"yuubin: warning: {action} {target} done, but not recorded for the server's log: {e}",
+              file=sys.stderr)
 
 
 def read_password(confirm: bool = True) -> str:

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import sqlite3
+import sys
 
-from yuubin.cli.common import CliError, CliFailure, SubParsers, add_group, load_config, setup_logging
+from yuubin.cli.common import (
+    CliError,
+    CliFailure,
+    SubParsers,
+    add_group,
+    load_config,
+    record_admin_action,
+    setup_logging,
+)
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
@@ -17,12 +27,31 @@ def cmd_queue(args: argparse.Namespace) -> int:
     if args.sub in ("hold", "release", "delete") and not (qid or sender or all_held):
         raise CliError(f"queue {args.sub}: give an ID or --sender ADDRESS" +
                        (" or --all-held" if args.sub == "delete" else ""))
+    # Imported now, opened at the first change: by then the queue tools may run as the spool's owner,
+    # who must own what they create but may not be able to read the Python installation.
+    from yuubin.store import Store
+    store: Store | None = None
+
+    def record(action: str, target: str, detail: str) -> None:
+        nonlocal store
+        if store is None:
+            try:
+                store = Store(cfg.state_db)
+            except (sqlite3.Error, OSError) as e:  # the change is made: say what is missing, do not fail it
+                print(f"yuubin: warning: {action} {target} done, but not recorded for the server's log: {e}",
+                      file=sys.stderr)
+                return
+        record_admin_action(store, action, target, detail)
+
     try:
-        print(run_command(cfg.spool_dir, args.sub, qid, sender, all_held, getattr(args, "json", False)))
+        print(run_command(cfg.spool_dir, args.sub, qid, sender, all_held, getattr(args, "json", False), record))
     except QueueError as e:
         raise CliError(str(e)) from None
     except NoServer as e:
         raise CliFailure(str(e)) from None
+    finally:
+        if store is not None:
+            store.close()
     return 0
 
 

@@ -7,7 +7,7 @@ import argparse
 import ipaddress
 from typing import TYPE_CHECKING
 
-from yuubin.cli.common import CliError, SubParsers, add_group, load_config, open_store
+from yuubin.cli.common import CliError, SubParsers, add_group, load_config, open_store, record_admin_action
 from yuubin.config import Config, IPNetwork
 from yuubin.logs import utc_time
 
@@ -35,10 +35,13 @@ def cmd_auth_lockouts(args: argparse.Namespace) -> int:
 
 def cmd_auth_unlock(args: argparse.Namespace) -> int:
     from yuubin.auth.accounts import AddressInputError
+    guard = _guard(args)
     try:
-        done = _guard(args).unlock(args.target)
+        done = guard.unlock(args.target)
     except (AddressInputError, ValueError):
         raise CliError(f"IP|ADDRESS: {args.target!r} is neither an IP address, a network nor an address") from None
+    if done:
+        record_admin_action(guard.store, "auth_unlock", args.target, "; ".join(done))
     print("\n".join(done) if done else f"nothing to unlock for {args.target}")
     return 0
 

@@ -130,6 +130,11 @@ def _ordered(mx: list[tuple[int, str]]) -> list[tuple[int, str]]:
     return sorted(shuffled, key=lambda x: x[0])
 
 
+def _silent(nameservers: tuple[str, ...]) -> str:
+    """What a DNS deferral adds so that `queue show` names the nameserver to look at."""
+    return f" (no answer from nameserver {', '.join(nameservers)})" if nameservers else ""
+
+
 class MxRouter:
     """RFC 5321 5.1 routing through yuubin's resolver, with null MX and loop detection."""
 
@@ -166,9 +171,10 @@ class MxRouter:
         elif res.status == "nxdomain":
             return Route(error=failed("5.1.2", f"domain {domain} does not exist (NXDOMAIN)"))
         else:
-            return Route(error=deferred("4.4.3", f"MX lookup for {domain} failed: {res.status}"))
+            return Route(error=deferred("4.4.3", f"MX lookup for {domain} failed: {res.status}{_silent(res.silent)}"))
         hosts: list[tuple[int, str, list[str]]] = []
         dns_trouble = False
+        silent: list[str] = []
         for pref, host in _ordered(mx):
             addrs: list[str] = []
             for rdtype in ("A", "AAAA"):
@@ -177,6 +183,7 @@ class MxRouter:
                     addrs.extend(r.records)
                 elif r.status in ("timeout", "servfail"):
                     dns_trouble = True
+                    silent.extend(ns for ns in r.silent if ns not in silent)
             hosts.append((pref, host, addrs))
         ours = [pref for pref, host, addrs in hosts
                 if host == self.hostname or any(self.is_self(a) for a in addrs)]
@@ -190,7 +197,8 @@ class MxRouter:
         usable = [(host, addrs) for _, host, addrs in hosts if addrs]
         if not usable:
             if dns_trouble:
-                return Route(error=deferred("4.4.3", f"address lookup for the MX hosts of {domain} failed"))
+                return Route(error=deferred("4.4.3", f"address lookup for the MX hosts of {domain} failed"
+                                                     f"{_silent(tuple(silent))}"))
             return Route(error=failed("5.4.4", f"no address for any MX host of {domain}", code=550))
         return Route(hosts=usable)
 

@@ -22,12 +22,27 @@ class Stoppable(Protocol):
     task: asyncio.Task | None
 
 
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def session_id_prefix(started: float, worker: int | None = None) -> str:
+    """What every session id of one server start begins with: the start time (in tenths of a
+    second, base 36) and the worker, so ids never repeat across restarts or between workers."""
+    n = int(started * 10)
+    stamp = ""
+    while n:
+        n, digit = divmod(n, 36)
+        stamp = _BASE36[digit] + stamp
+    return f"{stamp or '0'}-" if worker is None else f"{stamp or '0'}-{worker}-"
+
+
 class Connections:
     def __init__(self, per_ip: int, total: int, *, workers: int = 1, id_prefix: str = ""):
         # With several worker processes each counts its own share of the limits.
         self.per_ip = -(-per_ip // workers)
         self.total = -(-total // workers)
-        self.id_prefix = id_prefix  # "N-" in worker N when there are several, so ids stay unique
+        self.id_prefix = id_prefix  # from session_id_prefix(): unique per start and worker
+        self.admitted = 0  # sessions served since the start, for the stop line
         self.stopping = False
         self.sessions: set[Stoppable] = set()
         self._ids = itertools.count(1)
@@ -43,6 +58,7 @@ class Connections:
             return False
         self._per_ip[ip] += 1
         self._total += 1
+        self.admitted += 1
         return True
 
     def release(self, ip: IPAddress) -> None:
@@ -51,17 +67,19 @@ class Connections:
             del self._per_ip[ip]
         self._total -= 1
 
-    async def stop(self, grace: float) -> None:
-        """Close idle sessions now, give the others `grace` seconds to finish, then cancel them."""
+    async def stop(self, grace: float) -> int:
+        """Close idle sessions now, give the others `grace` seconds to finish, then cancel them;
+        returns how many had to be cancelled."""
         self.stopping = True
         for s in list(self.sessions):
             if s.idle and s.task is not None:
                 s.task.cancel()
         tasks = [s.task for s in self.sessions if s.task is not None]
         if not tasks:
-            return
+            return 0
         _done, pending = await asyncio.wait(tasks, timeout=grace)
         for t in pending:
             t.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5)
+        return len(pending)

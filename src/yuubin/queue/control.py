@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypedDict
 
@@ -27,6 +28,9 @@ from yuubin.queue.signal import request_flush, scheduler_running
 from yuubin.queue.spool import QUEUED, Envelope, Spool, SpoolCorrupt
 
 log = logging.getLogger("yuubin.queue")
+
+# Where a change is recorded for the server's log: (action, queue id, detail).
+AdminRecord = Callable[[str, str, str], None]
 
 
 def _login() -> str:
@@ -94,12 +98,13 @@ def become_spool_owner(spool_root: Path) -> None:
 
 
 class QueueControl:
-    def __init__(self, spool_root: Path):
+    def __init__(self, spool_root: Path, record: AdminRecord | None = None):
         if not (spool_root / "queue").is_dir():
             raise QueueError(f"no queue at {spool_root} (has the server run with this config?)")
         become_spool_owner(spool_root)
         self.spool = Spool(spool_root, GroupCommitter(workers=1))
         self.editor = SpoolEditor(self.spool, EntryLocks(spool_root))
+        self.record = record  # hold, release and delete are admin actions for the server's log
 
     def close(self) -> None:
         self.spool.committer.shutdown()
@@ -214,6 +219,8 @@ class QueueControl:
                 continue
             changed.append(qid)
             log.info("event=queue_%s id=%s from=<%s>", "held" if held else "released", qid, edit.env.sender)
+            if self.record is not None:
+                self.record("queue_hold" if held else "queue_release", qid, f"from=<{edit.env.sender}>")
             if not held:
                 self.request_flush(qid)
         return changed
@@ -229,6 +236,8 @@ class QueueControl:
             rcpts = ",".join(r.to for r in env.remote) if env else "?"
             log.warning("event=queue_deleted id=%s from=<%s> rcpts=%s by=%s", qid, env.sender if env else "?",
                         rcpts, os.environ.get("SUDO_USER") or _login())
+            if self.record is not None:
+                self.record("queue_delete", qid, f"from=<{env.sender if env else '?'}> rcpts={rcpts}")
         return deleted
 
     def request_flush(self, qid: str | None = None) -> None:
@@ -236,9 +245,9 @@ class QueueControl:
 
 
 def run_command(spool_root: Path, sub: str, qid: str | None = None, sender: str | None = None,
-                all_held: bool = False, as_json: bool = False) -> str:
+                all_held: bool = False, as_json: bool = False, record: AdminRecord | None = None) -> str:
     """One `yuubin queue` subcommand; returns what to print, or raises QueueError."""
-    ctl = QueueControl(spool_root)
+    ctl = QueueControl(spool_root, record)
     try:
         if sub == "list":
             return ctl.list_text(as_json)

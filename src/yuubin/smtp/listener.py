@@ -1,8 +1,10 @@
 """The SMTP session: the shared stream shell driving the sans-IO SMTP core.
 
 Each event the core surfaces goes to the listener's policy pipeline (or the login exchange, or
-the intake at the end of a message) and its answer goes back to the core. Every refusal is one
-log line naming its stage, check and reason.
+the intake at the end of a message) and its answer goes back to the core. Every reply of 400 or
+more is one `event=reject` line naming its stage, check and reason: the pipeline's refusals, the
+core's own (`check=protocol`: syntax, sequence, limits, bare line endings), failed logins,
+timeouts and shutdown.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from yuubin.smtp.protocol import (
     Limits,
     MailFrom,
     MessageReceived,
+    ProtocolError,
     Quit,
     RcptTo,
     SMTPServerConnection,
@@ -45,6 +48,12 @@ AUTH_FAILED = Reply(535, "5.7.8", "authentication credentials invalid")
 AUTH_LOCKED = Reply(454, "4.7.0", "too many failed logins from your address; try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "too many connections from your address; try later")
 INTERNAL_ERROR = Reply(421, "4.3.0", "internal error; closing connection")
+TLS_FAILED = Reply(421, "4.7.0", "TLS handshake failed")
+
+
+def _quoted(text: object) -> str:
+    """`text` made safe inside a "..." log value (it may carry what a client sent)."""
+    return str(text).replace("\\", "\\\\").replace('"', '\\"')
 
 
 @dataclass(frozen=True)
@@ -111,10 +120,11 @@ class SMTPSession(StreamSession):
                 conn.start(None)
             while True:
                 ev = conn.next_event()
+                self._log_protocol_errors(conn.take_errors())
                 if ev is NEED_DATA:
                     await self.send(conn.data_to_send())
                     if self.connections.stopping and not conn.in_transaction:
-                        conn.close(R.SHUTTING_DOWN)
+                        self._close("command", "shutdown", "server stopping", R.SHUTTING_DOWN)
                         continue
                     timeout = self.listener.data_timeout if conn.receiving_content else self.listener.idle_timeout
                     idle = not conn.in_transaction and not conn.receiving_content
@@ -128,25 +138,46 @@ class SMTPSession(StreamSession):
                 assert not isinstance(ev, type(NEED_DATA))
                 await self._handle(ev)
         except TimeoutError:
-            conn.close(R.IDLE_TIMEOUT)
-            log.info("event=timeout session=%s", facts.session)
+            if conn.receiving_content:
+                self._close("data", "timeout", f"no data for {self.listener.data_timeout:g}s (limits.data_timeout)",
+                            R.IDLE_TIMEOUT)
+            else:
+                self._close("command", "timeout",
+                            f"no command for {self.listener.idle_timeout:g}s (limits.idle_timeout)", R.IDLE_TIMEOUT)
         except asyncio.CancelledError:
-            conn.close(R.SHUTTING_DOWN)
+            self._close("command", "shutdown", "server stopping", R.SHUTTING_DOWN)
         except Exception:
             log.exception("event=session_error session=%s", facts.session)
             conn.close(INTERNAL_ERROR)
         finally:
             try:
+                self._log_protocol_errors(conn.take_errors())
                 self.send_final(conn.data_to_send())
             finally:
                 self.close()
                 log.info("event=disconnect session=%s messages=%d errors=%d", facts.session,
                          conn.messages, conn.errors)
 
-    def _log_reject(self, stage: str, d: Decision) -> None:
+    def _log_refusal(self, stage: str, check: str, reason: str, reply: Reply) -> None:
         assert self.facts is not None
         log.info('event=reject session=%s client=%s stage=%s check=%s reason="%s" reply="%s"',
-                 self.facts.session, self.facts.client, stage, d.check, d.reason, d.reply)
+                 self.facts.session, self.facts.client, stage, check, _quoted(reason), _quoted(reply))
+
+    def _log_reject(self, stage: str, d: Decision) -> None:
+        assert d.reply is not None
+        self._log_refusal(stage, d.check, d.reason, d.reply)
+
+    def _log_protocol_errors(self, errors: tuple[ProtocolError, ...]) -> None:
+        """The core's own error replies (syntax, sequence, limits), logged like any refusal."""
+        for e in errors:
+            self._log_refusal(e.stage, "protocol", e.reason, e.reply)
+
+    def _close(self, stage: str, check: str, reason: str, reply: Reply) -> None:
+        """End the session with a 421 from outside the core (timeout, shutdown, failed TLS), logged."""
+        assert self.conn is not None
+        if not self.conn.closed:
+            self._log_refusal(stage, check, reason, reply)
+        self.conn.close(reply)
 
     def _answer(self, stage: str, d: Decision, context: object = None) -> bool:
         """Give the core the pipeline's answer; True when accepted."""
@@ -155,9 +186,14 @@ class SMTPSession(StreamSession):
             self.conn.accept(context=context)
             return True
         assert d.reply is not None
-        self._log_reject(stage, d)
-        self.conn.reject(d.reply)
+        self._refuse(stage, d.check, d.reason, d.reply)
         return False
+
+    def _refuse(self, stage: str, check: str, reason: str, reply: Reply) -> None:
+        """Answer the pending event with an error reply of the session's own, logged."""
+        assert self.conn is not None
+        self._log_refusal(stage, check, reason, reply)
+        self.conn.reject(reply)
 
     async def _handle(self, ev: Event) -> None:
         conn, facts = self.conn, self.facts
@@ -214,7 +250,7 @@ class SMTPSession(StreamSession):
         conn, facts = self.conn, self.facts
         assert conn is not None and facts is not None
         if self.listener.login is None:
-            conn.reject(R.AUTH_NOT_HERE)
+            self._refuse("auth", "protocol", "AUTH on a listener without logins", R.AUTH_NOT_HERE)
             return
         if isinstance(ev, AuthRequested):
             self._login = self.listener.login(facts.client, facts.session)
@@ -227,9 +263,8 @@ class SMTPSession(StreamSession):
             return
         self._login = None
         if isinstance(step, Malformed):
-            log.info('event=auth_malformed session=%s client=%s reason="%s"', facts.session, facts.client,
-                     step.reason)
-            conn.reject(Reply(501, "5.5.2", f"malformed authentication exchange: {step.reason}"))
+            self._refuse("auth", "sasl", f"malformed authentication exchange: {step.reason}",
+                         Reply(501, "5.5.2", f"malformed authentication exchange: {step.reason}"))
             return
         assert isinstance(step, LoginResult)
         if step.ok:
@@ -238,9 +273,10 @@ class SMTPSession(StreamSession):
             if not self._answer("auth", result.decision):
                 facts.auth_user = None
         elif step.locked is not None:
-            conn.reject(AUTH_LOCKED)
+            self._refuse("auth", "auth_guard", f"source {step.locked.source} locked out after failed logins",
+                         AUTH_LOCKED)
         else:
-            conn.reject(AUTH_FAILED)
+            self._refuse("auth", "login", "invalid credentials", AUTH_FAILED)
 
     async def _start_tls(self) -> None:
         conn, facts = self.conn, self.facts
@@ -248,7 +284,7 @@ class SMTPSession(StreamSession):
         await self.send(conn.data_to_send())
         early = await self.start_tls()
         if early is None:
-            conn.close(Reply(421, "4.7.0", "TLS handshake failed"))
+            self._close("starttls", "tls", "TLS handshake failed", TLS_FAILED)
             return
         facts.tls = self.tls
         facts.helo = None

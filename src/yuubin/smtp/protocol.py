@@ -8,6 +8,8 @@ policy can be async and the core stays testable byte for byte.
 Commands that need no outside knowledge (NOOP, RSET, HELP, VRFY, syntax and sequence errors) are
 answered inside; HELO/EHLO, MAIL, RCPT, a finished message, STARTTLS and QUIT surface as events.
 While an event awaits its answer, parsing stops, so pipelined commands are answered in order.
+Every error reply the core sends on its own is kept with its reason (`take_errors()`), so the
+session can log it like a policy refusal without the core doing any I/O.
 
 Which verb may run in which state is decided in one place, the `_SEQUENCE` table: for each state
 that reads commands, the verbs it runs and the exact reply for each verb it refuses. A verb's own
@@ -116,6 +118,15 @@ class Quit:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class ProtocolError:
+    """An error reply the core sent on its own, and why (for the session's log line)."""
+
+    reply: Reply
+    stage: str  # the command it answered ("mail", "data", ...), or "command" for a line that is none
+    reason: str
+
+
 Event = Hello | MailFrom | RcptTo | MessageReceived | StartTLS | AuthRequested | AuthResponse | Quit
 
 
@@ -145,6 +156,16 @@ class _Rules:
     # this reply before its arguments are looked at.
     otherwise: Reply | None = None
 
+
+# How a refusal from the sequence table is explained in the log: "<VERB> <when>".
+_WHEN = {
+    _State.CONNECTED: "before EHLO/HELO",
+    _State.READY: "before MAIL",
+    _State.MAIL: "in a transaction with no recipient accepted yet",
+    _State.RCPT: "in a transaction",
+    _State.CHUNKING: "after BDAT",
+    _State.REFUSED: "after a refused greeting",
+}
 
 _ONLY_QUIT = Reply(503, "5.7.1", "service refused at connect; only QUIT is accepted")
 _RCPT_AFTER_BDAT = Reply(503, "5.5.1", "RCPT not allowed after BDAT")
@@ -203,6 +224,8 @@ class SMTPServerConnection:
         self.errors = 0
         self.messages = 0
         self._state = _State.CONNECTED
+        self._stage = "command"  # what the next error answers, for its ProtocolError
+        self._errors: list[ProtocolError] = []
         self._in = bytearray()
         self._out: list[bytes] = []
         self._pending: Event | None = None
@@ -216,6 +239,7 @@ class SMTPServerConnection:
         self._chunk_left = 0
         self._chunk_last = False
         self._chunk_error: Reply | None = None
+        self._chunk_error_reason = ""
 
     # ---- driving the core ----------------------------------------------------------------
 
@@ -253,6 +277,14 @@ class SMTPServerConnection:
     def unprocessed(self) -> int:
         """Bytes received but not yet parsed (the shell pauses reading when this grows)."""
         return len(self._in)
+
+    def take_errors(self) -> tuple[ProtocolError, ...]:
+        """The error replies the core sent on its own since the last call, oldest first."""
+        if not self._errors:
+            return ()
+        errors = tuple(self._errors)
+        self._errors.clear()
+        return errors
 
     def close(self, reply: Reply) -> None:
         """End the session from outside (timeout, shutdown) with a final 421."""
@@ -323,7 +355,7 @@ class SMTPServerConnection:
             raise ValueError("reject() needs a 4xx or 5xx reply")
         if isinstance(ev, MessageReceived):
             self._end_transaction()
-        self._error(reply)
+        self._count_error(reply)  # the caller logs its own refusals
         if reply.code == 421:
             self._state = _State.CLOSED
 
@@ -362,12 +394,20 @@ class SMTPServerConnection:
     def _send(self, reply: Reply) -> None:
         self._out.append(reply.encode())
 
-    def _error(self, reply: Reply) -> None:
+    def _error(self, reply: Reply, reason: str | None = None) -> None:
+        """Send an error reply of the core's own, keep it with its reason (default: the reply's
+        text), and count it."""
+        self._errors.append(ProtocolError(reply, self._stage, reason or reply.lines[0]))
+        self._count_error(reply)
+
+    def _count_error(self, reply: Reply) -> None:
         """Send an error reply and count it; too many errors end the session."""
         self._send(reply)
         self.errors += 1
         if self.errors >= self.limits.max_errors and self._state is not _State.CLOSED:
             self._send(R.TOO_MANY_ERRORS)
+            self._errors.append(ProtocolError(R.TOO_MANY_ERRORS, self._stage,
+                                              f"{self.errors} errors in one session (limits.max_errors)"))
             self._state = _State.CLOSED
 
     def _end_transaction(self) -> None:
@@ -392,6 +432,7 @@ class SMTPServerConnection:
         buf = self._in
         nl = buf.find(b"\n")
         limit = self.limits.line_length
+        self._stage = "command"
         if nl < 0:
             if len(buf) > limit:
                 # Keep reading until the end of this over-long line, then say 500 once.
@@ -402,17 +443,17 @@ class SMTPServerConnection:
         del buf[: nl + 1]
         if self._discard_line or nl + 1 > limit:
             self._discard_line = False
-            self._error(R.LINE_TOO_LONG)
+            self._error(R.LINE_TOO_LONG, f"command line longer than limits.line_length ({limit} octets)")
             return None
         if line.endswith(b"\r"):
             line = line[:-1]
         if b"\0" in line:
-            self._error(R.BAD_COMMAND_ENCODING)
+            self._error(R.BAD_COMMAND_ENCODING, "command line contains NUL")
             return None
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError:
-            self._error(R.BAD_COMMAND_ENCODING)
+            self._error(R.BAD_COMMAND_ENCODING, "command line is not valid UTF-8")
             return None
         verb, _, arg = text.partition(" ")
         # Verbs are ASCII: str.upper() would also read "quıt" as QUIT and "ſtarttls" as STARTTLS.
@@ -423,12 +464,14 @@ class SMTPServerConnection:
         """Run one command line: the verb's own checks, then the sequence table, then the verb."""
         rules = _SEQUENCE[self._state]
         allowed = verb in rules.allowed
-        if not allowed and rules.otherwise is not None:
-            self._error(rules.otherwise)
-            return None
         command = _COMMANDS.get(verb)
+        self._stage = verb.lower() if command is not None else "command"
+        if not allowed and rules.otherwise is not None:
+            self._error(rules.otherwise, self._sequence_reason(verb if command is not None else "a command"))
+            return None
         if command is None:
-            self._error(R.UNKNOWN_COMMAND)
+            shown = verb if verb.isascii() and verb.isalnum() and len(verb) <= 20 else "(not a command word)"
+            self._error(R.UNKNOWN_COMMAND, f"unknown command {shown}")
             return None
         if command.check is not None:
             error = command.check(self, arg)
@@ -440,8 +483,11 @@ class SMTPServerConnection:
         refusal = rules.refused[verb]
         if command.refuse is not None:
             return command.refuse(self, arg, refusal)
-        self._error(refusal)
+        self._error(refusal, self._sequence_reason(verb))
         return None
+
+    def _sequence_reason(self, verb: str) -> str:
+        return f"bad sequence: {verb} {_WHEN[self._state]}"
 
     # -- commands --
 
@@ -470,7 +516,9 @@ class SMTPServerConnection:
         path, params = parsed
         error = self._check_mail_params(params)
         if error:
-            self._error(error)
+            too_big = error is R.MESSAGE_TOO_BIG  # the only way MAIL learns the size: say both numbers
+            self._error(error, f"announced SIZE={params['SIZE'][:20]} over limits.message_size "
+                               f"({self.limits.message_size} octets)" if too_big else None)
             return None
         try:
             sender = parse_path(path, smtputf8="SMTPUTF8" in params)
@@ -497,7 +545,7 @@ class SMTPServerConnection:
             self._error(error)
             return None
         if len(txn.recipients) >= self.limits.recipients:
-            self._error(R.TOO_MANY_RECIPIENTS)
+            self._error(R.TOO_MANY_RECIPIENTS, f"more than limits.recipients ({self.limits.recipients}) recipients")
             return None
         try:
             rcpt = parse_path(path, smtputf8="SMTPUTF8" in txn.params)
@@ -533,12 +581,16 @@ class SMTPServerConnection:
         if not parts or len(parts) > 2 or not (parts[0].isascii() and parts[0].isdigit()) or (
                 len(parts) == 2 and parts[1].upper() != "LAST"):
             # Without a valid size the chunk cannot be skipped: the stream is lost, so close.
-            self._send(Reply(501, "5.5.4", "syntax: BDAT size [LAST]; closing connection"))
+            reply = Reply(501, "5.5.4", "syntax: BDAT size [LAST]; closing connection")
+            self._send(reply)
+            self._errors.append(ProtocolError(reply, self._stage, "BDAT without a valid size: the stream is lost"))
             self._state = _State.CLOSED
             return None
         self._chunk_left = int(parts[0])
         self._chunk_last = len(parts) == 2
         self._chunk_error = refusal
+        if refusal is not None:
+            self._chunk_error_reason = self._sequence_reason("BDAT")  # said once the chunk is read
         if refusal is None and self._state is _State.RCPT:  # the first chunk of the message
             self._msg = bytearray()
             self._oversize = False
@@ -614,6 +666,7 @@ class SMTPServerConnection:
         """One SASL response line (RFC 4954 4): `*` cancels, anything else must be base64."""
         buf = self._in
         nl = buf.find(b"\n")
+        self._stage = "auth"
         if nl < 0:
             if len(buf) > AUTH_LINE_LENGTH:
                 buf.clear()
@@ -721,7 +774,12 @@ class SMTPServerConnection:
 
     # -- message content --
 
+    def _too_big(self) -> None:
+        self._end_transaction()
+        self._error(R.MESSAGE_TOO_BIG, f"message larger than limits.message_size ({self.limits.message_size} octets)")
+
     def _read_data(self) -> Event | _Sentinel | None:
+        self._stage = "data"
         msg = self._msg
         if self._in:
             msg += self._in
@@ -740,8 +798,7 @@ class SMTPServerConnection:
             return NEED_DATA
         self._in = msg[end + 5 :]
         if self._oversize or end > self.limits.message_size:
-            self._end_transaction()
-            self._error(R.MESSAGE_TOO_BIG)
+            self._too_big()
             return None
         content = bytes(msg[: end + 2])
         self._msg = bytearray()
@@ -749,6 +806,7 @@ class SMTPServerConnection:
         return self._finish(content.replace(b"\r\n.", b"\r\n")[2:], chunked=False)
 
     def _read_chunk(self) -> Event | _Sentinel | None:
+        self._stage = "bdat"
         if self._chunk_left:
             take = self._in[: self._chunk_left]
             del self._in[: len(take)]
@@ -765,11 +823,10 @@ class SMTPServerConnection:
             error, self._chunk_error = self._chunk_error, None
             if self._txn is not None:
                 self._end_transaction()
-            self._error(error)
+            self._error(error, self._chunk_error_reason)
             return None
         if self._oversize:
-            self._end_transaction()
-            self._error(R.MESSAGE_TOO_BIG)
+            self._too_big()
             return None
         self._state = _State.CHUNKING
         if not self._chunk_last:
@@ -786,9 +843,10 @@ class SMTPServerConnection:
         assert txn is not None
         self._txn = None
         crlf = content.count(b"\r\n")
-        if content.count(b"\n") != crlf or content.count(b"\r") != crlf:
+        bare = [name for name, byte in (("CR", b"\r"), ("LF", b"\n")) if content.count(byte) != crlf]
+        if bare:
             # A bare CR or LF is how SMTP smuggling hides a second message: refuse it whole.
-            self._error(R.BARE_LINE_ENDING)
+            self._error(R.BARE_LINE_ENDING, f"bare {' and '.join(bare)} in the message (only CRLF ends a line)")
             return None
         if content and not content.endswith(b"\r\n"):
             content += b"\r\n"
