@@ -275,7 +275,7 @@ def test_admin_actions_land_in_the_running_servers_log_with_who_did_them(make_se
 @pytest.mark.slow
 def test_admin_actions_taken_while_the_server_is_down_are_logged_at_its_next_start(make_config, serve_process):
     from tests.harness import run_yuubin
-    config = make_config()
+    config = make_config().add_accounts(cached=True)
     config.write()
     r = run_yuubin(["alias", "add", "sales@example.test", "alice@example.test"], config=config.path,
                    env={"SUDO_USER": "kenji"})

@@ -120,7 +120,10 @@ class Store:
         path.parent.parent.mkdir(parents=True, exist_ok=True)  # not ours: as `mkdir -p` would
         PRIVATE.make_dirs(path.parent)  # the data directory, 0700 when it is made here
         self.path = path
-        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        # Created 0600 only when new: closing a descriptor of a file this process already has open
+        # in SQLite would drop SQLite's POSIX locks on it (another Store in the same process).
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         _tighten(path)
         self.db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
