@@ -280,3 +280,23 @@ def test_missing_headers_only_adds_what_is_missing():
     assert missing_headers(b"Message-ID: <a@b>\r\nDate: x\r\n\r\nbody\r\n", "Q", HOST, 0.0) == b""
     out = missing_headers(b"Subject: s\r\n\r\nbody\r\n", "Q", HOST, 0.0)
     assert out.startswith(b"Message-ID: <Q@mx.test.example>\r\nDate: ")
+
+
+async def test_an_entry_torn_after_its_local_copies_does_not_kill_delivery(parts: Parts, caplog):
+    """Mixed local+remote: if the entry cannot be reread for its rewrite, the copies stay delivered
+    once, the error is logged, and the delivery task ends cleanly (no retry that would copy again)."""
+    team = parts.directory.resolve(parse_path("<team@example.test>", smtputf8=False))
+    assert team is not None
+    txn = transaction([("team@example.test", team)])
+    real_edit = parts.editor.edit
+
+    async def torn(qid, change):
+        parts.spool.path(qid).write_bytes(b"garbage\n")
+        return await real_edit(qid, change)
+
+    parts.editor.edit = torn  # type: ignore[method-assign]
+    out = await parts.intake.receive(txn, MESSAGE, Pipeline("mx"), trace(txn))
+    assert isinstance(out, Accepted)
+    await wait_delivered(parts, "alice@example.test")
+    assert [t for t in parts.delivery._tasks if not t.done()] == []
+    assert any("event=spool_unreadable" in r.getMessage() for r in caplog.records)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from yuubin.delivery.maildir import JUNK, Maildirs
 from yuubin.durable import Commit, FileWrite, GroupCommitter
-from yuubin.queue.edit import KEEP, Edit, Rewrite, SpoolEditor
+from yuubin.queue.edit import KEEP, Edit, Rewrite, SpoolEditor, Unreadable
 from yuubin.queue.signal import Waker
 from yuubin.queue.spool import Envelope, Spool, SpoolCorrupt
 
@@ -117,7 +117,15 @@ class LocalDelivery:
                 current.held = True  # the account was suspended meanwhile: never undo its hold
             return Rewrite(current)
 
-        await self.editor.edit(env.id, local_done)
+        try:
+            await self.editor.edit(env.id, local_done)
+        except Unreadable as e:
+            # The copies are durable; the entry cannot be rewritten. Retrying would only copy again:
+            # the torn entry is set aside at the next start (recover), its remote part with it.
+            log.error('event=spool_unreadable id=%s error="%s" action="local copies delivered; entry left for '
+                      'the admin"', env.id, e)
+            self._delivered(env, targets)
+            return
         env.local = []
         self.queue.wake(env.id)
         self._delivered(env, targets)
