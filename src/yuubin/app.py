@@ -29,19 +29,17 @@ from yuubin.auth.accounts import Directory
 from yuubin.auth.guard import AuthGuard
 from yuubin.auth.login import LoginExchange
 from yuubin.auth.sasl import MECHANISMS
-from yuubin.config import Config, ConfigError, ListenerConfig, check_tls_files
+from yuubin.config import SUBMISSION_KINDS, Config, ConfigError, ListenerConfig, check_tls_files
 from yuubin.delivery.local import LocalDelivery
 from yuubin.delivery.maildir import Maildirs
 from yuubin.dns import Resolver
 from yuubin.durable import FileAccess, GroupCommitter
-from yuubin.geo import AccessList, GeoDatabase, GeoError
 from yuubin.intake import Intake
 from yuubin.net.connections import Connections, session_id_prefix
 from yuubin.net.shell import IPAddress, ShellSettings
 from yuubin.policy.containment import AccountContainment
-from yuubin.policy.dnsbl import DnsblChecker
 from yuubin.policy.holds import AccountHolds
-from yuubin.policy.listeners import mx_pipeline, submission_pipeline
+from yuubin.policy.listeners import ListenerPolicies, load_geo
 from yuubin.queue.edit import SpoolEditor
 from yuubin.queue.entrylock import EntryLocks
 from yuubin.queue.scheduler import OutboundScheduler, build_outbound, relay_context, relay_target
@@ -55,7 +53,6 @@ from yuubin.tls import server_context
 log = logging.getLogger("yuubin.server")
 
 SMTP_KINDS = ("mx", "submission", "submissions")
-SUBMISSION_KINDS = ("submission", "submissions")  # AUTH mandatory; 465 is TLS from the first byte
 HANDSHAKE_TIMEOUT = 30.0
 BACKLOG = 1024
 
@@ -66,11 +63,7 @@ def check(config: Config) -> None:
     try:
         _check_listeners(config)
         check_tls_files(config)
-        if any(lc.allow_countries for lc in config.listeners):
-            try:
-                GeoDatabase.load(config.geo_source)
-            except GeoError as e:
-                raise ConfigError(str(e)) from None
+        load_geo(config)  # a country allow list needs its database
         if relay_target(config.outbound) is not None:  # reads relayhost_password_file
             relay_context(config.outbound)
         _check_data_dir(config.data_dir)
@@ -171,22 +164,14 @@ class App:
         self.connections = Connections(cfg.limits.connections_per_ip, cfg.limits.max_connections,
                                        workers=cfg.workers,
                                        id_prefix=session_id_prefix(self.started, worker if cfg.workers > 1 else None))
-        geo: GeoDatabase | None = None
-        if any(lc.allow_countries for lc in cfg.listeners if lc.kind in SUBMISSION_KINDS):
-            try:  # a country in `allow` without its data would be an open door: refuse to start
-                geo = GeoDatabase.load(cfg.geo_source)
-            except GeoError as e:
-                raise ConfigError(str(e)) from None
+        policies = ListenerPolicies(cfg, self.directory, self.store, self.resolver, load_geo(cfg),
+                                    self.containment.limit_broken)
         tls_context = server_context(cfg.tls.cert, cfg.tls.key) if cfg.tls.cert and cfg.tls.key else None
-        dnsbl = DnsblChecker(self.resolver, list(cfg.dnsbl_zones)) if cfg.dnsbl_zones else None
-        mx = mx_pipeline(self.directory, dnsbl)
         limits = Limits.from_config(cfg.limits)
         self.smtp_listeners: list[tuple[int, SmtpListener]] = []
         for index, lc in enumerate(cfg.listeners):
             submission = lc.kind in SUBMISSION_KINDS
-            access = AccessList(lc.allow_networks, lc.allow_countries, geo)
-            pipeline = submission_pipeline(lc.kind, self.directory, self.store, cfg.outbound, access,
-                                           self.containment.limit_broken) if submission else mx
+            pipeline = policies.pipeline(lc)
             shell = ShellSettings(lc.kind, tls_context, lc.kind == "submissions", self.is_trusted)
             self.smtp_listeners.append((index, SmtpListener(
                 shell, cfg.hostname, limits, cfg.limits.idle_timeout, cfg.limits.data_timeout, pipeline, self.intake,

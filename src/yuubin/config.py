@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 LISTENER_KINDS = ("mx", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
+SUBMISSION_KINDS = ("submission", "submissions")  # AUTH mandatory; 465 is TLS from the first byte
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

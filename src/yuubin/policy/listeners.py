@@ -6,6 +6,9 @@
 | mail    | no stranger as one of our domains     | logged in, not suspended, hourly limit, owned |
 | rcpt    | local exists; relay only for trusted  | local exists; relay; daily recipient limit    |
 | message | —                                     | From: owned                                   |
+
+`ListenerPolicies` is the one place that turns a listener's config into its pipeline, so the
+server and `yuubin policy explain` run the same checks.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import time
 from collections.abc import Callable
 
 from yuubin.auth.accounts import Directory
-from yuubin.config import OutboundConfig
-from yuubin.geo import AccessList
+from yuubin.config import SUBMISSION_KINDS, Config, ConfigError, ListenerConfig, OutboundConfig
+from yuubin.dns import DnsLookup
+from yuubin.geo import AccessList, GeoDatabase, GeoError
 from yuubin.policy.access import AllowList
 from yuubin.policy.dnsbl import DnsblCheck, DnsblChecker
 from yuubin.policy.pipeline import Pipeline, SessionFacts
@@ -24,6 +28,8 @@ from yuubin.policy.relay import MxRecipients, SubmissionRecipients
 from yuubin.policy.sender import ForeignSender, SenderOwnership
 from yuubin.store import Store
 
+OnLimit = Callable[[str, str, SessionFacts], None]  # (account, what, facts): a limit was broken
+
 
 def mx_pipeline(directory: Directory, dnsbl: DnsblChecker | None) -> Pipeline:
     return Pipeline("mx", connect=[DnsblCheck(dnsbl)], mail=[ForeignSender(directory)],
@@ -31,9 +37,42 @@ def mx_pipeline(directory: Directory, dnsbl: DnsblChecker | None) -> Pipeline:
 
 
 def submission_pipeline(kind: str, directory: Directory, store: Store, outbound: OutboundConfig,
-                        access: AccessList, on_limit: Callable[[str, str, SessionFacts], None],
-                        clock: Callable[[], float] = time.time) -> Pipeline:
-    limits = AccountLimits(store, outbound, on_limit, clock)
+                        access: AccessList, on_limit: OnLimit,
+                        clock: Callable[[], float] = time.time, dry_run: bool = False) -> Pipeline:
+    limits = AccountLimits(store, outbound, on_limit, clock, dry_run)
     ownership = SenderOwnership(directory)
     return Pipeline(kind, connect=[AllowList(access)], mail=[limits, ownership],
                     rcpt=[SubmissionRecipients(directory), limits], message=[ownership], accepted=[limits])
+
+
+def load_geo(cfg: Config) -> GeoDatabase | None:
+    """The country database, when a submission listener allows by country; without its data such
+    an allow list would be an open door, so a missing or broken file is a config error."""
+    if not any(lc.allow_countries for lc in cfg.listeners if lc.kind in SUBMISSION_KINDS):
+        return None
+    try:
+        return GeoDatabase.load(cfg.geo_source)
+    except GeoError as e:
+        raise ConfigError(str(e)) from None
+
+
+class ListenerPolicies:
+    """Builds the pipeline of each configured listener (the mx pipeline is shared by all mx ones)."""
+
+    def __init__(self, cfg: Config, directory: Directory, store: Store, resolver: DnsLookup,
+                 geo: GeoDatabase | None, on_limit: OnLimit, *, dry_run: bool = False):
+        self.cfg = cfg
+        self.dry_run = dry_run  # `policy explain`: checks that would change state only say so
+        self.directory = directory
+        self.store = store
+        self.geo = geo
+        self.on_limit = on_limit
+        dnsbl = DnsblChecker(resolver, list(cfg.dnsbl_zones)) if cfg.dnsbl_zones else None
+        self._mx = mx_pipeline(directory, dnsbl)
+
+    def pipeline(self, lc: ListenerConfig) -> Pipeline:
+        if lc.kind not in SUBMISSION_KINDS:
+            return self._mx
+        access = AccessList(lc.allow_networks, lc.allow_countries, self.geo)
+        return submission_pipeline(lc.kind, self.directory, self.store, self.cfg.outbound, access, self.on_limit,
+                                   dry_run=self.dry_run)

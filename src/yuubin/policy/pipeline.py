@@ -190,6 +190,11 @@ class Pipeline:
         self._message = tuple(message)
         self._accepted = tuple(accepted)
 
+    @property
+    def message_checks(self) -> tuple[str, ...]:
+        """The message stage's checks by class name, for `policy explain` (which cannot run them)."""
+        return tuple(type(c).__name__ for c in self._message)
+
     async def connect(self, session: SessionFacts) -> StageResult:
         return await _run("connect", (c.connect(session) for c in self._connect))
 

@@ -27,8 +27,10 @@ SUSPENDED_UNKNOWN_TEXT = "account suspended; contact the postmaster"  # no reaso
 
 class AccountLimits:
     def __init__(self, store: Store, outbound: OutboundConfig,
-                 on_limit: Callable[[str, str, SessionFacts], None], clock: Callable[[], float] = time.time):
+                 on_limit: Callable[[str, str, SessionFacts], None], clock: Callable[[], float] = time.time,
+                 dry_run: bool = False):
         self.store = store
+        self.dry_run = dry_run  # `policy explain`: say what would happen, suspend nobody
         self.outbound = outbound
         self.on_limit = on_limit  # holds the account's queue and tells postmaster (containment)
         self.clock = clock
@@ -76,6 +78,9 @@ class AccountLimits:
 
     def _limit_broken(self, session: SessionFacts, what: str) -> Decision:
         account = session.auth_user or ""
+        if self.dry_run:
+            return reject("limit", f"{account}: {what}; the account would be suspended", 451, "4.7.1",
+                          "sending limit exceeded; the account is suspended pending review by the postmaster")
         # Suspend at once (the next MAIL gets 5.7.1); holding the queue and telling postmaster
         # happen in the background.
         self.store.set_suspended(account, True, SUSPENDED_BY_LIMIT)
