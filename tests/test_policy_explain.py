@@ -134,3 +134,76 @@ def test_text_output_and_errors(config):
     assert r.returncode == 2 and "no submissions listener" in r.stderr
     r = run_yuubin(["policy", "explain", "--client", "127.0.0.1", "--auth", ALICE, "--to", ALICE], config=path)
     assert r.returncode == 2 and "--auth" in r.stderr
+
+
+# ---- explain and a real session must never disagree ------------------------------------------------
+
+PASSWORDS = {"alice@example.test": "correct horse battery staple", "bob@example.test": "bob's long password 42"}
+
+CASES = [  # (listener, client, login, sender, recipients)
+    ("mx", "127.1.0.20", None, "a@remote.example", ["alice@example.test", "nobody@example.test", "x@remote.example"]),
+    ("mx", "127.0.0.20", None, "pc@example.test", ["x@remote.example", "alice@example.test"]),  # the LAN
+    ("mx", "127.1.0.21", None, "alice@example.test", ["alice@example.test"]),  # a stranger as our domain
+    ("mx", "127.1.0.22", None, "", ["postmaster@example.test"]),  # bounce to postmaster
+    ("mx", "127.1.0.99", None, "a@remote.example", ["alice@example.test"]),  # listed on a DNSBL
+    ("submission", "127.0.0.30", None, "alice@example.test", ["x@remote.example"]),  # no login
+    ("submission", "127.0.0.31", "alice@example.test", "alice@example.test",
+     ["x@remote.example", "bob@example.test", "nobody@example.test"]),
+    ("submission", "127.0.0.32", "alice@example.test", "bob@example.test", ["x@remote.example"]),  # not hers
+    ("submission", "127.1.0.33", "alice@example.test", "alice@example.test", ["x@remote.example"]),  # not allowed
+]
+
+
+def _session_codes(srv, client_tls, listener: str, client: str, login: str | None, sender: str,
+                   recipients: list[str]) -> list[tuple[str, int]]:
+    """The reply codes a real client gets, stage by stage, as explain lists them."""
+    import smtplib
+    out: list[tuple[str, int]] = []
+    try:
+        s = smtplib.SMTP("127.0.0.1", srv.port(listener), timeout=10, source_address=(client, 0))
+    except smtplib.SMTPConnectError as e:  # the greeting was a refusal
+        return [("connect", e.smtp_code)]
+    out.append(("connect", 220))
+    try:
+        code, _ = s.ehlo("client.invalid")
+        out.append(("helo", code))
+        if login:
+            s.starttls(context=client_tls)
+            s.ehlo("client.invalid")
+            try:
+                s.login(login, PASSWORDS[login])
+                out.append(("auth", 235))
+            except smtplib.SMTPAuthenticationError as e:
+                out.append(("auth", e.smtp_code))
+        code, _ = s.mail(f"<{sender}>")
+        out.append(("mail", code))
+        if code >= 400:
+            return out
+        for r in recipients:
+            out.append(("rcpt", s.rcpt(f"<{r}>")[0]))
+        s.rset()
+    finally:
+        try:
+            s.quit()
+        except smtplib.SMTPException:
+            s.close()
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{c[3] or 'null'}" for c in CASES])
+def test_explain_agrees_with_a_real_session(make_server, dns_server, client_tls, case):
+    listener, client, login, sender, recipients = case
+    dns_server.add("99.0.1.127.zen.dnsbl.test", "A", "127.0.0.2")
+    srv = make_server(accounts=PASSWORDS,
+                      listener=[{"kind": "mx", "address": "127.0.0.1:0"},
+                                {"kind": "submission", "address": "127.0.0.1:0", "allow": ["127.0.0.0/16"]}])
+    path = srv.server_config.write()
+    args = ["--listener", listener, "--client", client, "--from", sender]
+    for r in recipients:
+        args += ["--to", r]
+    if login:
+        args += ["--auth", login]
+    out = explain(path, *args)
+    explained = [(s["stage"], int(s["reply"][:3])) for s in out["steps"]]
+    real = _session_codes(srv, client_tls, listener, client, login, sender, recipients)
+    assert explained == real
