@@ -58,3 +58,28 @@ def test_a_traceback_stays_on_one_line():
         assert out.getvalue().count("\n") == 1 and "ValueError: boom" in out.getvalue()
     finally:
         handler.close()
+
+
+def test_no_own_timestamp_when_stderr_is_the_journal(tmp_path, monkeypatch):
+    """Under systemd, stderr is the journal ($JOURNAL_STREAM = its device:inode), which stamps
+    every line itself: a second timestamp would only be noise. Any other stderr keeps ours."""
+    import json as jsonlib
+    import logging
+    import os
+    import sys
+
+    from yuubin import logs
+
+    out = tmp_path / "stderr"
+    with open(out, "w") as f:
+        st = os.fstat(f.fileno())
+        monkeypatch.setattr(sys, "stderr", f)
+        for journal, fmt in ((True, "text"), (True, "json"), (False, "text")):
+            monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}" if journal else "1:2")
+            logs.setup("info", fmt=fmt)
+            logging.getLogger("yuubin.test").info("event=probe journal=%s", journal)
+            logs.shutdown()
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("level=INFO logger=yuubin.test event=probe")
+    assert "time" not in jsonlib.loads(lines[1]) and jsonlib.loads(lines[1])["event"] == "probe"
+    assert lines[2].endswith("event=probe journal=False") and lines[2][:4].isdigit()

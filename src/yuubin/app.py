@@ -47,7 +47,9 @@ from yuubin.queue.signal import QueueSignal, RemoteWake, Waker
 from yuubin.queue.spool import Spool
 from yuubin.smtp.listener import SmtpListener, SMTPSession
 from yuubin.smtp.protocol import Limits
+from yuubin.status import ControlServer, MetricsServer, ServerStatus, control_path, publish_worker, run_dir
 from yuubin.store import Store
+from yuubin.tally import EventTally
 from yuubin.tls import server_context
 
 log = logging.getLogger("yuubin.server")
@@ -176,6 +178,13 @@ class App:
             self.smtp_listeners.append((index, SmtpListener(
                 shell, cfg.hostname, limits, cfg.limits.idle_timeout, cfg.limits.data_timeout, pipeline, self.intake,
                 self.login if submission else None, MECHANISMS if submission else ())))
+        # What the server did, counted from its own log events, for `yuubin status` and /metrics.
+        self.tally = EventTally()
+        self.status = ServerStatus(cfg, self.tally, self.connections, self.store, self.spool, self.guard,
+                                   self.bound_listeners, self.started)
+        self.control: ControlServer | None = None
+        self.metrics: MetricsServer | None = None
+        self._publisher: asyncio.Task | None = None
         self.listeners: list[BoundListener] = []
         self.stopping = False
         self.stopped = asyncio.Event()
@@ -187,6 +196,14 @@ class App:
 
     def login(self, client: IPAddress, session: str) -> LoginExchange:
         return LoginExchange(self.guard, client, session)
+
+    def bound_listeners(self) -> list[tuple[str, str]]:
+        """(kind, address) of every bound listener, for `status`."""
+        out = []
+        for bl in self.listeners:
+            host, port = bl.sockname[:2]
+            out.append((bl.config.kind, f"[{host}]:{port}" if ":" in host else f"{host}:{port}"))
+        return out
 
     def listening(self) -> list[tuple[str, int]]:
         """Our own listening addresses: an MX host that is one of them is a mail loop."""
@@ -236,10 +253,33 @@ class App:
             host, port = bl.sockname[:2]
             log.info("event=listening kind=%s address=%s worker=%d", lc.kind,
                      f"[{host}]:{port}" if ":" in host else f"{host}:{port}", self.worker)
+        logging.getLogger("yuubin").addHandler(self.tally)
+        await self._start_status()
         if self.outbound is not None:
             self.outbound.start()
         if self.admin_log is not None:
             self.admin_log.start()
+
+    async def _start_status(self) -> None:
+        """The primary answers `yuubin status` (and serves /metrics); other workers publish their tallies."""
+        run = run_dir(self.config)
+        run.mkdir(mode=0o700, exist_ok=True)
+        if not self.primary:
+            path = run / f"worker-{self.worker}.json"
+            self._publisher = asyncio.get_running_loop().create_task(
+                publish_worker(path, self.tally, self.connections))
+            return
+        for old in run.glob("worker-*.json"):  # an earlier start's workers
+            old.unlink(missing_ok=True)
+        self.control = ControlServer(control_path(self.config), self.status)
+        await self.control.start()
+        if self.config.metrics is not None:
+            self.metrics = MetricsServer(*self.config.metrics, self.status)
+            try:
+                await self.metrics.start()
+            except OSError as e:
+                raise ConfigError(f"{self.config.source}: metrics.address: cannot listen on "
+                                  f"{self.config.metrics[0]}:{self.config.metrics[1]}: {_bind_reason(e)}") from None
 
     def _session_factory(self, listener: SmtpListener) -> Callable[[], SMTPSession]:
         connections = self.connections
@@ -255,6 +295,11 @@ class App:
                  len(self.connections.sessions), grace)
         for bl in self.listeners:
             bl.server.close()
+        if self._publisher is not None:
+            self._publisher.cancel()
+        for server in (self.control, self.metrics):
+            if server is not None:
+                await server.stop()
         cut = await self.connections.stop(grace)
         if self.outbound is not None:
             await self.outbound.stop(grace=grace)
@@ -278,6 +323,7 @@ class App:
             words.append("the spool is empty")
         log.info('event=stopped worker=%d uptime=%s sessions=%d messages=%d summary="%s"', self.worker, uptime,
                  sessions, messages, "; ".join(words))
+        logging.getLogger("yuubin").removeHandler(self.tally)
         self.stopped.set()
 
 
@@ -373,7 +419,7 @@ def _run_workers(config: Config) -> int:
             try:
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 signal.signal(signal.SIGINT, signal.SIG_DFL)
-                logs.setup(config.log_level)
+                logs.setup(config.log_level, fmt=config.log_format)
                 _serve(config, worker=worker, sockets=sockets)
                 code = 0
             except BaseException:
@@ -384,7 +430,7 @@ def _run_workers(config: Config) -> int:
         children[pid] = worker
     for sock in sockets.values():
         sock.close()
-    logs.setup(config.log_level)
+    logs.setup(config.log_level, fmt=config.log_format)
     log.info("event=workers_started workers=%d pids=%s", config.workers, ",".join(map(str, children)))
     status = 0
     while children:

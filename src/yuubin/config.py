@@ -137,6 +137,8 @@ class Config:
     submission: SubmissionConfig = SubmissionConfig()
     mail: MailConfig = MailConfig()
     log_level: str = "info"
+    log_format: str = "text"  # or "json"
+    metrics: tuple[str, int] | None = None  # [metrics] address: Prometheus /metrics; None = off
     workers: int = 1
     source: str = "<memory>"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -544,7 +546,15 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     log_level = log.get("level", "info", str).lower()
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log.level: expected debug, info, warning or error, got {log_level!r}")
+    log_format = log.get("format", "text", str).lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"log.format: expected text or json, got {log_format!r}")
     log.finish()
+
+    met = top.table("metrics")
+    metrics_address = met.get("address", "", str).strip()
+    metrics = parse_hostport(metrics_address, "metrics.address") if metrics_address else None
+    met.finish()
 
     top.finish()
     if hostname_raw is None:
@@ -573,9 +583,15 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         submission=submission,
         mail=mail,
         log_level=log_level,
+        log_format=log_format,
+        metrics=metrics,
         workers=workers,
         source=source,
     )
+
+
+def _hostport_text(hp: tuple[str, int]) -> str:
+    return f"[{hp[0]}]:{hp[1]}" if ":" in hp[0] else f"{hp[0]}:{hp[1]}"
 
 
 def check_tls_files(cfg: Config) -> None:
@@ -714,5 +730,9 @@ def describe(cfg: Config) -> str:
         "",
         "[log]",
         f"level = {q(cfg.log_level)}",
+        f"format = {q(cfg.log_format)}",
+        "",
+        "[metrics]",
+        f"address = {q(_hostport_text(cfg.metrics) if cfg.metrics else '')}",
     ]
     return "\n".join(lines) + "\n"

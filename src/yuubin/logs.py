@@ -1,4 +1,4 @@
-"""Log output: one key=value line per event on stderr, written in batches.
+"""Log output: one key=value line (or JSON object) per event on stderr, written in batches.
 
 A plain StreamHandler makes one write(2) per line, and a message produces four or five lines
 (connect, accepted, delivered, disconnect): at several hundred messages a second that is a
@@ -10,7 +10,10 @@ most the last `interval` of info lines; nothing about mail depends on them.
 from __future__ import annotations
 
 import atexit
+import json
 import logging
+import os
+import re
 import sys
 import threading
 import time
@@ -65,35 +68,79 @@ class BatchedLineHandler(logging.Handler):
         super().close()
 
 
-class KeyValueFormatter(logging.Formatter):
-    """`2026-11-27T20:34:13.595Z level=INFO logger=yuubin.smtp event=...` (UTC)."""
+_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
 
-    def __init__(self) -> None:
+
+def fields(message: str) -> dict[str, str]:
+    """The key=value pairs of an event line; quoted values unquoted."""
+    out = {}
+    for k, v in _FIELD.findall(message):
+        out[k] = v[1:-1].replace('\\"', '"') if v.startswith('"') else v
+    return out
+
+
+def stderr_is_journal() -> bool:
+    """True when systemd connected stderr to the journal, which stamps each line itself
+    ($JOURNAL_STREAM names the device and inode of that stream)."""
+    dev_ino = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return dev_ino == f"{st.st_dev}:{st.st_ino}"
+
+
+class KeyValueFormatter(logging.Formatter):
+    """`2026-11-27T20:34:13.595Z level=INFO logger=yuubin.smtp event=...` (UTC); without the time
+    when the journal stamps the lines."""
+
+    def __init__(self, stamp: bool = True) -> None:
         super().__init__()
+        self.stamp = stamp
         self._second = -1
         self._stamp = ""
 
-    def format(self, record: logging.LogRecord) -> str:
+    def when(self, record: logging.LogRecord) -> str:
         sec = int(record.created)
         if sec != self._second:
             self._second = sec
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
-        ms = int((record.created - sec) * 1000)
-        line = f"{self._stamp}.{ms:03d}Z level={record.levelname} logger={record.name} {record.getMessage()}"
+        return f"{self._stamp}.{int((record.created - sec) * 1000):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
+        head = f"{self.when(record)} " if self.stamp else ""
+        line = f"{head}level={record.levelname} logger={record.name} {record.getMessage()}"
         if record.exc_info:
             line += " traceback=" + repr(self.formatException(record.exc_info))
         return line
 
 
-def setup(level: str = "info", stream: TextIO | None = None) -> None:
-    """Install the batched key=value handler on the root logger (idempotent)."""
+class JsonFormatter(KeyValueFormatter):
+    """`--log-format json` / `[log] format = "json"`: one object per line, the event's fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        out: dict[str, str] = {"time": self.when(record)} if self.stamp else {}
+        out.update(level=record.levelname, logger=record.name)
+        if message.startswith("event="):
+            out.update(fields(message))
+        else:
+            out["message"] = message
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup(level: str = "info", stream: TextIO | None = None, fmt: str = "text") -> None:
+    """Install the batched handler on the root logger (idempotent); `fmt` is "text" or "json"."""
     root = logging.getLogger()
     for h in list(root.handlers):
         if isinstance(h, BatchedLineHandler):
             root.removeHandler(h)
             h.close()
     handler = BatchedLineHandler(stream)
-    handler.setFormatter(KeyValueFormatter())
+    stamp = not (stream is None and stderr_is_journal())
+    handler.setFormatter(JsonFormatter(stamp) if fmt == "json" else KeyValueFormatter(stamp))
     root.addHandler(handler)
     root.setLevel(getattr(logging, level.upper()))
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from yuubin import __version__
-from yuubin.cli import accounts, aliases, policy, queue, security, serve
+from yuubin.cli import accounts, aliases, policy, queue, security, serve, status
 from yuubin.cli.common import EXIT_USAGE, CliError, Parser, add_commands, add_config_option
 from yuubin.config import ConfigError
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add_commands(p, "command")
     # The order here is the order `yuubin --help` lists the commands in.
     serve.register(sub)  # serve, localserve, config check
+    status.register(sub)  # status
     accounts.register(sub)  # account add, list, remove, passwd, audit, suspend, enable
     security.register(sub)  # auth lockouts, unlock; firewall nftables
     aliases.register(sub)  # alias add, list, remove

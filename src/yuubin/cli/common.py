@@ -102,9 +102,9 @@ def add_group(sub: SubParsers, name: str, help: str) -> SubParsers:
     return add_commands(sub.add_parser(name, help=help), "sub")
 
 
-def setup_logging(level: str = "info") -> None:
+def setup_logging(level: str = "info", fmt: str = "text") -> None:
     from yuubin import logs
-    logs.setup(level)
+    logs.setup(level, fmt=fmt)
 
 
 def config_path(args: argparse.Namespace) -> str:

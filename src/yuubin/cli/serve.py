@@ -64,11 +64,16 @@ def check_startable(cfg: Config) -> None:
     check(cfg)
 
 
+def _log_format(cfg: Config, args: argparse.Namespace) -> Config:
+    """--log-format overrides [log] format (the workers read it from the config)."""
+    return dataclasses.replace(cfg, log_format=args.log_format) if args.log_format else cfg
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    cfg = load_config(args)
+    cfg = _log_format(load_config(args), args)
     check_startable(cfg)
     check_mail_access(cfg)
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     return _run_server(cfg)
 
 
@@ -108,8 +113,9 @@ def cmd_localserve(args: argparse.Namespace) -> int:
         cfg = _move_ports(cfg, args.port_base)
     if cfg.tls.cert and cfg.tls.key and not cfg.tls.cert.exists():  # the config sets both or neither
         make_self_signed(cfg.tls.cert, cfg.tls.key, cfg.hostname)
+    cfg = _log_format(cfg, args)
     check_startable(cfg)
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
 
     def ready(server: Any) -> None:
         # The demo account is made only now that every listener is bound: a start that fails
@@ -157,6 +163,8 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 def register(sub: SubParsers) -> None:
     """Add serve, localserve and config check."""
     s = sub.add_parser("serve", help="run the server from the config file (foreground, logs to stderr)")
+    s.add_argument("--log-format", choices=["text", "json"], help="log lines as key=value text or JSON "
+                   "(default: [log] format, text)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("localserve", help="run everything on loopback with a demo account, for trying it out",
@@ -165,6 +173,7 @@ def register(sub: SubParsers) -> None:
     s.add_argument("--port-base", type=_port_base, metavar="N",
                    help=f"listen on ports N+525 (mx), N+587 (submission), N+465 (submissions); "
                         f"default {PORT_BASE}, or what DIR/yuubin.toml says")
+    s.add_argument("--log-format", choices=["text", "json"], help="log lines as key=value text or JSON")
     s.set_defaults(func=cmd_localserve)
 
     c = add_group(sub, "config", "the configuration file: check")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from yuubin.delivery.maildir import JUNK, Maildirs
@@ -97,8 +98,9 @@ class LocalDelivery:
 
     def _delivered(self, env: Envelope, targets: list[tuple[str, str]]) -> None:
         self.delivered += len(targets)
+        delay = max(0.0, time.time() - env.received)  # since the 250: what the sender waited for
         for mailbox, rcpt in targets:
-            log.info("event=delivered id=%s to=%s rcpt=%s", env.id, mailbox, rcpt)
+            log.info("event=delivered id=%s to=%s rcpt=%s delay=%.3fs", env.id, mailbox, rcpt, delay)
 
     async def deliver(self, env: Envelope, data: bytes) -> None:
         targets = list(env.local)

@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import logging
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -59,6 +60,7 @@ class StreamSession(asyncio.Protocol):
         self.task: asyncio.Task | None = None
         self.idle = False  # between transactions: shutdown may close it at once
         self.lost = False
+        self.started = time.monotonic()  # for the session's duration in its last log line
         self._admitted = False
         self._waiter: asyncio.Future | None = None
         self._drain: asyncio.Future | None = None

@@ -289,7 +289,8 @@ class OutboundScheduler:
             to, o = res.rcpt.to, res.outcome
             if res.verdict == "sent":
                 self.sent += 1
-                log.info('event=sent id=%s to=<%s> host=%s reply="%s"', qid, to, o.host, o.diagnostic)
+                log.info('event=sent id=%s to=<%s> host=%s reply="%s" delay=%.3fs', qid, to, o.host, o.diagnostic,
+                         max(0.0, self.clock() - applied.env.received))
             elif res.verdict == "failed":
                 log.info('event=failed id=%s to=<%s> host=%s reply="%s"', qid, to, o.host, o.diagnostic)
             elif res.verdict == "expired":

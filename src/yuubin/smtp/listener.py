@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -155,8 +156,8 @@ class SMTPSession(StreamSession):
                 self.send_final(conn.data_to_send())
             finally:
                 self.close()
-                log.info("event=disconnect session=%s messages=%d errors=%d", facts.session,
-                         conn.messages, conn.errors)
+                log.info("event=disconnect session=%s messages=%d errors=%d duration=%.3fs", facts.session,
+                         conn.messages, conn.errors, time.monotonic() - self.started)
 
     def _log_refusal(self, stage: str, check: str, reason: str, reply: Reply) -> None:
         assert self.facts is not None
