@@ -48,6 +48,25 @@ class DnsConfig:
 
 
 @dataclass(frozen=True)
+class GreylistConfig:
+    """[greylist]: mode "off", "all" (every untrusted mx client) or "s25r" (only S25R suspects)."""
+
+    mode: str = "off"
+    delay: float = 300.0
+    expire: float = 4 * 3600.0
+    ttl: float = 36 * 86400.0
+
+
+@dataclass(frozen=True)
+class S25rConfig:
+    """[s25r]: suspects (no or dynamic-looking reverse DNS) get `action`: greylist or reject (450)."""
+
+    enabled: bool = False
+    action: str = "greylist"
+    allow: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     cert: Path | None = None
     key: Path | None = None
@@ -136,6 +155,8 @@ class Config:
     outbound: OutboundConfig
     submission: SubmissionConfig = SubmissionConfig()
     mail: MailConfig = MailConfig()
+    greylist: GreylistConfig = GreylistConfig()
+    s25r: S25rConfig = S25rConfig()
     log_level: str = "info"
     log_format: str = "text"  # or "json"
     metrics: tuple[str, int] | None = None  # [metrics] address: Prometheus /metrics; None = off
@@ -551,6 +572,33 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         raise ConfigError(f"log.format: expected text or json, got {log_format!r}")
     log.finish()
 
+    gl = top.table("greylist")
+    enabled = gl.get("enabled", False, (bool, str))
+    mode = {False: "off", True: "all"}.get(enabled, enabled) if isinstance(enabled, bool) else enabled.lower()
+    if mode not in ("off", "all", "s25r"):
+        raise ConfigError(f'greylist.enabled: expected false, true, "all" or "s25r", got {enabled!r}')
+    greylist = GreylistConfig(
+        mode,
+        parse_duration(gl.get("delay", "5m", (int, float, str)), "greylist.delay"),
+        parse_duration(gl.get("expire", "4h", (int, float, str)), "greylist.expire"),
+        parse_duration(gl.get("ttl", "36d", (int, float, str)), "greylist.ttl"),
+    )
+    if not greylist.delay < greylist.expire <= greylist.ttl:
+        raise ConfigError("greylist: expected delay < expire <= ttl")
+    gl.finish()
+    sr = top.table("s25r")
+    s25r_allow = sr.get("allow", [], list)
+    for i, a in enumerate(s25r_allow):
+        if not isinstance(a, str) or not a.strip():
+            raise ConfigError(f"s25r.allow[{i}]: expected a host name, .domain or CIDR, got {a!r}")
+    s25r = S25rConfig(sr.get("enabled", False, bool), sr.get("action", "greylist", str).lower(),
+                      tuple(a.strip() for a in s25r_allow))
+    if s25r.action not in ("greylist", "reject"):
+        raise ConfigError(f'[s25r] action: expected "greylist" or "reject" (450, never 5xx), got {s25r.action!r}')
+    sr.finish()
+    if greylist.mode == "s25r" and not s25r.enabled:
+        raise ConfigError('greylist.enabled = "s25r" needs [s25r] enabled = true (it greylists S25R suspects)')
+
     met = top.table("metrics")
     metrics_address = met.get("address", "", str).strip()
     metrics = parse_hostport(metrics_address, "metrics.address") if metrics_address else None
@@ -582,6 +630,8 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         outbound=outbound,
         submission=submission,
         mail=mail,
+        greylist=greylist,
+        s25r=s25r,
         log_level=log_level,
         log_format=log_format,
         metrics=metrics,
@@ -731,6 +781,17 @@ def describe(cfg: Config) -> str:
         "[log]",
         f"level = {q(cfg.log_level)}",
         f"format = {q(cfg.log_format)}",
+        "",
+        "[greylist]",
+        f"enabled = {q(cfg.greylist.mode) if cfg.greylist.mode != 'off' else 'false'}",
+        f"delay = {q(f'{cfg.greylist.delay:.10g}s')}",
+        f"expire = {q(f'{cfg.greylist.expire:.10g}s')}",
+        f"ttl = {q(f'{cfg.greylist.ttl:.10g}s')}",
+        "",
+        "[s25r]",
+        f"enabled = {'true' if cfg.s25r.enabled else 'false'}",
+        f"action = {q(cfg.s25r.action)}",
+        f"allow = {q(list(cfg.s25r.allow))}",
         "",
         "[metrics]",
         f"address = {q(_hostport_text(cfg.metrics) if cfg.metrics else '')}",

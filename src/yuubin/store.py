@@ -64,6 +64,15 @@ CREATE TABLE IF NOT EXISTS submission_recipients (
     at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS submission_recipients_account ON submission_recipients(account, at);
+CREATE TABLE IF NOT EXISTS greylist (
+    triplet TEXT PRIMARY KEY,         -- client network, sender, recipient
+    first REAL NOT NULL,              -- when it was first refused
+    passed REAL                       -- when a retry was accepted (then remembered for greylist.ttl)
+);
+CREATE TABLE IF NOT EXISTS greylist_clients (
+    network TEXT PRIMARY KEY,         -- a client network that retried once: not greylisted again
+    until REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS admin_actions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -283,6 +292,28 @@ class Store:
         self.db.execute("DELETE FROM submission_recipients WHERE at <= ?", (before,))
 
     # admin actions: written by the CLI, logged by the server (at once, or at its next start)
+    # greylisting
+    def greylist_entry(self, triplet: str) -> tuple[float, float | None] | None:
+        row = self.db.execute("SELECT first, passed FROM greylist WHERE triplet = ?", (triplet,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def set_greylist_entry(self, triplet: str, first: float, passed: float | None) -> None:
+        self.db.execute("INSERT INTO greylist (triplet, first, passed) VALUES (?, ?, ?) ON CONFLICT(triplet) "
+                        "DO UPDATE SET first = excluded.first, passed = excluded.passed", (triplet, first, passed))
+
+    def greylist_client_until(self, network: str) -> float | None:
+        row = self.db.execute("SELECT until FROM greylist_clients WHERE network = ?", (network,)).fetchone()
+        return row[0] if row else None
+
+    def set_greylist_client(self, network: str, until: float) -> None:
+        self.db.execute("INSERT INTO greylist_clients (network, until) VALUES (?, ?) ON CONFLICT(network) "
+                        "DO UPDATE SET until = excluded.until", (network, until))
+
+    def prune_greylist(self, unpassed_before: float, passed_before: float, now: float) -> None:
+        self.db.execute("DELETE FROM greylist WHERE (passed IS NULL AND first < ?) OR passed < ?",
+                        (unpassed_before, passed_before))
+        self.db.execute("DELETE FROM greylist_clients WHERE until < ?", (now,))
+
     def record_admin_action(self, actor: str, action: str, target: str, detail: str = "") -> None:
         self.db.execute("INSERT INTO admin_actions(at, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)",
                         (time.time(), actor, action, target, detail))

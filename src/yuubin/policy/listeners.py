@@ -7,6 +7,9 @@
 | rcpt    | local exists; relay only for trusted  | local exists; relay; daily recipient limit    |
 | message | —                                     | From: owned                                   |
 
+Optional on port 25 (off by default): S25R (connect: classify the reverse DNS; RCPT: 450 or
+greylist suspects) and greylisting (RCPT, after the recipient is known to exist).
+
 `ListenerPolicies` is the one place that turns a listener's config into its pipeline, so the
 server and `yuubin policy explain` run the same checks.
 """
@@ -22,18 +25,29 @@ from yuubin.dns import DnsLookup
 from yuubin.geo import AccessList, GeoDatabase, GeoError
 from yuubin.policy.access import AllowList
 from yuubin.policy.dnsbl import DnsblCheck, DnsblChecker
-from yuubin.policy.pipeline import Pipeline, SessionFacts
+from yuubin.policy.greylist import Greylist, GreylistSettings
+from yuubin.policy.pipeline import ConnectCheck, Pipeline, RcptCheck, SessionFacts
 from yuubin.policy.ratelimit import AccountLimits
 from yuubin.policy.relay import MxRecipients, SubmissionRecipients
+from yuubin.policy.s25r import S25rAllow, S25rCheck
 from yuubin.policy.sender import ForeignSender, SenderOwnership
 from yuubin.store import Store
 
 OnLimit = Callable[[str, str, SessionFacts], None]  # (account, what, facts): a limit was broken
 
 
-def mx_pipeline(directory: Directory, dnsbl: DnsblChecker | None) -> Pipeline:
-    return Pipeline("mx", connect=[DnsblCheck(dnsbl)], mail=[ForeignSender(directory)],
-                    rcpt=[MxRecipients(directory)])
+def mx_pipeline(directory: Directory, dnsbl: DnsblChecker | None, s25r: S25rCheck | None = None,
+                greylist: Greylist | None = None) -> Pipeline:
+    """Port 25; S25R classifies at connect and (action "reject") answers at RCPT; greylisting runs
+    after the recipient is known to exist."""
+    connect: list[ConnectCheck] = [DnsblCheck(dnsbl)]
+    rcpt: list[RcptCheck] = [MxRecipients(directory)]
+    if s25r is not None:
+        connect.append(s25r)
+        rcpt.append(s25r)
+    if greylist is not None:
+        rcpt.append(greylist)
+    return Pipeline("mx", connect=connect, mail=[ForeignSender(directory)], rcpt=rcpt)
 
 
 def submission_pipeline(kind: str, directory: Directory, store: Store, outbound: OutboundConfig,
@@ -68,7 +82,14 @@ class ListenerPolicies:
         self.geo = geo
         self.on_limit = on_limit
         dnsbl = DnsblChecker(resolver, list(cfg.dnsbl_zones)) if cfg.dnsbl_zones else None
-        self._mx = mx_pipeline(directory, dnsbl)
+        s25r = S25rCheck(resolver, S25rAllow.parse(cfg.s25r.allow), cfg.s25r.action) if cfg.s25r.enabled else None
+        suspects_greylisted = s25r is not None and cfg.s25r.action == "greylist"
+        greylist = None
+        if cfg.greylist.mode != "off" or suspects_greylisted:
+            gl = cfg.greylist
+            settings = GreylistSettings(gl.mode != "all", gl.delay, gl.expire, gl.ttl)
+            greylist = Greylist(store, settings, dry_run=dry_run)
+        self._mx = mx_pipeline(directory, dnsbl, s25r, greylist)
 
     def pipeline(self, lc: ListenerConfig) -> Pipeline:
         if lc.kind not in SUBMISSION_KINDS:

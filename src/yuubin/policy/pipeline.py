@@ -75,6 +75,7 @@ class SessionFacts:
     tls: str | None = None  # e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"
     helo: str | None = None
     auth_user: str | None = None
+    marks: dict[str, str] = field(default_factory=dict)  # what connect-stage checks found (e.g. s25r)
 
 
 @dataclass(slots=True)
