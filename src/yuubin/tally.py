@@ -49,11 +49,62 @@ RECENT_HITS = 10  # DNSBL hits kept for `status`
 WINDOW_MINUTES = 60
 _ZONE = re.compile(r"listed on (\S+)")
 
-def _seconds(text: str) -> float | None:
+def _seconds(value: object) -> float | None:
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str):
+        return None
     try:
-        return float(text.removesuffix("s"))
+        return float(value.removesuffix("s"))
     except ValueError:
         return None
+
+
+_PLACEHOLDER = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(?:\d+|\*)?(?:\.(?:\d+|\*))?[diouxXeEfFgGcrsa%]")
+_KEY_BEFORE = re.compile(r'(\w+)="?$')
+
+
+class _Spec:
+    """What one log format string says: its event name, and for the fields counted, which
+    argument holds each — so a record is counted from its args, without formatting or parsing it."""
+
+    __slots__ = ("durations", "labels", "name", "needed", "positions")
+
+    def __init__(self, name: str, positions: dict[str, int]):
+        self.name = name
+        self.positions = positions
+        self.labels = LABELLED.get(name)
+        self.durations = [(metric, field) for (event, field), metric in DURATIONS.items() if event == name]
+        needed = set(self.labels or ()) | {field for _m, field in self.durations}
+        if name == "reject":
+            needed |= {"stage", "check", "client", "reason"}
+        self.needed = needed
+
+    @classmethod
+    def of(cls, msg: str) -> _Spec:
+        end = msg.find(" ")
+        positions: dict[str, int] = {}
+        i = 0
+        for m in _PLACEHOLDER.finditer(msg):
+            if m.group() == "%%":
+                continue
+            key = _KEY_BEFORE.search(msg, 0, m.start())
+            if key:
+                positions[key.group(1)] = i
+            i += 1
+        return cls(msg[6:end] if end > 0 else msg[6:], positions)
+
+    def values(self, record: logging.LogRecord) -> dict[str, object] | None:
+        args = record.args
+        if isinstance(args, tuple) and self.needed <= self.positions.keys():
+            try:
+                return {k: args[self.positions[k]] for k in self.needed}
+            except IndexError:
+                return None
+        try:  # a field written into the format itself: read the formatted line
+            return dict(fields(record.getMessage()))
+        except (TypeError, ValueError):  # a malformed record is the logging module's to report
+            return None
 
 
 class EventTally(logging.Handler):
@@ -67,28 +118,28 @@ class EventTally(logging.Handler):
         self.minutes: dict[int, Counter[str]] = {}  # minute -> "accepted" / "reject stage/check" counts
         self.hits: deque[dict[str, Any]] = deque(maxlen=RECENT_HITS)
         self.durations: dict[str, list[float]] = {}  # metric -> counts per bucket (+Inf last), then sum
+        self._specs: dict[str, _Spec] = {}  # per format string: what to take from a record's args
 
     def emit(self, record: logging.LogRecord) -> None:
         msg = record.msg
         if not isinstance(msg, str) or not msg.startswith("event="):
             return
-        end = msg.find(" ")
-        name = msg[6:end] if end > 0 else msg[6:]
+        spec = self._specs.get(msg)
+        if spec is None:
+            spec = self._specs[msg] = _Spec.of(msg)
+        name = spec.name
         self.events[name] += 1
-        labels = LABELLED.get(name)
-        if labels is None:
+        if spec.labels is None:
             return
-        try:
-            f = fields(record.getMessage())
-        except (TypeError, ValueError):  # a malformed record is the logging module's to report
+        f = spec.values(record)
+        if f is None:
             return
-        if labels:
-            self.labelled[(name, tuple(f.get(k, "") for k in labels))] += 1
-        for (event, field), metric in DURATIONS.items():
-            if event == name and field in f:
-                value = _seconds(f[field])
-                if value is not None:
-                    self._observe(metric, value)
+        if spec.labels:
+            self.labelled[(name, tuple(str(f.get(k, "")) for k in spec.labels))] += 1
+        for metric, field in spec.durations:
+            value = _seconds(f.get(field))
+            if value is not None:
+                self._observe(metric, value)
         if name in ("accepted", "reject"):
             now = self.clock()
             minute = int(now // 60)
@@ -99,8 +150,8 @@ class EventTally(logging.Handler):
                     del self.minutes[old]
             bucket["accepted" if name == "accepted" else f"{f.get('stage', '')}/{f.get('check', '')}"] += 1
             if name == "reject" and f.get("check") == "dnsbl":
-                reason = f.get("reason", "")
-                self.hits.append({"time": now, "client": f.get("client", ""), "reason": reason})
+                reason = str(f.get("reason", ""))
+                self.hits.append({"time": now, "client": str(f.get("client", "")), "reason": reason})
                 zone = _ZONE.match(reason)
                 self.labelled[("dnsbl_hit", (zone.group(1) if zone else "",))] += 1
 
