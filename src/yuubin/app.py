@@ -36,6 +36,8 @@ from yuubin.dns import Resolver
 from yuubin.durable import FileAccess, GroupCommitter
 from yuubin.geo import AccessList, GeoDatabase, GeoError
 from yuubin.intake import Intake
+from yuubin.mailauth.capture import ReportCapture
+from yuubin.mailauth.reports import ReportLimits
 from yuubin.net.connections import Connections, session_id_prefix
 from yuubin.net.shell import IPAddress, ShellSettings
 from yuubin.policy.containment import AccountContainment
@@ -147,7 +149,7 @@ class App:
         # data_dir: 0700, or 0750 with the [mail] group, whose reader must pass through to mail/.
         FileAccess(0o600 if cfg.mail.gid == -1 else 0o640, gid=cfg.mail.gid).set_dir(cfg.data_dir)
         mail_access = FileAccess(cfg.mail.mode, cfg.mail.uid, cfg.mail.gid)
-        self.directory = Directory(self.store, cfg.local_domains, cfg.postmaster)
+        self.directory = Directory(self.store, cfg.local_domains, cfg.postmaster, cfg.mailauth.report_address)
         self.committer = GroupCommitter()
         self.spool = Spool(cfg.spool_dir, self.committer)
         self.editor = SpoolEditor(self.spool, EntryLocks(self.spool.root))
@@ -156,8 +158,13 @@ class App:
         self.holds = AccountHolds(self.store, self.editor)
         maildirs = Maildirs(cfg.mail_dir, cfg.hostname, mail_access)
         self.delivery = LocalDelivery(self.spool, maildirs, self.committer, self.editor, self.holds.is_held, waker)
+        ma = cfg.mailauth
+        self.reports = ReportCapture(
+            self.store, cfg.local_domains, ma.report_address,
+            ReportLimits(ma.report_max_attachment, ma.report_max_xml, ma.report_max_ratio, ma.report_max_records),
+            parsers=ma.report_parsers, queue=ma.report_queue)
         self.intake = Intake(cfg.hostname, self.spool, self.delivery, self.holds, self.directory, waker.wake,
-                             show_submitter=cfg.submission.received_client_ip)
+                             show_submitter=cfg.submission.received_client_ip, after_stored=[self.reports])
         self.containment = AccountContainment(self.store, self.holds, self.intake.inject, cfg.postmaster,
                                               cfg.hostname)
         self.resolver = Resolver(list(cfg.dns.nameservers), cfg.dns.port, cfg.dns.timeout)
@@ -275,6 +282,7 @@ class App:
             await self.outbound.stop(grace=grace)
         await self.containment.drain(timeout=grace)
         await self.delivery.drain(timeout=grace)
+        await self.reports.drain(timeout=grace)
         if self.admin_log is not None:
             await self.admin_log.stop()
         self.editor.close()

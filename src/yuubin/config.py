@@ -119,6 +119,20 @@ class OutboundConfig:
 
 
 @dataclass(frozen=True)
+class MailAuthConfig:
+    """[mailauth]: SPF/DKIM/DMARC. Here: where DMARC aggregate reports arrive and the caps their
+    parsing runs into (a report is a stranger's compressed XML)."""
+
+    report_address: str = "dmarc-reports"  # local part, at each local domain (delivered to postmaster)
+    report_max_attachment: int = 10 * 1024 * 1024  # bytes of one report attachment
+    report_max_xml: int = 50 * 1024 * 1024  # bytes of XML after decompression
+    report_max_ratio: int = 100  # decompressed / compressed
+    report_max_records: int = 20_000  # <record> elements in one report
+    report_parsers: int = 2  # reports parsed at once, each in a thread
+    report_queue: int = 50  # report mails waiting to be parsed; more are only delivered
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     data_dir: Path
@@ -135,6 +149,7 @@ class Config:
     outbound: OutboundConfig
     submission: SubmissionConfig = SubmissionConfig()
     mail: MailConfig = MailConfig()
+    mailauth: MailAuthConfig = MailAuthConfig()
     log_level: str = "info"
     workers: int = 1
     source: str = "<memory>"
@@ -358,6 +373,23 @@ def _mail(t: _Table) -> MailConfig:
     return MailConfig(owner, group, mode, uid, gid)
 
 
+def _mailauth(t: _Table) -> MailAuthConfig:
+    d = MailAuthConfig()
+    address = t.get("report_address", d.report_address, str).strip().lower()
+    if not re.fullmatch(r"[a-z0-9!#$%&'*=?^_`{|}~-]+(\.[a-z0-9!#$%&'*=?^_`{|}~-]+)*", address):
+        raise ConfigError(f"{t.key('report_address')}: expected a local part like \"dmarc-reports\" "
+                          f"(no @, + or /: it exists at each local domain), got {address!r}")
+    return MailAuthConfig(
+        report_address=address,
+        report_max_attachment=t.positive_int("report_max_attachment", d.report_max_attachment),
+        report_max_xml=t.positive_int("report_max_xml", d.report_max_xml),
+        report_max_ratio=t.positive_int("report_max_ratio", d.report_max_ratio),
+        report_max_records=t.positive_int("report_max_records", d.report_max_records),
+        report_parsers=t.positive_int("report_parsers", d.report_parsers),
+        report_queue=t.positive_int("report_queue", d.report_queue),
+    )
+
+
 def load(path: str | Path) -> Config:
     """Load and validate a config file; raises ConfigError naming file and key."""
     p = Path(path)
@@ -533,6 +565,10 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     )
     ob.finish()
 
+    ma_t = top.table("mailauth")
+    mailauth = _mailauth(ma_t)
+    ma_t.finish()
+
     srv = top.table("server")
     workers = srv.positive_int("workers", 1)
     if workers > 64:
@@ -571,6 +607,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         outbound=outbound,
         submission=submission,
         mail=mail,
+        mailauth=mailauth,
         log_level=log_level,
         workers=workers,
         source=source,
@@ -707,6 +744,15 @@ def describe(cfg: Config) -> str:
         f"connect_timeout = {q(f'{cfg.outbound.connect_timeout:g}s')}",
         f"command_timeout = {q(f'{cfg.outbound.command_timeout:g}s')}",
         f"queue_scan = {q(f'{cfg.outbound.queue_scan:g}s')}",
+        "",
+        "[mailauth]",
+        f"report_address = {q(cfg.mailauth.report_address)}",
+        f"report_max_attachment = {cfg.mailauth.report_max_attachment}",
+        f"report_max_xml = {cfg.mailauth.report_max_xml}",
+        f"report_max_ratio = {cfg.mailauth.report_max_ratio}",
+        f"report_max_records = {cfg.mailauth.report_max_records}",
+        f"report_parsers = {cfg.mailauth.report_parsers}",
+        f"report_queue = {cfg.mailauth.report_queue}",
         "",
         "[server]",
         f"workers = {cfg.workers}",
