@@ -408,3 +408,35 @@ async def test_past_the_queue_a_report_is_only_delivered(tmp_path: Path, caplog,
         await c.capture.drain(timeout=30)
     assert {r.report_id for r in c.rows()} == {"r-0", "r-1"}
     assert "event=dmarc_report_rejected id=Q2 reason=busy" in caplog.text
+
+
+# ---- [mailauth] report keys ----
+
+
+def _config(**mailauth):
+    from yuubin.config import from_dict
+    return from_dict({"hostname": "mx.example.test", "domains": {"local": ["example.test"]},
+                      "mailauth": mailauth})
+
+
+def test_mailauth_report_keys_and_their_defaults():
+    from yuubin.config import describe
+    d = _config().mailauth
+    assert (d.report_address, d.report_max_ratio, d.report_parsers) == ("dmarc-reports", 100, 2)
+    c = _config(report_address="RUA", report_max_xml=1000, report_max_records=5, report_queue=3).mailauth
+    assert (c.report_address, c.report_max_xml, c.report_max_records, c.report_queue) == ("rua", 1000, 5, 3)
+    assert 'report_address = "dmarc-reports"' in describe(_config())
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("report_address", "dmarc@example.test", "mailauth.report_address: expected a local part"),
+    ("report_address", "a+b", "mailauth.report_address: expected a local part"),
+    ("report_address", "../x", "mailauth.report_address: expected a local part"),
+    ("report_max_ratio", 0, "mailauth.report_max_ratio: must be a positive integer"),
+    ("report_parser", 2, "mailauth.report_parser: unknown key (did you mean report_parsers?)"),
+])
+def test_mailauth_report_keys_are_checked(key, value, message):
+    from yuubin.config import ConfigError
+    with pytest.raises(ConfigError) as e:
+        _config(**{key: value})
+    assert str(e.value).startswith(message)

@@ -300,3 +300,42 @@ async def test_an_entry_torn_after_its_local_copies_does_not_kill_delivery(parts
     await wait_delivered(parts, "alice@example.test")
     assert [t for t in parts.delivery._tasks if not t.done()] == []
     assert any("event=spool_unreadable" in r.getMessage() for r in caplog.records)
+
+
+# ---- after a message is stored: the StoredHooks (DMARC report capture) ----
+
+
+class Recording:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[str, list[str], bytes, dict[str, str]]] = []
+        self.fail = fail
+
+    def stored(self, qid, recipients, data, results) -> None:
+        self.calls.append((qid, list(recipients), data, dict(results)))
+        if self.fail:
+            raise RuntimeError("hook bug")
+
+
+async def test_stored_hooks_hear_of_each_stored_message_with_its_results(parts: Parts):
+    first, broken, last = Recording(), Recording(fail=True), Recording()
+    parts.intake.after_stored = (first, broken, last)
+    txn = transaction([("alice@example.test", Resolution(mailboxes=["alice@example.test"])),
+                       ("bob@example.test", Resolution(mailboxes=["bob@example.test"]))])
+    check = MessageVerdict(accept("dmarc", results={"dmarc": "pass", "dmarc.domain": "remote.example"}))
+    out = await parts.intake.receive(txn, MESSAGE, Pipeline("mx", message=[check]), trace(txn))
+    assert isinstance(out, Accepted)  # a hook's bug does not turn the 250 into an error
+    for hook in (first, broken, last):
+        [(qid, rcpts, data, results)] = hook.calls
+        assert qid == out.qid
+        assert rcpts == ["alice@example.test", "bob@example.test"]
+        assert data.startswith(b"Received: ") and data.endswith(MESSAGE)
+        assert results == {"dmarc": "pass", "dmarc.domain": "remote.example"}
+
+
+async def test_stored_hooks_hear_nothing_of_a_refused_message(parts: Parts):
+    hook = Recording()
+    parts.intake.after_stored = (hook,)
+    txn = transaction([("alice@example.test", Resolution(mailboxes=["alice@example.test"]))])
+    refusal = reject("content", "no", 550, "5.7.1", "no")
+    await parts.intake.receive(txn, MESSAGE, Pipeline("mx", message=[MessageVerdict(refusal)]), trace(txn))
+    assert hook.calls == []
