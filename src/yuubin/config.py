@@ -119,7 +119,7 @@ class OutboundConfig:
 
 
 @dataclass(frozen=True)
-class MailAuthConfig:
+class MailauthConfig:
     """[mailauth]: SPF/DKIM/DMARC. Here: where DMARC aggregate reports arrive and the caps their
     parsing runs into (a report is a stranger's compressed XML)."""
 
@@ -149,7 +149,7 @@ class Config:
     outbound: OutboundConfig
     submission: SubmissionConfig = SubmissionConfig()
     mail: MailConfig = MailConfig()
-    mailauth: MailAuthConfig = MailAuthConfig()
+    mailauth: MailauthConfig = MailauthConfig()
     log_level: str = "info"
     workers: int = 1
     source: str = "<memory>"
@@ -373,13 +373,13 @@ def _mail(t: _Table) -> MailConfig:
     return MailConfig(owner, group, mode, uid, gid)
 
 
-def _mailauth(t: _Table) -> MailAuthConfig:
-    d = MailAuthConfig()
+def _mailauth(t: _Table) -> MailauthConfig:
+    d = MailauthConfig()
     address = t.get("report_address", d.report_address, str).strip().lower()
     if not re.fullmatch(r"[a-z0-9!#$%&'*=?^_`{|}~-]+(\.[a-z0-9!#$%&'*=?^_`{|}~-]+)*", address):
         raise ConfigError(f"{t.key('report_address')}: expected a local part like \"dmarc-reports\" "
                           f"(no @, + or /: it exists at each local domain), got {address!r}")
-    return MailAuthConfig(
+    return MailauthConfig(
         report_address=address,
         report_max_attachment=t.positive_int("report_max_attachment", d.report_max_attachment),
         report_max_xml=t.positive_int("report_max_xml", d.report_max_xml),
