@@ -440,3 +440,15 @@ def test_mailauth_report_keys_are_checked(key, value, message):
     with pytest.raises(ConfigError) as e:
         _config(**{key: value})
     assert str(e.value).startswith(message)
+
+
+def test_a_record_stuffed_with_elements_is_refused_before_its_tree_grows():
+    def stuffed(n: int) -> bytes:
+        dkims = b"<dkim><domain>x</domain><result>none</result></dkim>" * n
+        return report_xml().replace(b"</auth_results></record>", dkims + b"</auth_results></record>", 1)
+
+    with pytest.raises(ReportError) as e:
+        parse_xml(stuffed(1000), LIMITS)
+    assert e.value.reason == "too_many_elements"
+    auth = parse_xml(stuffed(300), LIMITS).rows[0].auth
+    assert [a.method for a in auth] == ["dkim"] * 100 + ["spf"]  # DKIM results kept up to 100 (RFC 9990)

@@ -57,6 +57,7 @@ RATIO_FLOOR = 1024 * 1024  # below this much output the ratio is not checked: sm
 TEXT_MAX = 256  # characters kept of a free-text field (org name, comments, error lines)
 MAX_PARTS = 64  # MIME parts looked at in one mail
 MAX_COUNT = 10**9  # messages one row may claim
+MAX_ELEMENTS = 2_000  # elements inside one record (or other child of the root): its tree stays small
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,12 +407,20 @@ def parse_xml(xml: bytes, limits: ReportLimits) -> AggregateReport:
     policy: Element | None = None
     rows: list[ReportRow] = []
     depth = 0
+    inside = 0  # elements so far inside the current child of the root
     try:
         events = defusedxml.ElementTree.iterparse(io.BytesIO(xml), events=("start", "end"), forbid_dtd=True,
                                                   forbid_entities=True, forbid_external=True)
         for event, el in events:
             if event == "start":
                 depth += 1
+                if depth == 2:
+                    inside = 0
+                elif depth > 2:
+                    inside += 1
+                    if inside > MAX_ELEMENTS:
+                        raise ReportError("too_many_elements", f"more than {MAX_ELEMENTS} elements in one "
+                                          f"<{_text(_local(el.tag)[1], 40)}> part of the report")
                 if root is None:
                     root = el
                     ns, name = _local(el.tag)
