@@ -267,8 +267,7 @@ def cmd_dmarc_report(args: argparse.Namespace) -> int:
 def register(sub: SubParsers) -> None:
     """Add the dmarc group: report."""
     dm = add_group(sub, "dmarc", "DMARC: who sends mail as your domains (aggregate reports)")
-    x = dm.add_parser("report", help="per reporting organisation and source IP: messages, SPF/DKIM/DMARC "
-                                     "results, reverse DNS; likely spoofing flagged")
+    x = dm.add_parser("report", help="who sends as your domains, per reporting organisation and source IP")
     x.add_argument("--days", type=int, default=7, metavar="N", help="reports of the last N days (default 7)")
     x.add_argument("--domain", metavar="D", help="only reports about domain D (and its subdomains)")
     x.add_argument("--json", action="store_true", help="machine-readable output")
