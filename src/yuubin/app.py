@@ -42,6 +42,7 @@ from yuubin.policy.containment import AccountContainment
 from yuubin.policy.dnsbl import DnsblChecker
 from yuubin.policy.holds import AccountHolds
 from yuubin.policy.listeners import mx_pipeline, submission_pipeline
+from yuubin.policy.mailauth import MailAuthCheck
 from yuubin.queue.edit import SpoolEditor
 from yuubin.queue.entrylock import EntryLocks
 from yuubin.queue.scheduler import OutboundScheduler, build_outbound, relay_context, relay_target
@@ -179,7 +180,8 @@ class App:
                 raise ConfigError(str(e)) from None
         tls_context = server_context(cfg.tls.cert, cfg.tls.key) if cfg.tls.cert and cfg.tls.key else None
         dnsbl = DnsblChecker(self.resolver, list(cfg.dnsbl_zones)) if cfg.dnsbl_zones else None
-        mx = mx_pipeline(self.directory, dnsbl)
+        mailauth = MailAuthCheck(self.resolver, self.directory, cfg.mailauth, cfg.hostname)
+        mx = mx_pipeline(self.directory, dnsbl, mailauth)
         limits = Limits.from_config(cfg.limits)
         self.smtp_listeners: list[tuple[int, SmtpListener]] = []
         for index, lc in enumerate(cfg.listeners):

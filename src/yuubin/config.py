@@ -85,6 +85,17 @@ class SubmissionConfig:
 
 
 @dataclass(frozen=True)
+class MailauthConfig:
+    """[mailauth]: what the mx does with SPF/DKIM/DMARC/ARC results (mail from strangers only)."""
+
+    dmarc_reject: str = "reject"  # DMARC fail under p=reject: "reject" (550 5.7.1), "quarantine", "deliver"
+    dmarc_quarantine: str = "quarantine"  # under p=quarantine: "quarantine" (Junk folder), "deliver"
+    spf_temperror: str = "deliver"  # an SPF DNS error: "deliver" or "defer" (451 at MAIL)
+    trusted_arc_sealers: tuple[str, ...] = ()  # their passing ARC chain overrides a DMARC fail
+    report_address: str = "dmarc-reports"  # DMARC aggregate reports: local part at each local domain
+
+
+@dataclass(frozen=True)
 class MailConfig:
     """[mail]: who besides yuubin may read the Maildirs (Dovecot, a backup job). Names are
     resolved when the config is loaded, so a typo is an error naming the key."""
@@ -135,6 +146,7 @@ class Config:
     outbound: OutboundConfig
     submission: SubmissionConfig = SubmissionConfig()
     mail: MailConfig = MailConfig()
+    mailauth: MailauthConfig = MailauthConfig()
     log_level: str = "info"
     workers: int = 1
     source: str = "<memory>"
@@ -316,6 +328,29 @@ def _outbound_delivery(ob: _Table) -> dict[str, Any]:
     return out
 
 
+def _mailauth(t: _Table) -> MailauthConfig:
+    """[mailauth], each choice checked against its allowed words."""
+    def choice(k: str, default: str, allowed: tuple[str, ...]) -> str:
+        v = t.get(k, default, str).strip().lower()
+        if v not in allowed:
+            raise ConfigError(f"{t.key(k)}: expected {' or '.join(repr(a) for a in allowed)}, got {v!r}")
+        return v
+
+    cfg = MailauthConfig(
+        dmarc_reject=choice("dmarc_reject", "reject", ("reject", "quarantine", "deliver")),
+        dmarc_quarantine=choice("dmarc_quarantine", "quarantine", ("quarantine", "deliver")),
+        spf_temperror=choice("spf_temperror", "deliver", ("deliver", "defer")),
+        trusted_arc_sealers=tuple(_domain(d, f"{t.key('trusted_arc_sealers')}[{i}]")
+                                  for i, d in enumerate(t.str_list("trusted_arc_sealers", []))),
+        report_address=t.get("report_address", "dmarc-reports", str).strip(),
+    )
+    if not cfg.report_address or any(c.isspace() for c in cfg.report_address) or cfg.report_address.count("@") > 1:
+        raise ConfigError(f"{t.key('report_address')}: expected a local part or an address, "
+                          f"got {cfg.report_address!r}")
+    t.finish()
+    return cfg
+
+
 def _mail(t: _Table) -> MailConfig:
     """[mail] owner, group and mode, with the names resolved to ids."""
     owner = t.get("owner", "", str).strip()
@@ -476,6 +511,8 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         raise ConfigError(f"listener[{i}].allow: country {lc.allow_countries[0]} needs geo.source "
                           "(an RIR delegated-stats file or a .mmdb country database)")
 
+    mailauth = _mailauth(top.table("mailauth"))
+
     sub_t = top.table("submission")
     submission = SubmissionConfig(received_client_ip=sub_t.get("received_client_ip", False, bool))
     sub_t.finish()
@@ -571,6 +608,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         outbound=outbound,
         submission=submission,
         mail=mail,
+        mailauth=mailauth,
         log_level=log_level,
         workers=workers,
         source=source,
@@ -683,6 +721,13 @@ def describe(cfg: Config) -> str:
         "",
         "[submission]",
         f"received_client_ip = {q(cfg.submission.received_client_ip)}",
+        "",
+        "[mailauth]",
+        f"dmarc_reject = {q(cfg.mailauth.dmarc_reject)}",
+        f"dmarc_quarantine = {q(cfg.mailauth.dmarc_quarantine)}",
+        f"spf_temperror = {q(cfg.mailauth.spf_temperror)}",
+        f"trusted_arc_sealers = {q(cfg.mailauth.trusted_arc_sealers)}",
+        f"report_address = {q(cfg.mailauth.report_address)}",
         "",
         "[mail]",
         f"owner = {q(cfg.mail.owner)}",
