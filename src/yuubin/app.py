@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -36,6 +37,8 @@ from yuubin.dns import Resolver
 from yuubin.durable import FileAccess, GroupCommitter
 from yuubin.geo import AccessList, GeoDatabase, GeoError
 from yuubin.intake import Intake
+from yuubin.mailauth.arc import verify_arc
+from yuubin.mailauth.dkim import verify_message
 from yuubin.net.connections import Connections, session_id_prefix
 from yuubin.net.shell import IPAddress, ShellSettings
 from yuubin.policy.containment import AccountContainment
@@ -180,7 +183,10 @@ class App:
                 raise ConfigError(str(e)) from None
         tls_context = server_context(cfg.tls.cert, cfg.tls.key) if cfg.tls.cert and cfg.tls.key else None
         dnsbl = DnsblChecker(self.resolver, list(cfg.dnsbl_zones)) if cfg.dnsbl_zones else None
-        mailauth = MailAuthCheck(self.resolver, self.directory, cfg.mailauth, cfg.hostname)
+        mailauth = MailAuthCheck(
+            self.resolver, self.directory, cfg.mailauth, cfg.hostname,
+            verify_dkim=functools.partial(verify_message, lookup=self.resolver, timeout=cfg.dns.timeout),
+            verify_arc=functools.partial(verify_arc, lookup=self.resolver, timeout=cfg.dns.timeout))
         mx = mx_pipeline(self.directory, dnsbl, mailauth)
         limits = Limits.from_config(cfg.limits)
         self.smtp_listeners: list[tuple[int, SmtpListener]] = []
