@@ -188,6 +188,7 @@ async def test_several_from_domains_the_strictest_outcome_counts():
     (b"Subject: none\r\n", None),
     (b"From: undisclosed\r\n", None),
     (b"From: a@nodot\r\n", None),
+    ("From: anna@bücher.example\r\n".encode(), ["xn--bcher-kva.example"]),
 ])
 def test_from_domains(header, expected):
     assert from_domains(header + b"\r\nbody\r\n") == expected

@@ -137,3 +137,18 @@ async def test_rfc7208_case(zonedata: dict[str, Any], case: dict[str, Any], requ
             assert got.explanation.lower() == want_exp.lower(), f"{name}: explanation {got.explanation!r}"
         else:
             assert got.explanation == want_exp, f"{name}: explanation {got.explanation!r}"
+
+
+async def test_an_smtputf8_domain_is_checked_by_its_a_labels():
+    lookup = ZoneLookup({"xn--bcher-kva.example": [{"TXT": "v=spf1 ip4:192.0.2.1 -all"}]})
+    got = await check_host(ipaddress.ip_address("192.0.2.1"), "bücher.example", "anna@bücher.example", lookup)
+    assert got.result == "pass" and got.domain == "xn--bcher-kva.example"
+    assert lookup.queries == [("xn--bcher-kva.example", "TXT")]
+
+
+async def test_the_null_sender_is_checked_by_its_helo_name():
+    from yuubin.mailauth.spf import check_sender
+
+    lookup = ZoneLookup({"mta.example": [{"TXT": "v=spf1 -all"}]})
+    got = await check_sender(ipaddress.ip_address("192.0.2.1"), None, "mta.example", lookup)
+    assert (got.result, got.identity, got.domain) == ("fail", "helo", "mta.example")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 from email.policy import compat32
 from email.utils import getaddresses
 
@@ -100,12 +100,18 @@ def from_domains(data: bytes) -> list[str] | None:
     """The domains of the From: addresses (lowercase, deduplicated); None without a usable From:."""
     end = data.find(b"\r\n\r\n")
     head = data[: end + 2] if end >= 0 else data
-    headers = BytesHeaderParser(policy=compat32).parsebytes(head)
+    # As text: an SMTPUTF8 message's From: may hold UTF-8 (RFC 6532).
+    headers = HeaderParser(policy=compat32).parsestr(head.decode("utf-8", errors="replace"))
     values = headers.get_all("From") or []
     out: list[str] = []
     for _, addr in getaddresses([str(v) for v in values]):
         local, at, domain = addr.rpartition("@")
         domain = domain.strip().rstrip(".").lower()
+        if not domain.isascii():
+            try:
+                domain = domain.encode("idna").decode("ascii")
+            except UnicodeError:
+                return None
         if not at or not local or not domain or not re.fullmatch(r"[a-z0-9.\-_]+", domain) or "." not in domain:
             if not at:
                 continue

@@ -130,6 +130,11 @@ async def check_host(ip: IPAddress, domain: str, sender: str, lookup: DnsLookup,
                      receiver: str = "unknown", now: float = 0.0, identity: str = "mailfrom") -> SpfResult:
     """RFC 7208 check_host(): the result for ``ip`` sending as ``sender`` from ``domain``."""
     domain = domain.lower().rstrip(".") if domain else ""
+    if domain and not domain.isascii():  # an SMTPUTF8 sender's U-labels: DNS knows the A-labels
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return SpfResult("none", domain, identity, "domain is not a valid IDN")
     if not domain or not _valid_domain(domain) or domain.startswith("["):
         return SpfResult("none", domain, identity, "no valid domain to check")
     local, at, _ = sender.rpartition("@")
