@@ -19,8 +19,6 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from email.parser import HeaderParser
-from email.policy import compat32
 from email.utils import getaddresses
 
 from yuubin.dns import DnsLookup
@@ -97,14 +95,23 @@ def parse_record(domain: str, text: str) -> DmarcRecord | None:
 
 
 def from_domains(data: bytes) -> list[str] | None:
-    """The domains of the From: addresses (lowercase, deduplicated); None without a usable From:."""
+    """The domains of the From: addresses (lowercase, A-labels, deduplicated); None without a
+    usable From:. Only the header section is read, as text (an SMTPUTF8 From: may hold UTF-8)."""
     end = data.find(b"\r\n\r\n")
-    head = data[: end + 2] if end >= 0 else data
-    # As text: an SMTPUTF8 message's From: may hold UTF-8 (RFC 6532).
-    headers = HeaderParser(policy=compat32).parsestr(head.decode("utf-8", errors="replace"))
-    values = headers.get_all("From") or []
+    head = (data[: end + 2] if end >= 0 else data).decode("utf-8", errors="replace")
+    fields: list[list[str]] = []
+    in_from = False
+    for line in head.split("\r\n"):
+        if line[:1] in (" ", "\t"):  # a continuation line
+            if in_from:
+                fields[-1].append(line)
+            continue
+        in_from = line[:5].lower() == "from:"
+        if in_from:
+            fields.append([line[5:]])
+    values = [" ".join(f) for f in fields]
     out: list[str] = []
-    for _, addr in getaddresses([str(v) for v in values]):
+    for _, addr in getaddresses(values):
         local, at, domain = addr.rpartition("@")
         domain = domain.strip().rstrip(".").lower()
         if not domain.isascii():

@@ -13,6 +13,7 @@ names. Time (for the %{t} macro) is an input.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import urllib.parse
@@ -86,7 +87,7 @@ class _State:
         return r.records
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Term:
     qualifier: str
     name: str  # mechanism name (lowercase) or modifier name
@@ -196,8 +197,12 @@ async def _check(st: _State, domain: str, *, top: bool) -> tuple[str, str, str]:
     return "neutral", f"no mechanism of {domain} matched {st.ip}", ""
 
 
-def _parse(text: str) -> list[_Term]:
-    """All terms of a record; any syntax error anywhere is a permerror (RFC 7208 4.6)."""
+@functools.lru_cache(maxsize=512)
+def _parse(text: str) -> tuple[_Term, ...]:
+    """All terms of a record; any syntax error anywhere is a permerror (RFC 7208 4.6).
+
+    Memoized on the record's text (a pure function: the same text always parses the same, and
+    an error is raised again each time), so a popular record is parsed once, not per message."""
     if not text.isascii():
         raise _Error("permerror", "SPF record is not 7-bit ASCII")
     terms: list[_Term] = []
@@ -217,7 +222,7 @@ def _parse(text: str) -> list[_Term]:
             terms.append(_Term("+", name, m.group(2), modifier=True))
             continue
         terms.append(_parse_directive(raw))
-    return terms
+    return tuple(terms)
 
 
 def _parse_directive(raw: str) -> _Term:
@@ -249,12 +254,9 @@ def _parse_directive(raw: str) -> _Term:
         except ValueError:
             raise _Error("permerror", f"bad address in {raw!r}") from None
         cidr = _cidr(length, 32 if name == "ip4" else 128, raw) if slash else None
-        t = _Term(qualifier, name, net)
         if name == "ip4":
-            t.cidr4 = cidr
-        else:
-            t.cidr6 = cidr
-        return t
+            return _Term(qualifier, name, net, cidr4=cidr)
+        return _Term(qualifier, name, net, cidr6=cidr)
     if name in ("a", "mx"):
         spec, cidr4, cidr6 = _dual_cidr(rest, raw)
         return _Term(qualifier, name, spec, cidr4, cidr6)
@@ -427,8 +429,9 @@ def _in_net(ip: IPAddress, addr: str, cidr4: int | None, cidr6: int | None) -> b
         return False
     if other.version != ip.version:
         return False
-    length = (32 if cidr4 is None else cidr4) if ip.version == 4 else (128 if cidr6 is None else cidr6)
-    return ip in ipaddress.ip_network(f"{other}/{length}", strict=False)
+    bits = ip.max_prefixlen
+    length = (32 if cidr4 is None else cidr4) if bits == 32 else (128 if cidr6 is None else cidr6)
+    return int(ip) >> (bits - length) == int(other) >> (bits - length)
 
 
 async def _addresses(st: _State, name: str, *, void_counts: bool = True) -> tuple[str, ...]:
