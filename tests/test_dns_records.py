@@ -155,3 +155,11 @@ async def test_spf_authorisation_walk(dns_server: TestDNSServer, resolver: Resol
     assert await spf_authorises(resolver, "f.test", ip) is None
     assert await spf_authorises(resolver, "g.test", ip) is None
     assert await spf_authorises(resolver, "nothing.test", ip) is False
+
+
+def test_dnsbl_names_match_the_mx_check() -> None:
+    from yuubin.mailauth.dnsrecords import reverse_name
+    from yuubin.policy import dnsbl
+    for ip in ("192.0.2.7", "2001:db8::7"):
+        assert reverse_name(ip, "zen.test.") == dnsbl.reverse_name(ip, "zen.test")
+    assert reverse_name("192.0.2.7", "zen.test") == "7.2.0.192.zen.test"

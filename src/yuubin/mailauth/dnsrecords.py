@@ -17,7 +17,6 @@ from pathlib import Path
 
 from yuubin.dns import DnsLookup, LookupResult
 from yuubin.mailauth.dkimkeys import DkimKey, KeySet, active_set, key_sets
-from yuubin.policy.dnsbl import reverse_name
 
 __all__ = ["Finding", "Record", "check_dnsbl", "check_domain", "check_host", "dkim_keys_to_publish", "domain_records",
            "host_records", "spf_authorises", "zone_line"]
@@ -174,6 +173,11 @@ async def check_dnsbl(lookup: DnsLookup, ips: Sequence[str], zones: Sequence[str
             findings.append(Finding("wrong", "DNSBL", f"{ip} is LISTED on {zone} ({', '.join(found.records)}): "
                                                       "see the list's lookup page for the reason and delisting"))
     return findings
+
+
+def reverse_name(ip: str, zone: str) -> str:
+    """The DNSBL query name: reversed octets or nibbles under ``zone`` (as in-addr.arpa / ip6.arpa)."""
+    return ipaddress.ip_address(ip).reverse_pointer.rsplit(".", 2)[0] + "." + zone.strip(".")
 
 
 def _mx_finding(domain: str, hostname: str, mx: LookupResult) -> Finding:
