@@ -130,6 +130,16 @@ class OutboundConfig:
 
 
 @dataclass(frozen=True)
+class DkimConfig:
+    """[dkim]: outbound signing and the limits of verification."""
+
+    sign: bool = True  # sign mail from our local domains that leaves through the queue
+    selectors: tuple[str, ...] = ()  # key sets to sign with, first found per domain; () = each domain's newest
+    max_signatures: int = 5  # DKIM signatures checked per incoming message; the rest are reported unchecked
+    arc_max_sets: int = 10  # ARC sets accepted per incoming message (RFC 8617 allows 50)
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     data_dir: Path
@@ -147,8 +157,10 @@ class Config:
     submission: SubmissionConfig = SubmissionConfig()
     mail: MailConfig = MailConfig()
     mailauth: MailauthConfig = MailauthConfig()
+    dkim: DkimConfig = DkimConfig()
     log_level: str = "info"
     workers: int = 1
+    public_ips: tuple[str, ...] = ()  # [server] public_ip: the address(es) the world sees us send from
     source: str = "<memory>"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -574,7 +586,27 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     workers = srv.positive_int("workers", 1)
     if workers > 64:
         raise ConfigError(f"server.workers: at most 64, got {workers}")
+    public_raw = srv.get("public_ip", [], (str, list))
+    public_ips = []
+    for i, ip in enumerate([public_raw] if isinstance(public_raw, str) else public_raw):
+        key = "server.public_ip" if isinstance(public_raw, str) else f"server.public_ip[{i}]"
+        try:
+            public_ips.append(str(ipaddress.ip_address(str(ip).strip())))
+        except ValueError:
+            raise ConfigError(f"{key}: {ip!r} is not an IP address") from None
     srv.finish()
+
+    dk = top.table("dkim")
+    selectors = dk.str_list("selectors", [])
+    for i, sel in enumerate(selectors):
+        if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,40}[a-z0-9])?", sel):
+            raise ConfigError(f"dkim.selectors[{i}]: {sel!r} is not a key set name (see yuubin dkim list)")
+    dkim = DkimConfig(sign=dk.get("sign", True, bool), selectors=tuple(selectors),
+                      max_signatures=dk.positive_int("max_signatures", 5),
+                      arc_max_sets=dk.positive_int("arc_max_sets", 10))
+    dk.finish()
+    if dkim.arc_max_sets > 50:
+        raise ConfigError(f"dkim.arc_max_sets: at most 50 (RFC 8617), got {dkim.arc_max_sets}")
 
     log = top.table("log")
     log_level = log.get("level", "info", str).lower()
@@ -609,8 +641,10 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         submission=submission,
         mail=mail,
         mailauth=mailauth,
+        dkim=dkim,
         log_level=log_level,
         workers=workers,
+        public_ips=tuple(public_ips),
         source=source,
     )
 
@@ -755,6 +789,13 @@ def describe(cfg: Config) -> str:
         "",
         "[server]",
         f"workers = {cfg.workers}",
+        f"public_ip = {q(cfg.public_ips)}",
+        "",
+        "[dkim]",
+        f"sign = {q(cfg.dkim.sign)}",
+        f"selectors = {q(cfg.dkim.selectors)}",
+        f"max_signatures = {cfg.dkim.max_signatures}",
+        f"arc_max_sets = {cfg.dkim.arc_max_sets}",
         "",
         "[log]",
         f"level = {q(cfg.log_level)}",
