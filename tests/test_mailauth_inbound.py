@@ -1,13 +1,15 @@
-"""End to end: SPF, DKIM and DMARC on port 25, over real sockets, against the test DNS server.
+"""End to end: SPF, DKIM, DMARC and ARC on port 25, over real sockets, against the test DNS server.
 
 The zone: sender.example (SPF allows 127.1.0.10 only, DMARC p=reject), soft.example (SPF
 allows nobody, p=quarantine), signed.example (no SPF host, DMARC p=reject, an ed25519 DKIM key
-the test signs with using dkimpy). Clients bound to 127.1.x.y are strangers and get checked;
-127.0.x.y is the trusted LAN and is not.
+the test signs with using dkimpy), lists.example (a mailing list that ARC-seals what it sends
+on). Clients bound to 127.1.x.y are strangers and get checked; 127.0.x.y is the trusted LAN
+and is not.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import smtplib
 import time
@@ -16,6 +18,8 @@ import dkim
 import nacl.encoding
 import nacl.signing
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.smtpclient import RawSMTP
 
@@ -155,3 +159,45 @@ def test_the_trusted_lan_is_not_checked(srv, dns_server, caplog):
     assert header_lines(msg, b"Authentication-Results:") == []
     assert mailauth_lines(caplog) == []
     assert not [q for q in dns_server.queries[asked:] if "sender.example" in q[0]]
+
+
+def _rsa_key() -> tuple[bytes, str]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                            serialization.NoEncryption())
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return pem, "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
+
+
+def list_copy(dns_server) -> bytes:
+    """bob@sender.example's post as the list lists.example sends it on: its own envelope sender
+    (SPF passes for lists.example, which does not align with From:), its ARC set on top."""
+    pem, txt = _rsa_key()
+    dns_server.add("arc._domainkey.lists.example", "TXT", txt)
+    dns_server.add("lists.example", "TXT", "v=spf1 ip4:127.1.0.20 -all")
+    post = message("Bob <bob@sender.example>", "list post")
+    with_ar = b"Authentication-Results: lists.example; spf=pass smtp.mailfrom=sender.example\r\n" + post
+    arc_set = dkim.arc_sign(with_ar, b"arc", b"lists.example", pem, b"lists.example",
+                            include_headers=[b"from", b"to", b"subject", b"date", b"message-id"])
+    assert arc_set
+    return b"".join(arc_set) + with_ar
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_a_trusted_arc_sealer_overrides_a_dmarc_fail(make_server, dns_server, caplog, trusted):
+    caplog.set_level(logging.INFO, logger="yuubin")
+    dns_server.add("_dmarc.sender.example", "TXT", "v=DMARC1; p=reject")
+    data = list_copy(dns_server)
+    srv = make_server(accounts=ACCOUNTS, mailauth={"trusted_arc_sealers": ["lists.example"] if trusted else []})
+    code, text = send(srv, "127.1.0.20", "list-bounces@lists.example", data)
+    (line,) = mailauth_lines(caplog)
+    assert "spf=pass" in line and "dmarc=fail" in line and "arc=pass" in line and "arc_sealer=lists.example" in line
+    if not trusted:
+        assert code == 550 and "DMARC policy of sender.example" in text, text
+        return
+    assert code == 250, text
+    assert "action=deliver" in line and "overridden" in line
+    (msg,) = srv.wait_delivered(ALICE, 1)
+    ours = [h for h in header_lines(msg, b"Authentication-Results:") if h.startswith(b"Authentication-Results: "
+                                                                                     b"mx.test.example;")]
+    assert len(ours) == 1 and b"arc=pass" in ours[0] and b"dmarc=fail" in ours[0]
