@@ -197,3 +197,10 @@ def test_from_domains(header, expected):
 async def test_no_from_is_permerror():
     r = await evaluate(None, ("pass", "x.example"), [], Zone({}))
     assert r.result == "permerror"
+
+
+async def test_psd_y_above_a_long_name_names_the_label_below_it_not_the_long_name():
+    zone = Zone(dmarc("gov.example", "v=DMARC1; p=reject; psd=y"))
+    long_name = "a.b.c.d.e.f.g.agency.gov.example"  # 10 labels: the walk jumps to the last seven
+    r = await evaluate([long_name], ("pass", "agency.gov.example"), [], zone)
+    assert (r.result, r.org_domain) == ("pass", "agency.gov.example")

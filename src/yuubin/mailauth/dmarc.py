@@ -6,7 +6,8 @@ organizational domain are found by the DNS tree walk (no public suffix list): qu
 ``_dmarc.<domain>``, then drop labels from the left — a name of eight labels or more jumps to
 its last seven first, so a walk asks at most eight names — until a valid record is found or
 the labels run out. The organizational domain is where a ``psd=n`` record stops the walk, the
-name one label below a ``psd=y`` record, or else the shortest name with a record.
+name one label below a ``psd=y`` record (other than the starting domain's), or else the
+shortest name with a record (the starting domain itself when there is none).
 
 Policy: ``p`` at the From: domain itself, ``sp`` for a subdomain covered by an ancestor's
 record, ``np`` for a subdomain that does not exist (no A, AAAA or MX); ``t=y`` (testing)
@@ -177,8 +178,8 @@ class _Walker:
                 continue
             if rec.psd == "n":
                 return name
-            if rec.psd == "y":
-                return names[i - 1] if i > 0 else name
+            if rec.psd == "y" and i > 0:  # a PSD above us: the organization is one label below it
+                return ".".join(domain.split(".")[-(name.count(".") + 2):])
             shortest = name
         return shortest or domain
 
