@@ -204,3 +204,24 @@ async def test_psd_y_above_a_long_name_names_the_label_below_it_not_the_long_nam
     long_name = "a.b.c.d.e.f.g.agency.gov.example"  # 10 labels: the walk jumps to the last seven
     r = await evaluate([long_name], ("pass", "agency.gov.example"), [], zone)
     assert (r.result, r.org_domain) == ("pass", "agency.gov.example")
+
+
+async def test_exact_alignment_walks_no_further_and_a_prefetched_walk_is_not_asked_again():
+    from yuubin.mailauth.dmarc import TreeWalk
+
+    zone = Zone(dmarc("example.org", "v=DMARC1; p=reject"))
+    walk = TreeWalk(zone)
+    await walk.prefetch("example.org")
+    r = await evaluate(["example.org"], ("pass", "example.org"), [("pass", "example.org")], zone, walk=walk)
+    assert r.result == "pass"
+    assert zone.queries == [("_dmarc.example.org", "TXT")]  # no organizational-domain walk needed
+
+
+async def test_a_failed_name_is_waited_for_once_per_message():
+    from yuubin.mailauth.dmarc import TreeWalk
+
+    zone = Zone({}, fail=frozenset({"_dmarc.example.org"}))
+    walk = TreeWalk(zone)
+    await walk.prefetch("example.org")
+    r = await evaluate(["example.org"], None, [], zone, walk=walk)
+    assert r.result == "temperror" and zone.queries == [("_dmarc.example.org", "TXT")]

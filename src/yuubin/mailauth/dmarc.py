@@ -17,6 +17,7 @@ each evaluated and the strictest outcome wins.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from email.utils import getaddresses
 
 from yuubin.dns import DnsLookup
 
-__all__ = ["DmarcRecord", "DmarcResult", "evaluate", "from_domains", "parse_record"]
+__all__ = ["DmarcRecord", "DmarcResult", "TreeWalk", "evaluate", "from_domains", "parse_record"]
 
 MAX_WALK = 8  # names one tree walk asks at most
 _POLICIES = ("none", "quarantine", "reject")
@@ -54,7 +55,7 @@ class DmarcResult:
     published: str = "none"  # p, sp or np as published: policy.dmarc in Authentication-Results
     reason: str = ""
     record: DmarcRecord | None = None
-    org_domain: str = ""
+    org_domain: str = ""  # when relaxed alignment needed it
     spf_aligned: bool = False
     dkim_aligned: tuple[str, ...] = field(default=())  # d= of the aligned passing signatures
 
@@ -129,21 +130,31 @@ def from_domains(data: bytes) -> list[str] | None:
     return out or None
 
 
-class _Walker:
-    """One message's tree walks, sharing what each name answered."""
+class TreeWalk:
+    """One message's tree walks, sharing what each name answered (a failure included, so a
+    dead nameserver is waited for once per name, not once per walk)."""
 
     def __init__(self, lookup: DnsLookup):
         self.lookup = lookup
         self.seen: dict[str, DmarcRecord | None] = {}
+        self.failed: dict[str, str] = {}
+
+    async def prefetch(self, domain: str) -> None:
+        """Find ``domain``'s policy ahead of ``evaluate`` (e.g. while signatures are checked)."""
+        with contextlib.suppress(TimeoutError):  # remembered; evaluate reports it
+            await self.policy(domain)
 
     async def record_at(self, name: str) -> DmarcRecord | None:
         """The valid DMARC record at ``name``; several valid ones count as none. TimeoutError on
         a temporary DNS failure."""
         if name in self.seen:
             return self.seen[name]
+        if name in self.failed:
+            raise TimeoutError(self.failed[name])
         r = await self.lookup.lookup(f"_dmarc.{name}", "TXT")
         if r.status in ("timeout", "servfail"):
-            raise TimeoutError(f"DNS {r.status} for _dmarc.{name}")
+            self.failed[name] = f"DNS {r.status} for _dmarc.{name}"
+            raise TimeoutError(self.failed[name])
         found = [rec for t in r.records if t.startswith("v=DMARC1") and (rec := parse_record(name, t))]
         rec = found[0] if len(found) == 1 else None
         self.seen[name] = rec
@@ -193,7 +204,7 @@ def _aligned(auth: str, from_domain: str, mode: str, orgs: dict[str, str]) -> bo
 
 
 async def _evaluate_one(from_domain: str, spf: tuple[str, str] | None, dkim: Sequence[tuple[str, str]],
-                        walker: _Walker, own: Collection[str]) -> DmarcResult:
+                        walker: TreeWalk, own: Collection[str]) -> DmarcResult:
     try:
         rec = await walker.policy(from_domain)
         if rec is None and from_domain in own:
@@ -201,13 +212,15 @@ async def _evaluate_one(from_domain: str, spf: tuple[str, str] | None, dkim: Seq
             rec = DmarcRecord(domain=from_domain, p="reject", adkim="s", aspf="s")
         if rec is None:
             return DmarcResult("none", from_domain, reason=f"no DMARC record for {from_domain}")
-        org = await walker.org_domain(from_domain)
+        # Organizational domains are walked for only when relaxed alignment needs them.
+        relaxed = {d for r, d in dkim if r == "pass" and rec.adkim == "r"}
+        if spf is not None and spf[0] == "pass" and rec.aspf == "r":
+            relaxed.add(spf[1])
+        relaxed.discard(from_domain)
+        org = await walker.org_domain(from_domain) if relaxed else ""
         orgs = {from_domain: org}
-        candidates = {d for r, d in dkim if r == "pass"}
-        if spf is not None and spf[0] == "pass":
-            candidates.add(spf[1])
-        for d in candidates:
-            if d != from_domain and (d.endswith("." + org) or d == org):
+        for d in relaxed:
+            if d.endswith("." + org) or d == org:
                 orgs[d] = await walker.org_domain(d)
     except TimeoutError as e:
         return DmarcResult("temperror", from_domain, reason=str(e))
@@ -240,15 +253,16 @@ async def _nonexistent(lookup: DnsLookup, domain: str) -> bool:
 
 
 async def evaluate(domains: Sequence[str] | None, spf: tuple[str, str] | None, dkim: Sequence[tuple[str, str]],
-                   lookup: DnsLookup, *, own: Collection[str] = ()) -> DmarcResult:
+                   lookup: DnsLookup, *, own: Collection[str] = (), walk: TreeWalk | None = None) -> DmarcResult:
     """DMARC for a message whose From: has ``domains`` (from ``from_domains``).
 
     ``spf`` is (result, MAIL FROM domain), None when MAIL FROM was <>; ``dkim`` the (result, d=)
     of every signature. Several From: domains: each is evaluated, the strictest outcome counts.
     A domain in ``own`` (our local domains) without a record counts as p=reject, strict.
+    ``walk`` is one already started (``TreeWalk.prefetch``), so nothing is asked twice.
     """
     if not domains:
         return DmarcResult("permerror", "", reason="no usable From: address")
-    walker = _Walker(lookup)
+    walker = walk or TreeWalk(lookup)
     results = [await _evaluate_one(d.lower().rstrip("."), spf, dkim, walker, own) for d in domains]
     return max(results, key=lambda r: (r.result == "fail", _STRICTNESS[r.policy], r.result == "temperror"))

@@ -29,7 +29,7 @@ from typing import Protocol
 from yuubin.auth.accounts import Directory
 from yuubin.config import MailauthConfig
 from yuubin.dns import DnsLookup
-from yuubin.mailauth.dmarc import DmarcResult, evaluate, from_domains
+from yuubin.mailauth.dmarc import DmarcResult, TreeWalk, evaluate, from_domains
 from yuubin.mailauth.results import ArcSummary, DkimSummary, authentication_results, claims_authserv
 from yuubin.mailauth.spf import check_sender
 from yuubin.policy.pipeline import Decision, Transaction, Verdict, accept, quarantine, reject
@@ -123,16 +123,16 @@ class MailAuthCheck:
         domains = from_domains(data)
         dkim_job = self.verify_dkim(data) if self.verify_dkim is not None else _no_signatures()
         arc_job = self.verify_arc(data) if self.verify_arc is not None else _no_chain()
-        # The first name DMARC asks is known now: ask it while the signatures are checked (the
-        # resolver's cache answers the tree walk's own query).
-        prefetch = self.lookup.lookup(f"_dmarc.{domains[0]}", "TXT") if domains else _nothing()
+        # DMARC's policy discovery needs no signature: it walks while the signatures are checked.
+        walk = TreeWalk(self.lookup)
+        prefetch = walk.prefetch(domains[0]) if domains else _nothing()
         dkims, arc, _ = await asyncio.gather(dkim_job, arc_job, prefetch)
         spf_result = txn.results.get("spf", "none")
         spf_domain = txn.results.get("spf.domain", "")
         spf_for_dmarc = (spf_result, spf_domain) if txn.results.get("spf.identity") == "mailfrom" else None
         own = [d for d in domains or () if self.directory.is_local(d)]
         dmarc = await evaluate(domains, spf_for_dmarc, [(d.result, d.domain.lower()) for d in dkims], self.lookup,
-                               own=own)
+                               own=own, walk=walk)
         action, why = self._action(dmarc, arc, own)
         header = authentication_results(
             self.hostname,
