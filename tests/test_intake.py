@@ -183,6 +183,27 @@ async def test_quarantine_files_local_copies_in_the_junk_folder(parts: Parts):
     assert list((parts.maildir("alice@example.test") / "new").iterdir()) == []
 
 
+async def test_a_check_can_drop_incoming_header_fields(parts: Parts):
+    """A forged Authentication-Results (folded over two lines) claiming our hostname is removed;
+    one of another server, the rest of the header and the body stay byte for byte."""
+    forged = b"Authentication-Results: mx.test.example;\r\n\tdkim=pass header.d=bank.example\r\n"
+    other = b"Authentication-Results: mx.elsewhere.example; spf=pass\r\n"
+    message = b"From: a@remote.example\r\n" + forged + other + b"Subject: hi\r\n\r\nbody\r\n" + forged
+    txn = transaction([("alice@example.test", Resolution(mailboxes=["alice@example.test"]))])
+
+    def drop(name: str, field: bytes) -> bool:
+        return name == "authentication-results" and b"mx.test.example;" in field
+
+    check = MessageVerdict(accept("auth", "pass", drop_header=drop))
+    out = await parts.intake.receive(txn, message, Pipeline("mx", message=[check]), trace(txn))
+    assert isinstance(out, Accepted)
+    (copy,) = await wait_delivered(parts, "alice@example.test")
+    head, _, body = copy.partition(b"\r\n\r\n")
+    assert forged not in head + b"\r\n" and b"bank.example" not in head
+    assert head.endswith(b"From: a@remote.example\r\n" + other + b"Subject: hi")
+    assert body == b"body\r\n" + forged  # the body is never touched
+
+
 async def test_routes_split_into_local_copies_and_remote_recipients(parts: Parts):
     team = parts.directory.resolve(parse_path("<team@example.test>", smtputf8=False))
     assert team is not None

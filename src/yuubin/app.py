@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -36,7 +37,10 @@ from yuubin.dns import Resolver
 from yuubin.durable import FileAccess, GroupCommitter
 from yuubin.geo import AccessList, GeoDatabase, GeoError
 from yuubin.intake import Intake
+from yuubin.mailauth.arc import verify_arc
 from yuubin.mailauth.capture import ReportCapture
+from yuubin.mailauth.dkim import verify_message
+from yuubin.mailauth.dkimsign import DkimSigner
 from yuubin.mailauth.reports import ReportLimits
 from yuubin.net.connections import Connections, session_id_prefix
 from yuubin.net.shell import IPAddress, ShellSettings
@@ -44,6 +48,7 @@ from yuubin.policy.containment import AccountContainment
 from yuubin.policy.dnsbl import DnsblChecker
 from yuubin.policy.holds import AccountHolds
 from yuubin.policy.listeners import mx_pipeline, submission_pipeline
+from yuubin.policy.mailauth import MailAuthCheck
 from yuubin.queue.edit import SpoolEditor
 from yuubin.queue.entrylock import EntryLocks
 from yuubin.queue.scheduler import OutboundScheduler, build_outbound, relay_context, relay_target
@@ -76,8 +81,18 @@ def check(config: Config) -> None:
         if relay_target(config.outbound) is not None:  # reads relayhost_password_file
             relay_context(config.outbound)
         _check_data_dir(config.data_dir)
+        if config.dkim.sign:
+            _dkim_signer(config, quiet=True)
     except ConfigError as e:
         raise ConfigError(f"{config.source}: {e}" if config.source != "<memory>" else str(e)) from None
+
+
+def _dkim_signer(config: Config, quiet: bool = False) -> DkimSigner:
+    """The outbound signer with every local domain's keys; an unreadable key stops the start."""
+    try:
+        return DkimSigner.load(config.data_dir, config.local_domains, config.dkim.selectors, quiet=quiet)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"dkim: cannot read a signing key: {e} (see yuubin dkim list)") from None
 
 
 def _check_listeners(config: Config) -> None:
@@ -169,9 +184,11 @@ class App:
                                               cfg.hostname)
         self.resolver = Resolver(list(cfg.dns.nameservers), cfg.dns.port, cfg.dns.timeout)
         self.outbound: OutboundScheduler | None = None
-        if self.primary:  # remote delivery, retries, DSNs
+        if self.primary:  # remote delivery, retries, DSNs; DKIM-signed as each attempt sends
+            signer = _dkim_signer(cfg) if cfg.dkim.sign else None
             self.outbound = build_outbound(cfg, self.spool, self.editor, self.resolver, self.listening,
-                                           self.signal, self.intake.inject, self.holds.is_held)
+                                           self.signal, self.intake.inject, self.holds.is_held,
+                                           sign=signer.sign if signer is not None else None)
         # What admins did with the CLI, into this log (the primary alone: one line per action).
         self.admin_log = AdminActionLog(self.store) if self.primary else None
         self.guard = AuthGuard(self.store, cfg.auth_guard, self.is_trusted)
@@ -186,7 +203,11 @@ class App:
                 raise ConfigError(str(e)) from None
         tls_context = server_context(cfg.tls.cert, cfg.tls.key) if cfg.tls.cert and cfg.tls.key else None
         dnsbl = DnsblChecker(self.resolver, list(cfg.dnsbl_zones)) if cfg.dnsbl_zones else None
-        mx = mx_pipeline(self.directory, dnsbl)
+        mailauth = MailAuthCheck(
+            self.resolver, self.directory, cfg.mailauth, cfg.hostname,
+            verify_dkim=functools.partial(verify_message, lookup=self.resolver, timeout=cfg.dns.timeout),
+            verify_arc=functools.partial(verify_arc, lookup=self.resolver, timeout=cfg.dns.timeout))
+        mx = mx_pipeline(self.directory, dnsbl, mailauth)
         limits = Limits.from_config(cfg.limits)
         self.smtp_listeners: list[tuple[int, SmtpListener]] = []
         for index, lc in enumerate(cfg.listeners):

@@ -25,7 +25,7 @@ from typing import Protocol
 from yuubin.auth.accounts import Directory
 from yuubin.delivery.local import LocalDelivery
 from yuubin.policy.holds import AccountHolds
-from yuubin.policy.pipeline import Decision, Pipeline, StageResult, Transaction, reject
+from yuubin.policy.pipeline import Decision, HeaderDrop, Pipeline, StageResult, Transaction, reject
 from yuubin.queue.spool import Envelope, RemoteRecipient, Spool, new_id
 from yuubin.smtp.address import AddressError, parse_path
 
@@ -93,6 +93,31 @@ def missing_headers(data: bytes, qid: str, hostname: str, now: float) -> bytes:
     return out
 
 
+def drop_header_fields(data: bytes, drops: Sequence[HeaderDrop]) -> bytes:
+    """``data`` without the header fields any of ``drops`` asks to remove (the body untouched).
+
+    Fields are split by hand on the raw bytes so that everything kept stays byte-for-byte as
+    it came (a DKIM signature over it must still verify)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        head, rest = data, b""
+    else:
+        head, rest = data[: end + 2], data[end + 2:]
+    fields: list[bytes] = []
+    for line in head.splitlines(keepends=True):
+        if fields and line[:1] in (b" ", b"\t"):
+            fields[-1] += line
+        else:
+            fields.append(line)
+    kept = []
+    for f in fields:
+        name = f.split(b":", 1)[0].strip().decode("ascii", errors="replace").lower() if b":" in f else ""
+        if name and any(drop(name, f) for drop in drops):
+            continue
+        kept.append(f)
+    return b"".join(kept) + rest
+
+
 def received_header(trace: Trace, hostname: str, qid: str, now: float, show_submitter: bool) -> bytes:
     tls = f"\r\n\t(using {trace.tls})" if trace.tls else ""
     for_ = f"\r\n\tfor <{trace.recipients[0]}>" if len(trace.recipients) == 1 else ""
@@ -127,6 +152,8 @@ class Intake:
         result = await pipeline.message(txn, data)
         if not result.accepted:
             return Refused(result.decision)
+        if result.drop_headers:
+            data = drop_header_fields(data, result.drop_headers)
         s = txn.session
         qid = new_id()
         now = self.clock()

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from yuubin import __version__
-from yuubin.cli import accounts, aliases, dmarc, queue, security, serve
+from yuubin.cli import accounts, aliases, dkim, dmarc, dnscheck, queue, security, serve
 from yuubin.cli.common import EXIT_USAGE, CliError, Parser, add_commands, add_config_option
 from yuubin.config import ConfigError
 
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     security.register(sub)  # auth lockouts, unlock; firewall nftables
     aliases.register(sub)  # alias add, list, remove
     queue.register(sub)  # queue list, show, flush, hold, release, delete (outbound queue)
+    dkim.register(sub)  # dkim keygen, list
+    dnscheck.register(sub)  # dns records; check
     dmarc.register(sub)  # dmarc report
     return p
 

@@ -3,8 +3,8 @@
 Per reporting organisation and per source IP: messages, the SPF/DKIM/DMARC results, what the
 receiver did with them, and the IP's reverse DNS (asked through the configured resolver with a
 short timeout, each IP once per run). A source that fails DMARC as one of our domains is
-flagged as likely spoofing; our own server's addresses (the listeners', `public_ip` when the
-config has it, and the A/AAAA records of our MX hosts and hostname) are shown as "this server".
+flagged as likely spoofing; our own server's addresses (the listeners', `[server] public_ip`,
+and the A/AAAA records of our MX hosts and hostname) are shown as "this server".
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def summarize(rows: Sequence[DmarcRow], local_domains: Iterable[str]) -> list[Or
 
 
 def _configured_ips(cfg: Config) -> set[str]:
-    """The listeners' own addresses, and `public_ip` when the config has that setting."""
+    """The listeners' own addresses and `[server] public_ip`."""
     ips: set[str] = set()
     for lc in cfg.listeners:
         try:
@@ -103,12 +103,7 @@ def _configured_ips(cfg: Config) -> set[str]:
             continue
         if not ip.is_unspecified:
             ips.add(str(ip))
-    public = getattr(cfg, "public_ip", None)  # [server] public_ip, once the config has it
-    for text in [public] if isinstance(public, str) else list(public or ()):
-        try:
-            ips.add(str(ipaddress.ip_address(text)))
-        except ValueError:
-            continue
+    ips.update(cfg.public_ips)  # [server] public_ip, checked when the config was loaded
     return ips
 
 
