@@ -139,3 +139,59 @@ def test_report_mail_over_smtp_is_delivered_to_postmaster_and_not_stored_without
     assert "dmarc=none" in caplog.text
     store = Store(srv.config.state_db)
     assert store.dmarc_rows(0) == []
+
+
+REPORTER_IP = "127.1.0.20"  # the only host report.example's SPF allows
+
+
+def _send_report(srv, source: str, data: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", srv.port("mx"), local_hostname="mta.report.example",
+                      source_address=(source, 0), timeout=10) as c:
+        c.sendmail("dmarc@report.example", ["dmarc-reports@example.test"], data)
+
+
+def _wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_a_report_passing_dmarc_is_stored_and_one_failing_is_mail_only(make_server, dns_server, cached_hashes,
+                                                                       caplog):
+    """The real mx check decides: SPF pass aligned with From: report.example (p=none) → DMARC pass →
+    the report is in state.db and `dmarc report` shows it; the same report from a host SPF does
+    not allow fails DMARC → delivered to postmaster, not stored."""
+    dns_server.add("report.example", "TXT", f"v=spf1 ip4:{REPORTER_IP} -all")
+    dns_server.add("_dmarc.report.example", "TXT", "v=DMARC1; p=none")
+    dns_server.add("example.test", "MX", "10 mx.test.example.")
+    dns_server.add("mx.test.example", "A", OURS)
+    srv = make_server()
+    caplog.set_level(logging.INFO, logger="yuubin")
+    store = Store(srv.config.state_db)
+    try:
+        good = report_mail(gz(report_xml(report_id="good-1", begin=NOW - 86400, end=NOW - 60)))
+        _send_report(srv, REPORTER_IP, good)
+        _wait_for(lambda: "event=dmarc_report_stored" in caplog.text)
+        assert {(r.report_id, r.source_ip, r.count) for r in store.dmarc_rows(0)} == {
+            ("good-1", OURS, 120), ("good-1", SPOOFER, 30)}
+        assert "from=report.example format=rfc7489" in caplog.text
+
+        forged = report_mail(gz(report_xml(report_id="forged-1", begin=NOW - 86400, end=NOW - 60,
+                                           rows=[("198.51.100.99", 999, "none", "pass", "pass", "example.test",
+                                                  None, ("example.test", "pass"))])))
+        _send_report(srv, "127.1.0.21", forged)
+        _wait_for(lambda: "event=dmarc_report_ignored" in caplog.text)
+        [ignored] = [r.getMessage() for r in caplog.records if "event=dmarc_report_ignored" in r.getMessage()]
+        assert "dmarc=fail" in ignored
+        assert {r.report_id for r in store.dmarc_rows(0)} == {"good-1"}
+    finally:
+        store.close()
+    both = srv.wait_delivered("postmaster@example.test", 2)  # each is kept as mail all the same
+    assert all(b"report.example!example.test!1700000000" in m for m in both)  # the attachment kept
+
+    r = run_yuubin(["dmarc", "report", "--json"], config=srv.config_file())
+    assert r.returncode == 0, r.stderr
+    [org] = json.loads(r.stdout)["organisations"]
+    assert org["reports"] == ["good-1"]
+    sources = {s["source_ip"]: s for s in org["sources"]}
+    assert sources[OURS]["this_server"] is True and sources[SPOOFER]["likely_spoofing"] is True
