@@ -183,6 +183,27 @@ async def test_quarantine_files_local_copies_in_the_junk_folder(parts: Parts):
     assert list((parts.maildir("alice@example.test") / "new").iterdir()) == []
 
 
+async def test_a_check_can_drop_incoming_header_fields(parts: Parts):
+    """A forged Authentication-Results (folded over two lines) claiming our hostname is removed;
+    one of another server, the rest of the header and the body stay byte for byte."""
+    forged = b"Authentication-Results: mx.test.example;\r\n\tdkim=pass header.d=bank.example\r\n"
+    other = b"Authentication-Results: mx.elsewhere.example; spf=pass\r\n"
+    message = b"From: a@remote.example\r\n" + forged + other + b"Subject: hi\r\n\r\nbody\r\n" + forged
+    txn = transaction([("alice@example.test", Resolution(mailboxes=["alice@example.test"]))])
+
+    def drop(name: str, field: bytes) -> bool:
+        return name == "authentication-results" and b"mx.test.example;" in field
+
+    check = MessageVerdict(accept("auth", "pass", drop_header=drop))
+    out = await parts.intake.receive(txn, message, Pipeline("mx", message=[check]), trace(txn))
+    assert isinstance(out, Accepted)
+    (copy,) = await wait_delivered(parts, "alice@example.test")
+    head, _, body = copy.partition(b"\r\n\r\n")
+    assert forged not in head + b"\r\n" and b"bank.example" not in head
+    assert head.endswith(b"From: a@remote.example\r\n" + other + b"Subject: hi")
+    assert body == b"body\r\n" + forged  # the body is never touched
+
+
 async def test_routes_split_into_local_copies_and_remote_recipients(parts: Parts):
     team = parts.directory.resolve(parse_path("<team@example.test>", smtputf8=False))
     assert team is not None
@@ -300,3 +321,42 @@ async def test_an_entry_torn_after_its_local_copies_does_not_kill_delivery(parts
     await wait_delivered(parts, "alice@example.test")
     assert [t for t in parts.delivery._tasks if not t.done()] == []
     assert any("event=spool_unreadable" in r.getMessage() for r in caplog.records)
+
+
+# ---- after a message is stored: the StoredHooks (DMARC report capture) ----
+
+
+class Recording:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[str, list[str], bytes, dict[str, str]]] = []
+        self.fail = fail
+
+    def stored(self, qid, recipients, data, results) -> None:
+        self.calls.append((qid, list(recipients), data, dict(results)))
+        if self.fail:
+            raise RuntimeError("hook bug")
+
+
+async def test_stored_hooks_hear_of_each_stored_message_with_its_results(parts: Parts):
+    first, broken, last = Recording(), Recording(fail=True), Recording()
+    parts.intake.after_stored = (first, broken, last)
+    txn = transaction([("alice@example.test", Resolution(mailboxes=["alice@example.test"])),
+                       ("bob@example.test", Resolution(mailboxes=["bob@example.test"]))])
+    check = MessageVerdict(accept("dmarc", results={"dmarc": "pass", "dmarc.domain": "remote.example"}))
+    out = await parts.intake.receive(txn, MESSAGE, Pipeline("mx", message=[check]), trace(txn))
+    assert isinstance(out, Accepted)  # a hook's bug does not turn the 250 into an error
+    for hook in (first, broken, last):
+        [(qid, rcpts, data, results)] = hook.calls
+        assert qid == out.qid
+        assert rcpts == ["alice@example.test", "bob@example.test"]
+        assert data.startswith(b"Received: ") and data.endswith(MESSAGE)
+        assert results == {"dmarc": "pass", "dmarc.domain": "remote.example"}
+
+
+async def test_stored_hooks_hear_nothing_of_a_refused_message(parts: Parts):
+    hook = Recording()
+    parts.intake.after_stored = (hook,)
+    txn = transaction([("alice@example.test", Resolution(mailboxes=["alice@example.test"]))])
+    refusal = reject("content", "no", 550, "5.7.1", "no")
+    await parts.intake.receive(txn, MESSAGE, Pipeline("mx", message=[MessageVerdict(refusal)]), trace(txn))
+    assert hook.calls == []

@@ -35,6 +35,9 @@ from yuubin.delivery.maildir import Maildirs
 from yuubin.dns import Resolver
 from yuubin.durable import FileAccess, GroupCommitter
 from yuubin.intake import Intake
+from yuubin.mailauth.capture import ReportCapture
+from yuubin.mailauth.dkimsign import DkimSigner
+from yuubin.mailauth.reports import ReportLimits
 from yuubin.net.connections import Connections, session_id_prefix
 from yuubin.net.shell import IPAddress, ShellSettings
 from yuubin.policy.containment import AccountContainment
@@ -69,8 +72,18 @@ def check(config: Config) -> None:
         if relay_target(config.outbound) is not None:  # reads relayhost_password_file
             relay_context(config.outbound)
         _check_data_dir(config.data_dir)
+        if config.dkim.sign:
+            _dkim_signer(config, quiet=True)
     except ConfigError as e:
         raise ConfigError(f"{config.source}: {e}" if config.source != "<memory>" else str(e)) from None
+
+
+def _dkim_signer(config: Config, quiet: bool = False) -> DkimSigner:
+    """The outbound signer with every local domain's keys; an unreadable key stops the start."""
+    try:
+        return DkimSigner.load(config.data_dir, config.local_domains, config.dkim.selectors, quiet=quiet)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"dkim: cannot read a signing key: {e} (see yuubin dkim list)") from None
 
 
 def _check_listeners(config: Config) -> None:
@@ -142,7 +155,7 @@ class App:
         # data_dir: 0700, or 0750 with the [mail] group, whose reader must pass through to mail/.
         FileAccess(0o600 if cfg.mail.gid == -1 else 0o640, gid=cfg.mail.gid).set_dir(cfg.data_dir)
         mail_access = FileAccess(cfg.mail.mode, cfg.mail.uid, cfg.mail.gid)
-        self.directory = Directory(self.store, cfg.local_domains, cfg.postmaster)
+        self.directory = Directory(self.store, cfg.local_domains, cfg.postmaster, cfg.mailauth.report_address)
         self.committer = GroupCommitter()
         self.spool = Spool(cfg.spool_dir, self.committer)
         self.editor = SpoolEditor(self.spool, EntryLocks(self.spool.root))
@@ -151,15 +164,22 @@ class App:
         self.holds = AccountHolds(self.store, self.editor)
         maildirs = Maildirs(cfg.mail_dir, cfg.hostname, mail_access)
         self.delivery = LocalDelivery(self.spool, maildirs, self.committer, self.editor, self.holds.is_held, waker)
+        ma = cfg.mailauth
+        self.reports = ReportCapture(
+            self.store, cfg.local_domains, ma.report_address,
+            ReportLimits(ma.report_max_attachment, ma.report_max_xml, ma.report_max_ratio, ma.report_max_records),
+            parsers=ma.report_parsers, queue=ma.report_queue)
         self.intake = Intake(cfg.hostname, self.spool, self.delivery, self.holds, self.directory, waker.wake,
-                             show_submitter=cfg.submission.received_client_ip)
+                             show_submitter=cfg.submission.received_client_ip, after_stored=[self.reports])
         self.containment = AccountContainment(self.store, self.holds, self.intake.inject, cfg.postmaster,
                                               cfg.hostname)
         self.resolver = Resolver(list(cfg.dns.nameservers), cfg.dns.port, cfg.dns.timeout)
         self.outbound: OutboundScheduler | None = None
-        if self.primary:  # remote delivery, retries, DSNs
+        if self.primary:  # remote delivery, retries, DSNs; DKIM-signed as each attempt sends
+            signer = _dkim_signer(cfg) if cfg.dkim.sign else None
             self.outbound = build_outbound(cfg, self.spool, self.editor, self.resolver, self.listening,
-                                           self.signal, self.intake.inject, self.holds.is_held)
+                                           self.signal, self.intake.inject, self.holds.is_held,
+                                           sign=signer.sign if signer is not None else None)
         # What admins did with the CLI, into this log (the primary alone: one line per action).
         self.admin_log = AdminActionLog(self.store) if self.primary else None
         self.guard = AuthGuard(self.store, cfg.auth_guard, self.is_trusted)
@@ -305,6 +325,7 @@ class App:
             await self.outbound.stop(grace=grace)
         await self.containment.drain(timeout=grace)
         await self.delivery.drain(timeout=grace)
+        await self.reports.drain(timeout=grace)
         if self.admin_log is not None:
             await self.admin_log.stop()
         self.editor.close()

@@ -105,6 +105,25 @@ class SubmissionConfig:
 
 
 @dataclass(frozen=True)
+class MailauthConfig:
+    """[mailauth]: what the mx does with SPF/DKIM/DMARC/ARC results (mail from strangers only)."""
+
+    dmarc_reject: str = "reject"  # DMARC fail under p=reject: "reject" (550 5.7.1), "quarantine", "deliver"
+    dmarc_quarantine: str = "quarantine"  # under p=quarantine: "quarantine" (Junk folder), "deliver"
+    spf_temperror: str = "deliver"  # an SPF DNS error: "deliver" or "defer" (451 at MAIL)
+    trusted_arc_sealers: tuple[str, ...] = ()  # their passing ARC chain overrides a DMARC fail
+    # DMARC aggregate reports: where they arrive, and the caps parsing them runs into (a report
+    # is a stranger's compressed XML).
+    report_address: str = "dmarc-reports"  # local part, at each local domain (delivered to postmaster)
+    report_max_attachment: int = 10 * 1024 * 1024  # bytes of one report attachment
+    report_max_xml: int = 50 * 1024 * 1024  # bytes of XML after decompression
+    report_max_ratio: int = 100  # decompressed / compressed
+    report_max_records: int = 20_000  # <record> elements in one report
+    report_parsers: int = 2  # reports parsed at once, each in a thread
+    report_queue: int = 50  # report mail waiting to be parsed; more is only delivered
+
+
+@dataclass(frozen=True)
 class MailConfig:
     """[mail]: who besides yuubin may read the Maildirs (Dovecot, a backup job). Names are
     resolved when the config is loaded, so a typo is an error naming the key."""
@@ -139,6 +158,16 @@ class OutboundConfig:
 
 
 @dataclass(frozen=True)
+class DkimConfig:
+    """[dkim]: outbound signing and the limits of verification."""
+
+    sign: bool = True  # sign mail from our local domains that leaves through the queue
+    selectors: tuple[str, ...] = ()  # key sets to sign with, first found per domain; () = each domain's newest
+    max_signatures: int = 5  # DKIM signatures checked per incoming message; the rest are reported unchecked
+    arc_max_sets: int = 10  # ARC sets accepted per incoming message (RFC 8617 allows 50)
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     data_dir: Path
@@ -157,10 +186,13 @@ class Config:
     mail: MailConfig = MailConfig()
     greylist: GreylistConfig = GreylistConfig()
     s25r: S25rConfig = S25rConfig()
+    mailauth: MailauthConfig = MailauthConfig()
+    dkim: DkimConfig = DkimConfig()
     log_level: str = "info"
     log_format: str = "text"  # or "json"
     metrics: tuple[str, int] | None = None  # [metrics] address: Prometheus /metrics; None = off
     workers: int = 1
+    public_ips: tuple[str, ...] = ()  # [server] public_ip: the address(es) the world sees us send from
     source: str = "<memory>"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -340,6 +372,43 @@ def _outbound_delivery(ob: _Table) -> dict[str, Any]:
     return out
 
 
+def _mailauth(t: _Table) -> MailauthConfig:
+    """[mailauth], each choice checked against its allowed words."""
+    d = MailauthConfig()
+
+    def choice(k: str, default: str, allowed: tuple[str, ...]) -> str:
+        v = t.get(k, default, str).strip().lower()
+        if v not in allowed:
+            raise ConfigError(f"{t.key(k)}: expected {' or '.join(repr(a) for a in allowed)}, got {v!r}")
+        return v
+
+    cfg = MailauthConfig(
+        dmarc_reject=choice("dmarc_reject", "reject", ("reject", "quarantine", "deliver")),
+        dmarc_quarantine=choice("dmarc_quarantine", "quarantine", ("quarantine", "deliver")),
+        spf_temperror=choice("spf_temperror", "deliver", ("deliver", "defer")),
+        trusted_arc_sealers=tuple(_domain(d, f"{t.key('trusted_arc_sealers')}[{i}]")
+                                  for i, d in enumerate(t.str_list("trusted_arc_sealers", []))),
+        report_address=_report_address(t),
+        report_max_attachment=t.positive_int("report_max_attachment", d.report_max_attachment),
+        report_max_xml=t.positive_int("report_max_xml", d.report_max_xml),
+        report_max_ratio=t.positive_int("report_max_ratio", d.report_max_ratio),
+        report_max_records=t.positive_int("report_max_records", d.report_max_records),
+        report_parsers=t.positive_int("report_parsers", d.report_parsers),
+        report_queue=t.positive_int("report_queue", d.report_queue),
+    )
+    t.finish()
+    return cfg
+
+
+def _report_address(t: _Table) -> str:
+    """A local part: the Directory makes it exist at every local domain (no @, + or /)."""
+    address = t.get("report_address", "dmarc-reports", str).strip().lower()
+    if not re.fullmatch(r"[a-z0-9!#$%&'*=?^_`{|}~-]+(\.[a-z0-9!#$%&'*=?^_`{|}~-]+)*", address):
+        raise ConfigError(f"{t.key('report_address')}: expected a local part like \"dmarc-reports\" "
+                          f"(no @, + or /: it exists at each local domain), got {address!r}")
+    return address
+
+
 def _mail(t: _Table) -> MailConfig:
     """[mail] owner, group and mode, with the names resolved to ids."""
     owner = t.get("owner", "", str).strip()
@@ -500,6 +569,8 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         raise ConfigError(f"listener[{i}].allow: country {lc.allow_countries[0]} needs geo.source "
                           "(an RIR delegated-stats file or a .mmdb country database)")
 
+    mailauth = _mailauth(top.table("mailauth"))
+
     sub_t = top.table("submission")
     submission = SubmissionConfig(received_client_ip=sub_t.get("received_client_ip", False, bool))
     sub_t.finish()
@@ -561,7 +632,27 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     workers = srv.positive_int("workers", 1)
     if workers > 64:
         raise ConfigError(f"server.workers: at most 64, got {workers}")
+    public_raw = srv.get("public_ip", [], (str, list))
+    public_ips = []
+    for i, ip in enumerate([public_raw] if isinstance(public_raw, str) else public_raw):
+        key = "server.public_ip" if isinstance(public_raw, str) else f"server.public_ip[{i}]"
+        try:
+            public_ips.append(str(ipaddress.ip_address(str(ip).strip())))
+        except ValueError:
+            raise ConfigError(f"{key}: {ip!r} is not an IP address") from None
     srv.finish()
+
+    dk = top.table("dkim")
+    selectors = dk.str_list("selectors", [])
+    for i, sel in enumerate(selectors):
+        if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,40}[a-z0-9])?", sel):
+            raise ConfigError(f"dkim.selectors[{i}]: {sel!r} is not a key set name (see yuubin dkim list)")
+    dkim = DkimConfig(sign=dk.get("sign", True, bool), selectors=tuple(selectors),
+                      max_signatures=dk.positive_int("max_signatures", 5),
+                      arc_max_sets=dk.positive_int("arc_max_sets", 10))
+    dk.finish()
+    if dkim.arc_max_sets > 50:
+        raise ConfigError(f"dkim.arc_max_sets: at most 50 (RFC 8617), got {dkim.arc_max_sets}")
 
     log = top.table("log")
     log_level = log.get("level", "info", str).lower()
@@ -632,10 +723,13 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         mail=mail,
         greylist=greylist,
         s25r=s25r,
+        mailauth=mailauth,
+        dkim=dkim,
         log_level=log_level,
         log_format=log_format,
         metrics=metrics,
         workers=workers,
+        public_ips=tuple(public_ips),
         source=source,
     )
 
@@ -751,6 +845,19 @@ def describe(cfg: Config) -> str:
         "[submission]",
         f"received_client_ip = {q(cfg.submission.received_client_ip)}",
         "",
+        "[mailauth]",
+        f"dmarc_reject = {q(cfg.mailauth.dmarc_reject)}",
+        f"dmarc_quarantine = {q(cfg.mailauth.dmarc_quarantine)}",
+        f"spf_temperror = {q(cfg.mailauth.spf_temperror)}",
+        f"trusted_arc_sealers = {q(cfg.mailauth.trusted_arc_sealers)}",
+        f"report_address = {q(cfg.mailauth.report_address)}",
+        f"report_max_attachment = {cfg.mailauth.report_max_attachment}",
+        f"report_max_xml = {cfg.mailauth.report_max_xml}",
+        f"report_max_ratio = {cfg.mailauth.report_max_ratio}",
+        f"report_max_records = {cfg.mailauth.report_max_records}",
+        f"report_parsers = {cfg.mailauth.report_parsers}",
+        f"report_queue = {cfg.mailauth.report_queue}",
+        "",
         "[mail]",
         f"owner = {q(cfg.mail.owner)}",
         f"group = {q(cfg.mail.group)}",
@@ -775,8 +882,16 @@ def describe(cfg: Config) -> str:
         f"command_timeout = {q(f'{cfg.outbound.command_timeout:g}s')}",
         f"queue_scan = {q(f'{cfg.outbound.queue_scan:g}s')}",
         "",
+        "",
         "[server]",
         f"workers = {cfg.workers}",
+        f"public_ip = {q(cfg.public_ips)}",
+        "",
+        "[dkim]",
+        f"sign = {q(cfg.dkim.sign)}",
+        f"selectors = {q(cfg.dkim.selectors)}",
+        f"max_signatures = {cfg.dkim.max_signatures}",
+        f"arc_max_sets = {cfg.dkim.arc_max_sets}",
         "",
         "[log]",
         f"level = {q(cfg.log_level)}",

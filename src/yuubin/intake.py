@@ -5,8 +5,8 @@ report capture will too), so what must happen to a new message happens once: the
 of the listener's policy, trace headers (Received:, and Message-ID/Date for a submission that
 lacks them), the headers the checks added, routes split into local and remote, holds of a
 suspended account, the durable spool write (fsynced, file and directory, before anyone is told
-"accepted"), local delivery (riding the same group commit when the message is local-only) and
-waking the outbound queue.
+"accepted"), local delivery (riding the same group commit when the message is local-only),
+waking the outbound queue, and telling the `StoredHook`s (DMARC report capture) what was stored.
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ import errno
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
 from email.policy import compat32
+from typing import Protocol
 
 from yuubin.auth.accounts import Directory
 from yuubin.delivery.local import LocalDelivery
 from yuubin.policy.holds import AccountHolds
-from yuubin.policy.pipeline import Decision, Pipeline, StageResult, Transaction, reject
+from yuubin.policy.pipeline import Decision, HeaderDrop, Pipeline, StageResult, Transaction, reject
 from yuubin.queue.spool import Envelope, RemoteRecipient, Spool, new_id
 from yuubin.smtp.address import AddressError, parse_path
 
@@ -74,6 +75,12 @@ class Refused:
     decision: Decision  # the check that refused (policy, or "spool" when storing failed)
 
 
+class StoredHook(Protocol):
+    def stored(self, qid: str, recipients: Sequence[str], data: bytes, results: Mapping[str, str]) -> None:
+        """A message from a client is stored (its 250 not sent yet): the recipients as given, the
+        data as stored, the results of the policy checks. Must return at once (work goes to a task)."""
+
+
 def missing_headers(data: bytes, qid: str, hostname: str, now: float) -> bytes:
     """Message-ID and Date lines to prepend when a submitted message lacks them (RFC 5322 3.6)."""
     end = data.find(b"\r\n\r\n")
@@ -84,6 +91,31 @@ def missing_headers(data: bytes, qid: str, hostname: str, now: float) -> bytes:
     if headers.get("Date") is None:
         out += f"Date: {email.utils.formatdate(now, localtime=True)}\r\n".encode()
     return out
+
+
+def drop_header_fields(data: bytes, drops: Sequence[HeaderDrop]) -> bytes:
+    """``data`` without the header fields any of ``drops`` asks to remove (the body untouched).
+
+    Fields are split by hand on the raw bytes so that everything kept stays byte-for-byte as
+    it came (a DKIM signature over it must still verify)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        head, rest = data, b""
+    else:
+        head, rest = data[: end + 2], data[end + 2:]
+    fields: list[bytes] = []
+    for line in head.splitlines(keepends=True):
+        if fields and line[:1] in (b" ", b"\t"):
+            fields[-1] += line
+        else:
+            fields.append(line)
+    kept = []
+    for f in fields:
+        name = f.split(b":", 1)[0].strip().decode("ascii", errors="replace").lower() if b":" in f else ""
+        if name and any(drop(name, f) for drop in drops):
+            continue
+        kept.append(f)
+    return b"".join(kept) + rest
 
 
 def received_header(trace: Trace, hostname: str, qid: str, now: float, show_submitter: bool) -> bytes:
@@ -103,7 +135,7 @@ def received_header(trace: Trace, hostname: str, qid: str, now: float, show_subm
 class Intake:
     def __init__(self, hostname: str, spool: Spool, delivery: LocalDelivery, holds: AccountHolds,
                  directory: Directory, wake: Callable[[str], None], show_submitter: bool = False,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, after_stored: Sequence[StoredHook] = ()):
         self.hostname = hostname
         self.spool = spool
         self.delivery = delivery
@@ -112,6 +144,7 @@ class Intake:
         self.wake = wake  # the outbound queue: an entry with remote recipients is ready
         self.show_submitter = show_submitter  # [submission] received_client_ip
         self.clock = clock
+        self.after_stored = tuple(after_stored)  # e.g. the DMARC report capture
         self.received = 0  # messages accepted from clients since the start, for the stop line
 
     async def receive(self, txn: Transaction, data: bytes, pipeline: Pipeline, trace: Trace) -> Accepted | Refused:
@@ -119,6 +152,8 @@ class Intake:
         result = await pipeline.message(txn, data)
         if not result.accepted:
             return Refused(result.decision)
+        if result.drop_headers:
+            data = drop_header_fields(data, result.drop_headers)
         s = txn.session
         qid = new_id()
         now = self.clock()
@@ -146,10 +181,23 @@ class Intake:
                       refusal.reply)
             return Refused(refusal)
         pipeline.accepted(txn)
+        self._tell_stored(qid, txn, msg.data, result)
         self.received += 1
         log.info("event=accepted session=%s id=%s from=<%s> rcpts=%d size=%d%s", s.session, qid, msg.sender,
                  len(txn.recipients), len(msg.data), " quarantine=yes" if msg.junk else "")
         return Accepted(qid, len(msg.data), result)
+
+    def _tell_stored(self, qid: str, txn: Transaction, data: bytes, result: StageResult) -> None:
+        if not self.after_stored:
+            return
+        recipients = [r.address.text for r in txn.recipients]
+        results = {**txn.results, **result.results}
+        for hook in self.after_stored:
+            try:
+                hook.stored(qid, recipients, data, results)
+            except Exception:  # the message is stored: a hook's bug must not turn its 250 into an error
+                log.exception("event=stored_hook_failed session=%s id=%s hook=%s", txn.session.session, qid,
+                              type(hook).__name__)
 
     async def store(self, msg: NewMessage, qid: str | None = None) -> str:
         """Durable on return (raises OSError if not): spool entry written and fsynced; local-only

@@ -1,4 +1,4 @@
-"""SQLite state (accounts, aliases, auth lockouts, submission counters, admin actions; later reports).
+"""SQLite state (accounts, aliases, auth lockouts, submission counters, admin actions, DMARC reports).
 
 Everything that touches SQL lives here, so another database can take its place when several
 hosts share state. WAL mode lets the server read while the CLI writes; each call reads the
@@ -16,8 +16,12 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from yuubin.durable import PRIVATE
+
+if TYPE_CHECKING:
+    from yuubin.mailauth.reports import AggregateReport
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -83,6 +87,33 @@ CREATE TABLE IF NOT EXISTS admin_actions (
     logged REAL                       -- when the server logged it; NULL until then
 );
 CREATE INDEX IF NOT EXISTS admin_actions_unlogged ON admin_actions(id) WHERE logged IS NULL;
+CREATE TABLE IF NOT EXISTS dmarc_reports (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    org_name TEXT NOT NULL,           -- the reporting organisation
+    report_id TEXT NOT NULL,
+    policy_domain TEXT NOT NULL,      -- the domain whose published policy the report is about
+    email TEXT NOT NULL DEFAULT '',   -- the reporter's contact
+    date_begin INTEGER NOT NULL,      -- the period covered, seconds since the epoch (UTC)
+    date_end INTEGER NOT NULL,
+    policy TEXT NOT NULL DEFAULT '',  -- the published policy as the reporter saw it: "p=reject sp=none ..."
+    format TEXT NOT NULL,             -- "rfc7489" or "rfc9990"
+    received REAL NOT NULL,
+    queue_id TEXT NOT NULL DEFAULT '',  -- the mail it came in (kept in postmaster's mailbox)
+    UNIQUE (org_name, report_id, policy_domain)  -- a report sent twice is stored once
+);
+CREATE INDEX IF NOT EXISTS dmarc_reports_end ON dmarc_reports(date_end);
+CREATE TABLE IF NOT EXISTS dmarc_rows (
+    report INTEGER NOT NULL,          -- dmarc_reports.id
+    source_ip TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    disposition TEXT NOT NULL,        -- what the receiver did: none, quarantine, reject (or pass)
+    dkim TEXT NOT NULL,               -- the DMARC-aligned results: pass or fail
+    spf TEXT NOT NULL,
+    header_from TEXT NOT NULL,
+    envelope_from TEXT NOT NULL DEFAULT '',
+    auth TEXT NOT NULL DEFAULT ''     -- the raw DKIM/SPF results: "dkim=pass d=x s=y; spf=fail d=z"
+);
+CREATE INDEX IF NOT EXISTS dmarc_rows_report ON dmarc_rows(report);
 """
 
 
@@ -110,6 +141,25 @@ class AccountRow:
     created: float
     suspended: bool
     suspended_by: str = ""  # SUSPENDED_BY_ADMIN, SUSPENDED_BY_LIMIT, or "" when not known
+
+
+@dataclass(frozen=True)
+class DmarcRow:
+    """One source's row of a stored DMARC aggregate report, with its report's facts."""
+
+    org_name: str
+    report_id: str
+    policy_domain: str
+    date_begin: int
+    date_end: int
+    source_ip: str
+    count: int
+    disposition: str
+    dkim: str
+    spf: str
+    header_from: str
+    envelope_from: str
+    auth: str
 
 
 @dataclass(frozen=True)
@@ -326,3 +376,39 @@ class Store:
     def mark_admin_actions_logged(self, through: int, at: float) -> None:
         """Every action up to id `through` is in the log (ids only grow: later ones stay unlogged)."""
         self.db.execute("UPDATE admin_actions SET logged = ? WHERE logged IS NULL AND id <= ?", (at, through))
+
+    # DMARC aggregate reports (mailauth/capture.py stores them; `yuubin dmarc report` reads them)
+    def add_dmarc_report(self, report: AggregateReport, received: float, queue_id: str = "") -> bool:
+        """Store a parsed report with its rows in one transaction; False when the same report
+        (organisation, report id, policy domain) is already stored."""
+        with self.db:
+            self.db.execute("BEGIN")
+            cur = self.db.execute(
+                "INSERT OR IGNORE INTO dmarc_reports(org_name, report_id, policy_domain, email, date_begin, date_end, "
+                "policy, format, received, queue_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (report.org_name, report.report_id, report.policy.domain, report.email, report.begin, report.end,
+                 report.policy.text(), report.format, received, queue_id))
+            if cur.rowcount == 0:
+                return False
+            rid = cur.lastrowid
+            self.db.executemany(
+                "INSERT INTO dmarc_rows(report, source_ip, count, disposition, dkim, spf, header_from, envelope_from, "
+                "auth) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(rid, r.source_ip, r.count, r.disposition, r.dkim, r.spf, r.header_from, r.envelope_from,
+                  "; ".join(f"{a.method}={a.result} d={a.domain}" + (f" s={a.selector}" if a.selector else "")
+                            for a in r.auth)) for r in report.rows])
+        return True
+
+    def dmarc_rows(self, since: float, domain: str | None = None) -> list[DmarcRow]:
+        """Rows of the reports whose period ends after `since`; with `domain`, only those about it
+        (the policy domain, or mail whose From: is that domain or one of its subdomains)."""
+        sql = ("SELECT r.org_name, r.report_id, r.policy_domain, r.date_begin, r.date_end, w.source_ip, w.count, "
+               "w.disposition, w.dkim, w.spf, w.header_from, w.envelope_from, w.auth "
+               "FROM dmarc_rows w JOIN dmarc_reports r ON r.id = w.report WHERE r.date_end >= ?")
+        args: list[object] = [since]
+        if domain:
+            sql += " AND (r.policy_domain = ? OR w.header_from = ? OR w.header_from LIKE ? ESCAPE '\\')"
+            escaped = domain.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            args += [domain, domain, f"%.{escaped}"]
+        sql += " ORDER BY r.org_name, w.source_ip, r.date_begin"
+        return [DmarcRow(*row) for row in self.db.execute(sql, args)]

@@ -1,4 +1,4 @@
-"""Who receives mail here: accounts, aliases, plus-addressing and postmaster.
+"""Who receives mail here: accounts, aliases, plus-addressing, postmaster and the DMARC report address.
 
 Resolution reads the store on every call so CLI changes apply to a running server at once.
 """
@@ -41,10 +41,12 @@ class Resolution:
 
 
 class Directory:
-    def __init__(self, store: Store, local_domains: tuple[str, ...], postmaster: str):
+    def __init__(self, store: Store, local_domains: tuple[str, ...], postmaster: str,
+                 report_address: str = "dmarc-reports"):
         self.store = store
         self.local_domains = frozenset(local_domains)
         self.postmaster = postmaster
+        self.report_address = report_address  # [mailauth] report_address: a local part at every local domain
 
     def is_local(self, domain: str) -> bool:
         return domain in self.local_domains
@@ -80,8 +82,9 @@ class Directory:
                 for t in targets:
                     found = self._expand(t, out, depth + 1, seen) or found
                 return found
-        if local.split("+", 1)[0] == "postmaster" and key != self.postmaster:
-            # RFC 5321 4.5.1: postmaster@ every local domain must work.
+        if local.split("+", 1)[0] in ("postmaster", self.report_address) and key != self.postmaster:
+            # RFC 5321 4.5.1: postmaster@ every local domain must work. The DMARC report address
+            # too (it is published in rua=): its reports are parsed, and the mail kept for postmaster.
             return self._expand(self.postmaster, out, depth + 1, seen)
         if key == self.postmaster:
             # No account or alias holds the postmaster address yet: its mail still must not

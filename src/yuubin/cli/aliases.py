@@ -24,7 +24,7 @@ def _nobody_here(cfg: Config, store: Store, targets: list[str]) -> list[str]:
     mail to the alias would bounce for them."""
     from yuubin.auth.accounts import Directory
     from yuubin.smtp.address import parse_path
-    directory = Directory(store, cfg.local_domains, cfg.postmaster)
+    directory = Directory(store, cfg.local_domains, cfg.postmaster, cfg.mailauth.report_address)
     out = []
     for t in targets:
         address = parse_path(f"<{t}>", smtputf8=True)  # normalized by address_arg: parses

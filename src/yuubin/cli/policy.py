@@ -73,7 +73,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     sender = _address(args.sender, "--from", null_ok=True)
     recipients = [a for a in (_address(t, "--to") for t in args.to) if a is not None]
     store = open_store(cfg)
-    directory = Directory(store, cfg.local_domains, cfg.postmaster)
+    directory = Directory(store, cfg.local_domains, cfg.postmaster, cfg.mailauth.report_address)
     resolver = Resolver(list(cfg.dns.nameservers), cfg.dns.port, cfg.dns.timeout)
     broken: list[str] = []
     policies = ListenerPolicies(cfg, directory, store, resolver, load_geo(cfg),

@@ -3,9 +3,10 @@
 | stage   | mx (25)                               | submission (587) / submissions (465)          |
 |---------|---------------------------------------|-----------------------------------------------|
 | connect | DNSBL (not for trusted networks)      | the listener's allow list                     |
-| mail    | no stranger as one of our domains     | logged in, not suspended, hourly limit, owned |
+| mail    | no stranger as one of our domains;    | logged in, not suspended, hourly limit, owned |
+|         | SPF (not for trusted networks)        |                                               |
 | rcpt    | local exists; relay only for trusted  | local exists; relay; daily recipient limit    |
-| message | —                                     | From: owned                                   |
+| message | DKIM, ARC, DMARC (not for trusted)    | From: owned                                   |
 
 Optional on port 25 (off by default): S25R (connect: classify the reverse DNS; RCPT: 450 or
 greylist suspects) and greylisting (RCPT, after the recipient is known to exist).
@@ -16,6 +17,7 @@ server and `yuubin policy explain` run the same checks.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 
@@ -23,9 +25,12 @@ from yuubin.auth.accounts import Directory
 from yuubin.config import SUBMISSION_KINDS, Config, ConfigError, ListenerConfig, OutboundConfig
 from yuubin.dns import DnsLookup
 from yuubin.geo import AccessList, GeoDatabase, GeoError
+from yuubin.mailauth.arc import verify_arc
+from yuubin.mailauth.dkim import verify_message
 from yuubin.policy.access import AllowList
 from yuubin.policy.dnsbl import DnsblCheck, DnsblChecker
 from yuubin.policy.greylist import Greylist, GreylistSettings
+from yuubin.policy.mailauth import MailAuthCheck
 from yuubin.policy.pipeline import ConnectCheck, Pipeline, RcptCheck, SessionFacts
 from yuubin.policy.ratelimit import AccountLimits
 from yuubin.policy.relay import MxRecipients, SubmissionRecipients
@@ -36,18 +41,20 @@ from yuubin.store import Store
 OnLimit = Callable[[str, str, SessionFacts], None]  # (account, what, facts): a limit was broken
 
 
-def mx_pipeline(directory: Directory, dnsbl: DnsblChecker | None, s25r: S25rCheck | None = None,
-                greylist: Greylist | None = None) -> Pipeline:
-    """Port 25; S25R classifies at connect and (action "reject") answers at RCPT; greylisting runs
-    after the recipient is known to exist."""
+def mx_pipeline(directory: Directory, dnsbl: DnsblChecker | None, mailauth: MailAuthCheck | None = None,
+                s25r: S25rCheck | None = None, greylist: Greylist | None = None) -> Pipeline:
+    """Port 25. ``mailauth`` None leaves out SPF/DKIM/DMARC (unit tests of the other rules); S25R
+    classifies at connect and (action "reject") answers at RCPT; greylisting runs after the
+    recipient is known to exist (and after SPF, whose pass exempts the sender)."""
     connect: list[ConnectCheck] = [DnsblCheck(dnsbl)]
     rcpt: list[RcptCheck] = [MxRecipients(directory)]
+    auth = [mailauth] if mailauth is not None else []
     if s25r is not None:
         connect.append(s25r)
         rcpt.append(s25r)
     if greylist is not None:
         rcpt.append(greylist)
-    return Pipeline("mx", connect=connect, mail=[ForeignSender(directory)], rcpt=rcpt)
+    return Pipeline("mx", connect=connect, mail=[ForeignSender(directory), *auth], rcpt=rcpt, message=auth)
 
 
 def submission_pipeline(kind: str, directory: Directory, store: Store, outbound: OutboundConfig,
@@ -89,7 +96,11 @@ class ListenerPolicies:
             gl = cfg.greylist
             settings = GreylistSettings(gl.mode != "all", gl.delay, gl.expire, gl.ttl)
             greylist = Greylist(store, settings, dry_run=dry_run)
-        self._mx = mx_pipeline(directory, dnsbl, s25r, greylist)
+        mailauth = MailAuthCheck(
+            resolver, directory, cfg.mailauth, cfg.hostname,
+            verify_dkim=functools.partial(verify_message, lookup=resolver, timeout=cfg.dns.timeout),
+            verify_arc=functools.partial(verify_arc, lookup=resolver, timeout=cfg.dns.timeout))
+        self._mx = mx_pipeline(directory, dnsbl, mailauth, s25r, greylist)
 
     def pipeline(self, lc: ListenerConfig) -> Pipeline:
         if lc.kind not in SUBMISSION_KINDS:

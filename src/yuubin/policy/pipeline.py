@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from collections.abc import Awaitable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,6 +23,10 @@ from yuubin.smtp.address import Address
 from yuubin.smtp.replies import Reply
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# A header field the intake removes before storing: (lowercase field name, the whole raw field
+# with its continuation lines) -> drop it? E.g. an Authentication-Results forging our authserv-id.
+HeaderDrop = Callable[[str, bytes], bool]
 
 
 class Verdict(enum.Enum):
@@ -42,6 +46,7 @@ class Decision:
     headers: tuple[bytes, ...] = ()  # header lines (with CRLF) to add to the message
     results: Mapping[str, str] = field(default_factory=dict)  # e.g. {"dnsbl": "pass"}
     route: Resolution | None = None  # RCPT: where an accepted recipient goes
+    drop_header: HeaderDrop | None = None  # message stage: incoming header fields to remove
 
     @property
     def accepted(self) -> bool:
@@ -49,8 +54,10 @@ class Decision:
 
 
 def accept(check: str, reason: str = "ok", *, route: Resolution | None = None,
-           headers: tuple[bytes, ...] = (), results: Mapping[str, str] | None = None) -> Decision:
-    return Decision(Verdict.ACCEPT, check, reason, route=route, headers=headers, results=results or {})
+           headers: tuple[bytes, ...] = (), results: Mapping[str, str] | None = None,
+           drop_header: HeaderDrop | None = None) -> Decision:
+    return Decision(Verdict.ACCEPT, check, reason, route=route, headers=headers, results=results or {},
+                    drop_header=drop_header)
 
 
 def reject(check: str, reason: str, code: int, status: str, text: str, *, close: bool = False) -> Decision:
@@ -60,8 +67,9 @@ def reject(check: str, reason: str, code: int, status: str, text: str, *, close:
 
 
 def quarantine(check: str, reason: str, *, headers: tuple[bytes, ...] = (),
-               results: Mapping[str, str] | None = None) -> Decision:
-    return Decision(Verdict.QUARANTINE, check, reason, headers=headers, results=results or {})
+               results: Mapping[str, str] | None = None, drop_header: HeaderDrop | None = None) -> Decision:
+    return Decision(Verdict.QUARANTINE, check, reason, headers=headers, results=results or {},
+                    drop_header=drop_header)
 
 
 @dataclass(slots=True)
@@ -137,6 +145,7 @@ class StageResult:
     headers: tuple[bytes, ...] = ()
     results: Mapping[str, str] = field(default_factory=dict)
     route: Resolution | None = None
+    drop_headers: tuple[HeaderDrop, ...] = ()  # the checks' predicates, applied by the intake
 
     @property
     def accepted(self) -> bool:
@@ -154,15 +163,18 @@ def _combine(stage: str, decisions: list[Decision]) -> StageResult:
     headers: tuple[bytes, ...] = ()
     results: dict[str, str] = {}
     route = None
+    drops: tuple[HeaderDrop, ...] = ()
     for d in decisions:
         headers += d.headers
         results.update(d.results)
         route = d.route or route
+        if d.drop_header is not None:
+            drops += (d.drop_header,)
     final = decisions[-1] if decisions else accept(stage, "no checks")
     for d in decisions:
         if d.verdict is Verdict.QUARANTINE:
             final = d
-    return StageResult(final, trail, headers, results, route)
+    return StageResult(final, trail, headers, results, route, drops)
 
 
 async def _run(stage: str, checks: Iterator[Awaitable[Decision]]) -> StageResult:

@@ -1,0 +1,197 @@
+"""The mx's mail authentication check: SPF at MAIL, DKIM/ARC/DMARC at the end of DATA.
+
+SPF is evaluated when MAIL FROM arrives (MAIL FROM's domain, or the HELO name for <>) and kept
+in the transaction's results; the message stage verifies DKIM and ARC (through the verifiers
+the app passes in: DKIM/ARC cryptography lives in ``yuubin.mailauth.dkim``/``arc``), then
+DMARC, and decides by ``[mailauth]``:
+
+- DMARC fail under p=reject: 550 5.7.1 in session (or quarantine/deliver if so configured);
+  under p=quarantine: the recipients' Junk folder (or deliver);
+- a From: in one of our local domains that fails DMARC: always 550 5.7.1 (a missing record of
+  ours counts as p=reject);
+- a DMARC fail is overridden when the ARC chain passes and its newest sealer is trusted;
+- SPF or DKIM errors alone never reject; an SPF temperror defers (451) only with
+  ``spf_temperror = "defer"``.
+
+Trusted networks and logged-in clients are not checked. Every decision is one
+``event=mailauth`` log line with all results; the message gets one Authentication-Results
+header and loses incoming ones that claim our hostname.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
+
+from yuubin.auth.accounts import Directory
+from yuubin.config import MailauthConfig
+from yuubin.dns import DnsLookup
+from yuubin.mailauth.dmarc import DmarcResult, TreeWalk, evaluate, from_domains
+from yuubin.mailauth.results import ArcSummary, DkimSummary, authentication_results, claims_authserv
+from yuubin.mailauth.spf import check_sender
+from yuubin.policy.pipeline import Decision, Transaction, Verdict, accept, quarantine, reject
+from yuubin.smtp.address import Address
+from yuubin.smtp.replies import Reply
+
+log = logging.getLogger("yuubin.mailauth")
+
+CHECK = "mailauth"
+
+
+class DkimVerdict(Protocol):
+    """One verified signature, as ``yuubin.mailauth.dkim.DkimResult`` gives it."""
+
+    @property
+    def result(self) -> str: ...
+    @property
+    def domain(self) -> str: ...
+    @property
+    def selector(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def header_b(self) -> str: ...
+
+
+class ArcVerdict(Protocol):
+    """An ARC chain, as ``yuubin.mailauth.arc.ArcResult`` gives it."""
+
+    @property
+    def result(self) -> str: ...
+    @property
+    def sealers(self) -> tuple[str, ...]: ...
+    @property
+    def reason(self) -> str: ...
+
+
+DkimVerifier = Callable[[bytes], Awaitable[Sequence[DkimVerdict]]]
+ArcVerifier = Callable[[bytes], Awaitable[ArcVerdict]]
+
+
+def _quoted(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\r", " ").replace("\n", " ")
+
+
+class MailAuthCheck:
+    """SPF, DKIM, ARC and DMARC for mail from strangers on the mx."""
+
+    def __init__(self, lookup: DnsLookup, directory: Directory, cfg: MailauthConfig, hostname: str, *,
+                 verify_dkim: DkimVerifier | None = None, verify_arc: ArcVerifier | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.lookup = lookup
+        self.directory = directory
+        self.cfg = cfg
+        self.hostname = hostname
+        self.verify_dkim = verify_dkim
+        self.verify_arc = verify_arc
+        self.clock = clock
+        self.trusted_sealers = frozenset(cfg.trusted_arc_sealers)
+        self._drop = claims_authserv(hostname)
+
+    @staticmethod
+    def _skipped(txn: Transaction) -> str | None:
+        s = txn.session
+        if s.auth_user:
+            return "logged in"
+        if s.trusted:
+            return "trusted network"
+        return None
+
+    async def mail(self, txn: Transaction, sender: Address | None) -> Decision:
+        if self._skipped(txn):
+            return accept(CHECK, "not checked")
+        s = txn.session
+        helo = s.helo or ""
+        mail_from = sender.text if sender is not None and sender.domain else None
+        spf = await check_sender(s.client, mail_from, helo, self.lookup, receiver=self.hostname, now=self.clock())
+        txn.results.update({"spf": spf.result, "spf.domain": spf.domain, "spf.identity": spf.identity,
+                            "spf.value": mail_from or helo, "spf.reason": spf.reason})
+        if spf.result == "temperror" and self.cfg.spf_temperror == "defer":
+            log.info('event=mailauth session=%s client=%s from=<%s> spf=temperror spf_domain=%s action=defer '
+                     'reason="%s"', s.session, s.client, mail_from or "", spf.domain, _quoted(spf.reason))
+            return reject(CHECK, f"SPF temperror for {spf.domain}: {spf.reason}", 451, "4.7.24",
+                          f"SPF check of {spf.domain} failed temporarily; try again later")
+        return accept(CHECK, f"spf={spf.result}")
+
+    async def message(self, txn: Transaction, data: bytes) -> Decision:
+        if (skipped := self._skipped(txn)) is not None:
+            return accept(CHECK, f"not checked: {skipped}", drop_header=self._drop)
+        s = txn.session
+        domains = from_domains(data)
+        dkim_job = self.verify_dkim(data) if self.verify_dkim is not None else _no_signatures()
+        arc_job = self.verify_arc(data) if self.verify_arc is not None else _no_chain()
+        # DMARC's policy discovery needs no signature: it walks while the signatures are checked.
+        walk = TreeWalk(self.lookup)
+        prefetch = walk.prefetch(domains[0]) if domains else _nothing()
+        dkims, arc, _ = await asyncio.gather(dkim_job, arc_job, prefetch)
+        spf_result = txn.results.get("spf", "none")
+        spf_domain = txn.results.get("spf.domain", "")
+        spf_for_dmarc = (spf_result, spf_domain) if txn.results.get("spf.identity") == "mailfrom" else None
+        own = [d for d in domains or () if self.directory.is_local(d)]
+        dmarc = await evaluate(domains, spf_for_dmarc, [(d.result, d.domain.lower()) for d in dkims], self.lookup,
+                               own=own, walk=walk)
+        action, why = self._action(dmarc, arc, own)
+        header = authentication_results(
+            self.hostname,
+            spf=(spf_result, txn.results.get("spf.identity", "mailfrom"), txn.results.get("spf.value", ""),
+                 txn.results.get("spf.reason", "")) if "spf" in txn.results else None,
+            dkim=[DkimSummary(d.result, d.domain, d.selector, d.header_b, d.reason) for d in dkims],
+            dmarc=(dmarc.result, dmarc.from_domain, dmarc.published, dmarc.reason),
+            arc=ArcSummary(arc.result, arc.reason),
+        )
+        results = {"spf": spf_result, "spf.domain": spf_domain, "dmarc": dmarc.result,
+                   "dmarc.domain": dmarc.from_domain, "dmarc.policy": dmarc.published,
+                   "dmarc.disposition": action, "arc": arc.result,
+                   "dkim": ",".join(f"{d.result}:{d.domain}" for d in dkims) or "none"}
+        log.info('event=mailauth session=%s client=%s from=<%s> header_from=%s spf=%s spf_domain=%s dkim=%s '
+                 'dmarc=%s dmarc_policy=%s arc=%s%s action=%s reason="%s"', s.session, s.client,
+                 txn.sender.text if txn.sender else "", dmarc.from_domain or "-", spf_result, spf_domain or "-",
+                 results["dkim"], dmarc.result, dmarc.published, arc.result,
+                 f" arc_sealer={arc.sealers[-1]}" if arc.sealers else "", action, _quoted(why))
+        if action == "reject":
+            return Decision(Verdict.REJECT, CHECK, why, Reply(550, "5.7.1", why), results=results)
+        if action == "quarantine":
+            return quarantine(CHECK, why, headers=(header,), results=results, drop_header=self._drop)
+        return accept(CHECK, why, headers=(header,), results=results, drop_header=self._drop)
+
+    def _action(self, dmarc: DmarcResult, arc: ArcVerdict, own: Sequence[str]) -> tuple[str, str]:
+        """(deliver|quarantine|reject, why) for a DMARC outcome."""
+        if dmarc.result != "fail":
+            return "deliver", f"dmarc={dmarc.result}" + (f": {dmarc.reason}" if dmarc.reason else "")
+        domain = dmarc.from_domain
+        if domain in own:
+            return "reject", f"From: claims our domain {domain} but fails DMARC ({dmarc.reason})"
+        if arc.result == "pass" and arc.sealers and arc.sealers[-1].lower() in self.trusted_sealers:
+            return "deliver", f"DMARC fail for {domain} overridden: ARC chain passes, sealed by trusted " \
+                              f"{arc.sealers[-1].lower()}"
+        if dmarc.policy == "reject":
+            how = self.cfg.dmarc_reject
+            if how == "reject":
+                return "reject", f"message rejected by the DMARC policy of {domain} ({dmarc.reason})"
+            return how, f"DMARC fail for {domain} under p=reject; configured to {how}"
+        if dmarc.policy == "quarantine":
+            how = self.cfg.dmarc_quarantine
+            return how, f"DMARC fail for {domain} under p=quarantine"
+        return "deliver", f"DMARC fail for {domain}, policy {dmarc.published}" + \
+                          (" (t=y: testing)" if dmarc.record is not None and dmarc.record.testing else "")
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _no_signatures() -> Sequence[DkimVerdict]:
+    return ()
+
+
+class _NoChain:
+    result = "none"
+    sealers: tuple[str, ...] = ()
+    reason = "no ARC verifier"
+
+
+async def _no_chain() -> ArcVerdict:
+    return _NoChain()
