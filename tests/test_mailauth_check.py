@@ -204,3 +204,46 @@ async def test_trusted_networks_and_logins_are_not_checked(directory, trusted, a
     d = await check.message(t, message("ceo@example.test"))
     assert d.verdict is Verdict.ACCEPT and d.headers == () and "spf" not in t.results
     assert check.lookup.queries == []  # type: ignore[attr-defined]
+
+
+async def test_a_verifier_that_breaks_is_logged_and_never_passes(directory, caplog):
+    caplog.set_level(logging.INFO, logger="yuubin.mailauth")
+
+    async def broken(data: bytes):
+        raise RuntimeError("boom")
+
+    check = MailAuthCheck(Zone(ZONE), directory, MailauthConfig(trusted_arc_sealers=("lists.example",)), HOST,
+                          verify_dkim=broken, verify_arc=broken)
+    t = txn("x@soft.example")
+    await check.mail(t, t.sender)
+    d = await check.message(t, message("x@soft.example"))
+    assert d.verdict is Verdict.QUARANTINE  # p=quarantine still applies
+    assert b"dkim=temperror (DKIM verifier error: RuntimeError)" in d.headers[0]
+    assert b"arc=fail (ARC verifier error: RuntimeError)" in d.headers[0]
+    errors = [r.getMessage() for r in caplog.records if "event=mailauth_error" in r.getMessage()]
+    assert len(errors) == 2 and "boom" in errors[0]
+
+
+class SlowZone(Zone):
+    async def lookup(self, name: str, rdtype: str) -> LookupResult:
+        import asyncio
+
+        await asyncio.sleep(0.2)
+        return await super().lookup(name, rdtype)
+
+
+async def test_checks_are_bounded_by_check_timeout(directory):
+    check = make(directory, check_timeout=0.3, spf_temperror="defer")
+    check.lookup = SlowZone({("a.example", "TXT"): ["v=spf1 include:b.example -all"],
+                             ("b.example", "TXT"): ["v=spf1 include:c.example -all"],
+                             ("c.example", "TXT"): ["v=spf1 -all"]})
+    t = txn("x@a.example")
+    d = await check.mail(t, t.sender)  # three lookups of 0.2 s each: over the 0.3 s bound
+    assert d.verdict is Verdict.TEMPFAIL and t.results["spf"] == "temperror"
+    assert "longer than 0.3s" in t.results["spf.reason"]
+    check = make(directory, check_timeout=0.3)
+    check.lookup = SlowZone({("_dmarc.b.example", "TXT"): ["v=DMARC1; p=reject"]})
+    t = txn("x@a.example", client="198.51.100.1")
+    t.results.update({"spf": "fail", "spf.domain": "a.example", "spf.identity": "mailfrom"})
+    d = await check.message(t, message("x@a.b.example"))  # the walk: two names of 0.2 s each
+    assert d.verdict is Verdict.ACCEPT and d.results["dmarc"] == "temperror"

@@ -93,6 +93,7 @@ class MailauthConfig:
     spf_temperror: str = "deliver"  # an SPF DNS error: "deliver" or "defer" (451 at MAIL)
     trusted_arc_sealers: tuple[str, ...] = ()  # their passing ARC chain overrides a DMARC fail
     report_address: str = "dmarc-reports"  # DMARC aggregate reports: local part at each local domain
+    check_timeout: float = 20.0  # SPF at MAIL, and DKIM+ARC+DMARC at DATA, each at most this long (then temperror)
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,7 @@ def _mailauth(t: _Table) -> MailauthConfig:
         trusted_arc_sealers=tuple(_domain(d, f"{t.key('trusted_arc_sealers')}[{i}]")
                                   for i, d in enumerate(t.str_list("trusted_arc_sealers", []))),
         report_address=t.get("report_address", "dmarc-reports", str).strip(),
+        check_timeout=parse_duration(t.get("check_timeout", "20s", (int, float, str)), t.key("check_timeout")),
     )
     if not cfg.report_address or any(c.isspace() for c in cfg.report_address) or cfg.report_address.count("@") > 1:
         raise ConfigError(f"{t.key('report_address')}: expected a local part or an address, "
@@ -762,6 +764,7 @@ def describe(cfg: Config) -> str:
         f"spf_temperror = {q(cfg.mailauth.spf_temperror)}",
         f"trusted_arc_sealers = {q(cfg.mailauth.trusted_arc_sealers)}",
         f"report_address = {q(cfg.mailauth.report_address)}",
+        f"check_timeout = {q(f'{cfg.mailauth.check_timeout:g}s')}",
         "",
         "[mail]",
         f"owner = {q(cfg.mail.owner)}",
