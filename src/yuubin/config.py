@@ -355,12 +355,12 @@ def _mailauth(t: _Table) -> MailauthConfig:
         spf_temperror=choice("spf_temperror", "deliver", ("deliver", "defer")),
         trusted_arc_sealers=tuple(_domain(d, f"{t.key('trusted_arc_sealers')}[{i}]")
                                   for i, d in enumerate(t.str_list("trusted_arc_sealers", []))),
-        report_address=t.get("report_address", "dmarc-reports", str).strip(),
+        report_address=t.get("report_address", "dmarc-reports", str).strip().lower(),
         check_timeout=parse_duration(t.get("check_timeout", "20s", (int, float, str)), t.key("check_timeout")),
     )
-    if not cfg.report_address or any(c.isspace() for c in cfg.report_address) or cfg.report_address.count("@") > 1:
-        raise ConfigError(f"{t.key('report_address')}: expected a local part or an address, "
-                          f"got {cfg.report_address!r}")
+    if not re.fullmatch(r"[a-z0-9!#$%&'*=?^_`{|}~-]+(\.[a-z0-9!#$%&'*=?^_`{|}~-]+)*", cfg.report_address):
+        raise ConfigError(f"{t.key('report_address')}: expected a local part like \"dmarc-reports\" "
+                          f"(no @, + or /: it exists at each local domain), got {cfg.report_address!r}")
     t.finish()
     return cfg
 
