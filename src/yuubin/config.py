@@ -591,11 +591,11 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     public_raw = srv.get("public_ip", [], (str, list))
     public_ips = []
     for i, ip in enumerate([public_raw] if isinstance(public_raw, str) else public_raw):
-        key = "server.public_ip" if isinstance(public_raw, str) else f"server.public_ip[{i}]"
+        where = "server.public_ip" if isinstance(public_raw, str) else f"server.public_ip[{i}]"
         try:
             public_ips.append(str(ipaddress.ip_address(str(ip).strip())))
         except ValueError:
-            raise ConfigError(f"{key}: {ip!r} is not an IP address") from None
+            raise ConfigError(f"{where}: {ip!r} is not an IP address") from None
     srv.finish()
 
     dk = top.table("dkim")
