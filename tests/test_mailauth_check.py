@@ -86,8 +86,11 @@ def txn(sender: str, *, client: str = CLIENT, trusted: bool = False, auth: str |
     return Transaction(facts, parse_path(f"<{sender}>", smtputf8=False))
 
 
-def message(from_: str) -> bytes:
-    return (f"From: {from_}\r\nAuthentication-Results: {HOST}; dmarc=pass\r\nSubject: x\r\n\r\nbody\r\n").encode()
+def message(from_: str, *, signed: bool = True) -> bytes:
+    """A message; ``signed`` gives it the fields that make the check call the (fake) verifiers."""
+    marks = "DKIM-Signature: v=1; d=fake\r\nARC-Seal: i=1; d=fake\r\n" if signed else ""
+    return (f"{marks}From: {from_}\r\nAuthentication-Results: {HOST}; dmarc=pass\r\nSubject: x\r\n\r\n"
+            "body\r\n").encode()
 
 
 async def run(check: MailAuthCheck, sender: str, from_: str, **kw):
@@ -247,3 +250,25 @@ async def test_checks_are_bounded_by_check_timeout(directory):
     t.results.update({"spf": "fail", "spf.domain": "a.example", "spf.identity": "mailfrom"})
     d = await check.message(t, message("x@a.b.example"))  # the walk: two names of 0.2 s each
     assert d.verdict is Verdict.ACCEPT and d.results["dmarc"] == "temperror"
+
+
+async def test_unsigned_mail_never_reaches_the_verifiers(directory):
+    called: list[str] = []
+
+    async def verify_dkim(data: bytes):
+        called.append("dkim")
+        return []
+
+    async def verify_arc(data: bytes):
+        called.append("arc")
+        return FakeArc("none", ())
+
+    check = MailAuthCheck(Zone(ZONE), directory, MailauthConfig(), HOST, verify_dkim=verify_dkim,
+                          verify_arc=verify_arc)
+    t = txn("bob@sender.example")
+    await check.mail(t, t.sender)
+    d = await check.message(t, message("bob@sender.example", signed=False))
+    assert d.results["dmarc"] == "pass" and called == []
+    assert b"dkim=none" in d.headers[0] and b"arc=none" in d.headers[0]
+    await check.message(t, message("bob@sender.example").replace(b"ARC-Seal", b"arc-message-signature"))
+    assert called == ["dkim", "arc"]
