@@ -54,3 +54,28 @@ def test_host_bits_are_refused_and_a_single_host_is_a_network():
         from_dict({**BASE, "network": {"trusted": ["192.0.2.0/24", "192.0.2.7/24"]}})
     cfg = from_dict({**BASE, "network": {"trusted": ["192.0.2.7", "192.0.2.8/32", "2001:db8::/32"]}})
     assert [str(n) for n in cfg.trusted] == ["192.0.2.7/32", "192.0.2.8/32", "2001:db8::/32"]
+
+
+def test_mailauth_defaults_and_values():
+    cfg = from_dict(dict(BASE))
+    m = cfg.mailauth
+    assert (m.dmarc_reject, m.dmarc_quarantine, m.spf_temperror, m.trusted_arc_sealers, m.report_address,
+            m.check_timeout) == ("reject", "quarantine", "deliver", (), "dmarc-reports", 20.0)
+    cfg = from_dict({**BASE, "mailauth": {"dmarc_reject": "Quarantine", "spf_temperror": "defer",
+                                          "trusted_arc_sealers": ["Lists.Example.ORG."], "check_timeout": "5s"}})
+    m = cfg.mailauth
+    assert (m.dmarc_reject, m.spf_temperror, m.trusted_arc_sealers, m.check_timeout) == (
+        "quarantine", "defer", ("lists.example.org",), 5.0)
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({"dmarc_reject": "bounce"}, "mailauth.dmarc_reject: expected 'reject' or 'quarantine' or 'deliver'"),
+    ({"dmarc_quarantine": "reject"}, "mailauth.dmarc_quarantine: expected 'quarantine' or 'deliver'"),
+    ({"spf_temperror": "reject"}, "mailauth.spf_temperror: expected 'deliver' or 'defer'"),
+    ({"trusted_arc_sealers": ["not a domain"]}, "mailauth.trusted_arc_sealers[0]:"),
+    ({"report_address": "reports@example.test"}, "mailauth.report_address: expected a local part"),
+    ({"spf_timeout": "5s"}, "mailauth.spf_timeout: unknown key"),
+])
+def test_mailauth_mistakes_are_named(table, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        from_dict({**BASE, "mailauth": table})

@@ -138,6 +138,23 @@ async def test_which_domain_signs(tmp_path: Path) -> None:
     assert signer.domain_for("", folded) == "example.test"
 
 
+async def test_only_mail_that_originated_here_is_signed(tmp_path: Path) -> None:
+    from yuubin.queue.spool import Envelope
+    dkimkeys.generate(tmp_path, "example.test", "y2026a")
+    signer = DkimSigner.load(tmp_path, ["example.test"])
+
+    def entry(**kw) -> Envelope:
+        base = dict(id="Q1", sender="alice@example.test", mail_params={}, local=[], remote=[], received=0.0,
+                    client="198.51.100.9", helo="x", listener="mx")
+        return Envelope(**{**base, **kw})
+
+    # from outside on port 25, forwarded by an alias, claiming our domain: never vouched for
+    assert await signer.sign_entry(entry(), MESSAGE) == MESSAGE
+    for ours in (entry(listener="submission", auth="alice@example.test"), entry(trusted=True),
+                 entry(listener="bounce", sender=""), entry(listener="internal", sender="")):
+        assert (await signer.sign_entry(ours, MESSAGE)).startswith(b"DKIM-Signature:"), ours
+
+
 async def test_large_message_is_signed_in_a_thread(tmp_path: Path, monkeypatch) -> None:
     from yuubin.mailauth import dkimsign
     dkimkeys.generate(tmp_path, "example.test", "y2026a")

@@ -13,6 +13,8 @@ import nacl.signing
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.dnsserver import TestDNSServer
 from yuubin.dns import LookupResult, Resolver
@@ -317,3 +319,18 @@ async def test_one_bad_record_among_several(record: str) -> None:
     answers = {"r1._domainkey.example.test": LookupResult("ok", ("v=spf1 -all", RSA_TXT), 300)}
     [result] = await verify_message(sign(MESSAGE, "r1", RSA_PEM), FixedResolver(answers), timeout=1)
     assert result.result == "pass"
+
+
+_TAGS = st.sampled_from([b"v=1", b"a=rsa-sha256", b"a=ed25519-sha256", b"a=rsa-sha1", b"d=example.test",
+                         b"s=r1", b"s=e1", b"h=from:to", b"h=", b"bh=AAAA", b"b=AAAA", b"l=5", b"l=x",
+                         b"c=relaxed/relaxed", b"c=bogus", b"x=1", b"t=99999999999", b"i=@other.test",
+                         b"q=dns/txt", b"=", b"", b"\xff"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(_TAGS, max_size=9), min_size=1, max_size=3), st.binary(max_size=200))
+def test_hostile_signatures_give_results_never_exceptions(sigs: list[list[bytes]], tail: bytes) -> None:
+    head = b"".join(b"DKIM-Signature: " + b"; ".join(tags) + b"\r\n" for tags in sigs)
+    results = asyncio.run(verify_message(head + MESSAGE + tail, FixedResolver(dict(KEYS)), timeout=1))
+    assert len(results) == len(sigs)
+    assert {r.result for r in results} <= {"pass", "fail", "neutral", "policy", "temperror", "permerror"}

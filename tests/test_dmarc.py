@@ -42,9 +42,11 @@ def test_parse_record_tags_defaults_and_invalid_ones():
     assert parse_record("x.org", "v=DMARC1; p=none") is not None
     assert parse_record("x.org", "p=reject; v=DMARC1") is None  # v= must come first
     assert parse_record("x.org", "v=DMARC2; p=reject") is None
-    assert parse_record("x.org", "v=DMARC1; p=bogus") is None  # no valid policy and no rua
-    bad_p = parse_record("x.org", "v=DMARC1; p=bogus; rua=mailto:a@x.org")
-    assert bad_p is not None and bad_p.p == "none"  # reporting asked for: acts as p=none
+    for text in ("v=DMARC1; p=bogus", "v=DMARC1; rua=mailto:a@x.org", "v=DMARC1; pct=50; junk; p=reject"):
+        r = parse_record("x.org", text)  # no (valid) p: p=none; unknown and malformed tags ignored
+        assert r is not None and r.p == ("reject" if "p=reject" in text else "none"), text
+    assert parse_record("x.org", "v=DMARC1") is not None
+    assert parse_record("x.org", "junk; v=DMARC1; p=reject") is None
 
 
 async def test_aligned_spf_pass_passes():

@@ -163,3 +163,28 @@ def test_dnsbl_names_match_the_mx_check() -> None:
     for ip in ("192.0.2.7", "2001:db8::7"):
         assert reverse_name(ip, "zen.test.") == dnsbl.reverse_name(ip, "zen.test")
     assert reverse_name("192.0.2.7", "zen.test") == "7.2.0.192.zen.test"
+
+
+def test_config_check_reads_the_signing_keys(config: Path, capsys) -> None:
+    run(capsys, "dkim", "keygen", "example.test", "--selector", "s1", "-c", str(config))
+    status, out, _ = run(capsys, "config", "check", "-c", str(config))
+    assert status == 0
+    assert "[dkim]" in out and "sign = true" in out and 'public_ip = ["192.0.2.7"]' in out
+    key = config.parent / "data" / "dkim" / "example.test" / "s1-rsa.key"
+    key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    status, _, err = run(capsys, "config", "check", "-c", str(config))
+    assert status == 2 and "dkim: cannot read a signing key" in err, err
+
+
+def test_config_keys(make_config) -> None:
+    from yuubin.config import ConfigError
+    cfg = make_config(dkim={"selectors": ["y2026a"], "sign": False, "max_signatures": 3},
+                      server={"public_ip": ["192.0.2.7", "2001:DB8::7"]}).load()
+    assert cfg.dkim.selectors == ("y2026a",) and not cfg.dkim.sign and cfg.dkim.max_signatures == 3
+    assert cfg.public_ips == ("192.0.2.7", "2001:db8::7")
+    for bad, words in (({"dkim": {"selectors": ["Bad Name"]}}, "dkim.selectors[0]"),
+                       ({"dkim": {"arc_max_sets": 51}}, "dkim.arc_max_sets"),
+                       ({"server": {"public_ip": "300.1.1.1"}}, "server.public_ip"),
+                       ({"dkim": {"colour": "red"}}, "dkim.colour")):
+        with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            make_config(**bad).load()

@@ -86,8 +86,11 @@ def txn(sender: str, *, client: str = CLIENT, trusted: bool = False, auth: str |
     return Transaction(facts, parse_path(f"<{sender}>", smtputf8=False))
 
 
-def message(from_: str) -> bytes:
-    return (f"From: {from_}\r\nAuthentication-Results: {HOST}; dmarc=pass\r\nSubject: x\r\n\r\nbody\r\n").encode()
+def message(from_: str, *, signed: bool = True) -> bytes:
+    """A message; ``signed`` gives it the fields that make the check call the (fake) verifiers."""
+    marks = "DKIM-Signature: v=1; d=fake\r\nARC-Seal: i=1; d=fake\r\n" if signed else ""
+    return (f"{marks}From: {from_}\r\nAuthentication-Results: {HOST}; dmarc=pass\r\nSubject: x\r\n\r\n"
+            "body\r\n").encode()
 
 
 async def run(check: MailAuthCheck, sender: str, from_: str, **kw):
@@ -204,3 +207,68 @@ async def test_trusted_networks_and_logins_are_not_checked(directory, trusted, a
     d = await check.message(t, message("ceo@example.test"))
     assert d.verdict is Verdict.ACCEPT and d.headers == () and "spf" not in t.results
     assert check.lookup.queries == []  # type: ignore[attr-defined]
+
+
+async def test_a_verifier_that_breaks_is_logged_and_never_passes(directory, caplog):
+    caplog.set_level(logging.INFO, logger="yuubin.mailauth")
+
+    async def broken(data: bytes):
+        raise RuntimeError("boom")
+
+    check = MailAuthCheck(Zone(ZONE), directory, MailauthConfig(trusted_arc_sealers=("lists.example",)), HOST,
+                          verify_dkim=broken, verify_arc=broken)
+    t = txn("x@soft.example")
+    await check.mail(t, t.sender)
+    d = await check.message(t, message("x@soft.example"))
+    assert d.verdict is Verdict.QUARANTINE  # p=quarantine still applies
+    assert b"dkim=temperror (DKIM verifier error: RuntimeError)" in d.headers[0]
+    assert b"arc=fail (ARC verifier error: RuntimeError)" in d.headers[0]
+    errors = [r.getMessage() for r in caplog.records if "event=mailauth_error" in r.getMessage()]
+    assert len(errors) == 2 and "boom" in errors[0]
+
+
+class SlowZone(Zone):
+    async def lookup(self, name: str, rdtype: str) -> LookupResult:
+        import asyncio
+
+        await asyncio.sleep(0.2)
+        return await super().lookup(name, rdtype)
+
+
+async def test_checks_are_bounded_by_check_timeout(directory):
+    check = make(directory, check_timeout=0.3, spf_temperror="defer")
+    check.lookup = SlowZone({("a.example", "TXT"): ["v=spf1 include:b.example -all"],
+                             ("b.example", "TXT"): ["v=spf1 include:c.example -all"],
+                             ("c.example", "TXT"): ["v=spf1 -all"]})
+    t = txn("x@a.example")
+    d = await check.mail(t, t.sender)  # three lookups of 0.2 s each: over the 0.3 s bound
+    assert d.verdict is Verdict.TEMPFAIL and t.results["spf"] == "temperror"
+    assert "longer than 0.3s" in t.results["spf.reason"]
+    check = make(directory, check_timeout=0.3)
+    check.lookup = SlowZone({("_dmarc.b.example", "TXT"): ["v=DMARC1; p=reject"]})
+    t = txn("x@a.example", client="198.51.100.1")
+    t.results.update({"spf": "fail", "spf.domain": "a.example", "spf.identity": "mailfrom"})
+    d = await check.message(t, message("x@a.b.example"))  # the walk: two names of 0.2 s each
+    assert d.verdict is Verdict.ACCEPT and d.results["dmarc"] == "temperror"
+
+
+async def test_unsigned_mail_never_reaches_the_verifiers(directory):
+    called: list[str] = []
+
+    async def verify_dkim(data: bytes):
+        called.append("dkim")
+        return []
+
+    async def verify_arc(data: bytes):
+        called.append("arc")
+        return FakeArc("none", ())
+
+    check = MailAuthCheck(Zone(ZONE), directory, MailauthConfig(), HOST, verify_dkim=verify_dkim,
+                          verify_arc=verify_arc)
+    t = txn("bob@sender.example")
+    await check.mail(t, t.sender)
+    d = await check.message(t, message("bob@sender.example", signed=False))
+    assert d.results["dmarc"] == "pass" and called == []
+    assert b"dkim=none" in d.headers[0] and b"arc=none" in d.headers[0]
+    await check.message(t, message("bob@sender.example").replace(b"ARC-Seal", b"arc-message-signature"))
+    assert called == ["dkim", "arc"]

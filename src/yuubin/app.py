@@ -179,7 +179,7 @@ class App:
             signer = _dkim_signer(cfg) if cfg.dkim.sign else None
             self.outbound = build_outbound(cfg, self.spool, self.editor, self.resolver, self.listening,
                                            self.signal, self.intake.inject, self.holds.is_held,
-                                           sign=signer.sign if signer is not None else None)
+                                           sign=signer.sign_entry if signer is not None else None)
         # What admins did with the CLI, into this log (the primary alone: one line per action).
         self.admin_log = AdminActionLog(self.store) if self.primary else None
         self.guard = AuthGuard(self.store, cfg.auth_guard, self.is_trusted)

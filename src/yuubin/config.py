@@ -121,6 +121,7 @@ class MailauthConfig:
     report_max_records: int = 20_000  # <record> elements in one report
     report_parsers: int = 2  # reports parsed at once, each in a thread
     report_queue: int = 50  # report mail waiting to be parsed; more is only delivered
+    check_timeout: float = 20.0  # SPF at MAIL, and DKIM+ARC+DMARC at DATA, each at most this long (then temperror)
 
 
 @dataclass(frozen=True)
@@ -395,6 +396,7 @@ def _mailauth(t: _Table) -> MailauthConfig:
         report_max_records=t.positive_int("report_max_records", d.report_max_records),
         report_parsers=t.positive_int("report_parsers", d.report_parsers),
         report_queue=t.positive_int("report_queue", d.report_queue),
+        check_timeout=parse_duration(t.get("check_timeout", "20s", (int, float, str)), t.key("check_timeout")),
     )
     t.finish()
     return cfg
@@ -635,11 +637,11 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     public_raw = srv.get("public_ip", [], (str, list))
     public_ips = []
     for i, ip in enumerate([public_raw] if isinstance(public_raw, str) else public_raw):
-        key = "server.public_ip" if isinstance(public_raw, str) else f"server.public_ip[{i}]"
+        where = "server.public_ip" if isinstance(public_raw, str) else f"server.public_ip[{i}]"
         try:
             public_ips.append(str(ipaddress.ip_address(str(ip).strip())))
         except ValueError:
-            raise ConfigError(f"{key}: {ip!r} is not an IP address") from None
+            raise ConfigError(f"{where}: {ip!r} is not an IP address") from None
     srv.finish()
 
     dk = top.table("dkim")
@@ -857,6 +859,7 @@ def describe(cfg: Config) -> str:
         f"report_max_records = {cfg.mailauth.report_max_records}",
         f"report_parsers = {cfg.mailauth.report_parsers}",
         f"report_queue = {cfg.mailauth.report_queue}",
+        f"check_timeout = {q(f'{cfg.mailauth.check_timeout:g}s')}",
         "",
         "[mail]",
         f"owner = {q(cfg.mail.owner)}",

@@ -2,7 +2,8 @@
 
 SMTP DATA/BDAT, postmaster notices and DSNs all come in here (IMAP APPEND into Sent and DMARC
 report capture will too), so what must happen to a new message happens once: the message stage
-of the listener's policy, trace headers (Received:, and Message-ID/Date for a submission that
+of the listener's policy, the incoming header fields the checks drop (a forged
+Authentication-Results), trace headers (Received:, and Message-ID/Date for a submission that
 lacks them), the headers the checks added, routes split into local and remote, holds of a
 suspended account, the durable spool write (fsynced, file and directory, before anyone is told
 "accepted"), local delivery (riding the same group commit when the message is local-only),

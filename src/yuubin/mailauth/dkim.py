@@ -183,11 +183,17 @@ def _refusal(sig: _Signature) -> DkimResult | None:
 
 def _verify_all(data: bytes, sigs: Sequence[_Signature], answers: Mapping[str, KeyAnswer]) -> dict[int, DkimResult]:
     """The CPU part: the key record checks, then dkimpy's hash and signature check, per signature."""
-    verifier = dkim.DKIM(data, logger=_DKIMPY_LOG, minkey=MIN_KEY_BITS)
+    try:
+        verifier = dkim.DKIM(data, logger=_DKIMPY_LOG, minkey=MIN_KEY_BITS)
+    except dkim.DKIMException as exc:
+        return {sig.index: sig.result("permerror", _short(f"unparsable message: {exc}")) for sig in sigs}
     dnsfunc = key_lookup(answers)
     out: dict[int, DkimResult] = {}
     for sig in sigs:
-        out[sig.index] = _verify_one(verifier, sig, answers[sig.key_name], dnsfunc)
+        try:
+            out[sig.index] = _verify_one(verifier, sig, answers[sig.key_name], dnsfunc)
+        except Exception as exc:  # hostile input must not take the session down: dkimpy has sharp edges
+            out[sig.index] = sig.result("permerror", _short(f"cannot verify: {type(exc).__name__}: {exc}"))
     return out
 
 

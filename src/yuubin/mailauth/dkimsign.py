@@ -20,8 +20,9 @@ import dkim
 
 from yuubin.mailauth.dkim import LARGE_MESSAGE
 from yuubin.mailauth.dkimkeys import active_set
+from yuubin.queue.spool import Envelope
 
-__all__ = ["SIGNED_HEADERS", "DkimSigner", "SigningKey"]
+__all__ = ["SIGNED_HEADERS", "DkimSigner", "SigningKey", "originated_here"]
 
 log = logging.getLogger("yuubin.dkim")
 
@@ -33,6 +34,14 @@ SIGNED_HEADERS = (
     "list-unsubscribe", "list-unsubscribe-post",
 )
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+OWN_ORIGINS = ("bounce", "internal")  # Envelope.listener of what the server writes itself (DSNs, notices)
+
+
+def originated_here(env: Envelope) -> bool:
+    """Whether we vouch for the entry: submitted by an account, sent from a trusted network, or
+    written by the server itself. Mail from outside forwarded by an alias is never signed, even
+    when its From: claims one of our domains: our signature would make a forgery pass DMARC."""
+    return env.auth is not None or env.trusted or env.listener in OWN_ORIGINS
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +102,12 @@ class DkimSigner:
                                  include_headers=include)
             out += header
         return out
+
+    async def sign_entry(self, env: Envelope, data: bytes) -> bytes:
+        """The outbound queue's ``sign``: ``data`` signed when the entry originated here (see ``originated_here``)."""
+        if not originated_here(env):
+            return data
+        return await self.sign(env.sender, data, env.id)
 
     async def sign(self, sender: str, data: bytes, qid: str = "") -> bytes:
         """``data`` with our signatures on top, or ``data`` itself when it is not ours to sign.

@@ -61,7 +61,10 @@ class DmarcResult:
 
 
 def parse_record(domain: str, text: str) -> DmarcRecord | None:
-    """A DMARC record, or None when ``text`` is not a valid one (RFC 9989 4.7)."""
+    """A DMARC record, or None when ``text`` does not start with ``v=DMARC1`` (RFC 9989).
+
+    Unknown or malformed tags are ignored; a missing or invalid ``p`` counts as ``p=none``
+    (RFC 9989 no longer requires it), so reporting-only records still count as records."""
     tags: dict[str, str] = {}
     for part in text.split(";"):
         part = part.strip()
@@ -69,7 +72,9 @@ def parse_record(domain: str, text: str) -> DmarcRecord | None:
             continue
         name, eq, value = part.partition("=")
         if not eq:
-            return None
+            if not tags:
+                return None  # "v=DMARC1" must be the first tag
+            continue
         name = name.strip().lower()
         if name in tags:
             continue
@@ -79,9 +84,7 @@ def parse_record(domain: str, text: str) -> DmarcRecord | None:
     rua = tuple(u.strip() for u in tags.get("rua", "").split(",") if u.strip())
     p = tags.get("p", "").lower()
     if p not in _POLICIES:
-        if not any(u.lower().startswith("mailto:") for u in rua):
-            return None
-        p = "none"  # a record with reporting but no valid policy counts as p=none
+        p = "none"
 
     def policy(tag: str) -> str | None:
         v = tags.get(tag, "").lower()

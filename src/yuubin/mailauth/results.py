@@ -65,7 +65,9 @@ def authentication_results(authserv_id: str, *, spf: tuple[str, str, str, str] |
     if not dkim:
         parts.append("dkim=none")
     for d in dkim:
-        text = f"dkim={d.result}{_comment(d.reason)} header.d={_value(d.domain)}"
+        text = f"dkim={d.result}{_comment(d.reason)}"
+        if d.domain:
+            text += f" header.d={_value(d.domain)}"
         if d.selector:
             text += f" header.s={_value(d.selector)}"
         if d.header_b:

@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from yuubin.auth.accounts import Directory
@@ -31,7 +32,7 @@ from yuubin.config import MailauthConfig
 from yuubin.dns import DnsLookup
 from yuubin.mailauth.dmarc import DmarcResult, TreeWalk, evaluate, from_domains
 from yuubin.mailauth.results import ArcSummary, DkimSummary, authentication_results, claims_authserv
-from yuubin.mailauth.spf import check_sender
+from yuubin.mailauth.spf import SpfResult, check_sender
 from yuubin.policy.pipeline import Decision, Transaction, Verdict, accept, quarantine, reject
 from yuubin.smtp.address import Address
 from yuubin.smtp.replies import Reply
@@ -106,7 +107,14 @@ class MailAuthCheck:
         s = txn.session
         helo = s.helo or ""
         mail_from = sender.text if sender is not None and sender.domain else None
-        spf = await check_sender(s.client, mail_from, helo, self.lookup, receiver=self.hostname, now=self.clock())
+        try:
+            async with asyncio.timeout(self.cfg.check_timeout):
+                spf = await check_sender(s.client, mail_from, helo, self.lookup, receiver=self.hostname,
+                                         now=self.clock())
+        except TimeoutError:
+            spf = SpfResult("temperror", sender.domain if mail_from and sender else helo.lower(),
+                            "mailfrom" if mail_from else "helo",
+                            f"SPF evaluation took longer than {self.cfg.check_timeout:g}s")
         txn.results.update({"spf": spf.result, "spf.domain": spf.domain, "spf.identity": spf.identity,
                             "spf.value": mail_from or helo, "spf.reason": spf.reason})
         if spf.result == "temperror" and self.cfg.spf_temperror == "defer":
@@ -121,18 +129,24 @@ class MailAuthCheck:
             return accept(CHECK, f"not checked: {skipped}", drop_header=self._drop)
         s = txn.session
         domains = from_domains(data)
-        dkim_job = self.verify_dkim(data) if self.verify_dkim is not None else _no_signatures()
-        arc_job = self.verify_arc(data) if self.verify_arc is not None else _no_chain()
-        # DMARC's policy discovery needs no signature: it walks while the signatures are checked.
-        walk = TreeWalk(self.lookup)
-        prefetch = walk.prefetch(domains[0]) if domains else _nothing()
-        dkims, arc, _ = await asyncio.gather(dkim_job, arc_job, prefetch)
         spf_result = txn.results.get("spf", "none")
         spf_domain = txn.results.get("spf.domain", "")
         spf_for_dmarc = (spf_result, spf_domain) if txn.results.get("spf.identity") == "mailfrom" else None
         own = [d for d in domains or () if self.directory.is_local(d)]
-        dmarc = await evaluate(domains, spf_for_dmarc, [(d.result, d.domain.lower()) for d in dkims], self.lookup,
-                               own=own, walk=walk)
+        dkims: Sequence[DkimVerdict] = ()
+        arc: ArcVerdict = _NoChain()
+        try:
+            async with asyncio.timeout(self.cfg.check_timeout):
+                # DMARC's policy discovery needs no signature: it walks while they are checked.
+                walk = TreeWalk(self.lookup)
+                prefetch = walk.prefetch(domains[0]) if domains else _nothing()
+                dkims, arc, _ = await asyncio.gather(self._dkim(s.session, data), self._arc(s.session, data),
+                                                     prefetch)
+                dmarc = await evaluate(domains, spf_for_dmarc, [(d.result, d.domain.lower()) for d in dkims],
+                                       self.lookup, own=own, walk=walk)
+        except TimeoutError:
+            dmarc = DmarcResult("temperror", domains[0] if domains else "",
+                                reason=f"checks took longer than {self.cfg.check_timeout:g}s")
         action, why = self._action(dmarc, arc, own)
         header = authentication_results(
             self.hostname,
@@ -157,6 +171,29 @@ class MailAuthCheck:
             return quarantine(CHECK, why, headers=(header,), results=results, drop_header=self._drop)
         return accept(CHECK, why, headers=(header,), results=results, drop_header=self._drop)
 
+    async def _dkim(self, session: str, data: bytes) -> Sequence[DkimVerdict]:
+        """The signatures' results; a verifier that breaks is an error for the log and a
+        temperror for the message, never an exception out of the session."""
+        if self.verify_dkim is None or not _has_field(data, b"dkim-signature"):
+            return ()  # unsigned: no need to parse the message again
+        try:
+            return await self.verify_dkim(data)
+        except Exception as e:  # any bug in a verifier must not cost the session
+            log.error('event=mailauth_error session=%s step=dkim error="%s"', session, _quoted(repr(e)))
+            return (_Unverified("temperror", reason=f"DKIM verifier error: {type(e).__name__}"),)
+
+    async def _arc(self, session: str, data: bytes) -> ArcVerdict:
+        if self.verify_arc is None:
+            return _NoChain()
+        if not any(_has_field(data, name) for name in (b"arc-seal", b"arc-message-signature",
+                                                        b"arc-authentication-results")):
+            return _NoChain(reason="no ARC headers")
+        try:
+            return await self.verify_arc(data)
+        except Exception as e:  # as in _dkim; a chain we could not check never passes
+            log.error('event=mailauth_error session=%s step=arc error="%s"', session, _quoted(repr(e)))
+            return _NoChain("fail", f"ARC verifier error: {type(e).__name__}")
+
     def _action(self, dmarc: DmarcResult, arc: ArcVerdict, own: Sequence[str]) -> tuple[str, str]:
         """(deliver|quarantine|reject, why) for a DMARC outcome."""
         if dmarc.result != "fail":
@@ -179,19 +216,33 @@ class MailAuthCheck:
                           (" (t=y: testing)" if dmarc.record is not None and dmarc.record.testing else "")
 
 
+def _has_field(data: bytes, name: bytes) -> bool:
+    """Does the header section have a field ``name`` (lowercase)? A cheap test that spares the
+    verifiers a parse of every message that has nothing for them."""
+    end = data.find(b"\r\n\r\n")
+    head = b"\r\n" + (data[:end] if end >= 0 else data).lower()
+    return b"\r\n" + name + b":" in head or b"\r\n" + name + b" :" in head
+
+
 async def _nothing() -> None:
     return None
 
 
-async def _no_signatures() -> Sequence[DkimVerdict]:
-    return ()
-
-
+@dataclass(frozen=True, slots=True)
 class _NoChain:
-    result = "none"
+    """An ARC result without a verified chain."""
+
+    result: str = "none"
+    reason: str = "ARC not checked"
     sealers: tuple[str, ...] = ()
-    reason = "no ARC verifier"
 
 
-async def _no_chain() -> ArcVerdict:
-    return _NoChain()
+@dataclass(frozen=True, slots=True)
+class _Unverified:
+    """A DKIM result for signatures that could not be checked at all."""
+
+    result: str
+    reason: str
+    domain: str = ""
+    selector: str = ""
+    header_b: str = ""

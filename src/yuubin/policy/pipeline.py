@@ -2,9 +2,10 @@
 
 A check answers with a Decision that names it and says why — accept (pass on to the next check),
 reject (5xx), tempfail (4xx), or quarantine (accept, but file the message as junk) — and may add
-header lines (e.g. Authentication-Results) and record results. The first reject or tempfail ends
-the stage; otherwise the stage accepts with everything the checks added. The whole trail is kept,
-so a rejection is logged with its check and reason and `policy explain` can print the path.
+header lines (e.g. Authentication-Results), name incoming header fields to drop (forged ones)
+and record results. The first reject or tempfail ends the stage; otherwise the stage accepts
+with everything the checks added. The whole trail is kept, so a rejection is logged with its
+check and reason and `policy explain` can print the path.
 
 Every stage is async (a check may ask DNS) and gets the transaction so far: who connected, the
 HELO name, the login, the sender, the recipients accepted, the results of earlier checks.

@@ -50,9 +50,9 @@ RELAY = "[relayhost]"  # the destination key of everything when a relayhost is s
 # durably before returning its queue id; None when the address has no route.
 Inject = Callable[[str, bytes], Awaitable[str | None]]
 
-# sign(sender, data, qid): the message as it goes out this attempt (DKIM signatures on top, or as
-# it is); made once per attempt, in memory only, never written back to the spool entry.
-Sign = Callable[[str, bytes, str], Awaitable[bytes]]
+# sign(entry, data): the message as it goes out this attempt (DKIM signatures on top, or as it
+# is); made once per attempt, in memory only, never written back to the spool entry.
+Sign = Callable[[Envelope, bytes], Awaitable[bytes]]
 
 
 def rcpt_domain(rcpt: RemoteRecipient) -> str:
@@ -230,7 +230,7 @@ class OutboundScheduler:
             if not todo:
                 return
             if self.sign is not None:  # after the last change to the message: every host of this attempt gets it
-                data = await self.sign(env.sender, data, env.id)
+                data = await self.sign(env, data)
             outcomes = await self._attempt(env, data, dest, todo)
             await self._record(qid, dict(zip(todo, outcomes, strict=True)))
         except asyncio.CancelledError:
