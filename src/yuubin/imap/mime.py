@@ -27,7 +27,8 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import unquote_to_bytes
 
 MAX_DEPTH = 100
-"""Nesting of multipart/message parts beyond this is not parsed (a leaf of its own)."""
+"""Levels of multipart/message nesting parsed, the top level counted; a multipart or message on
+the last level is an opaque leaf (application/octet-stream, as Dovecot shows it)."""
 MAX_PARTS = 10_000
 """Parts in one message beyond this are not parsed (the rest of the body is a leaf)."""
 DEFAULT_CTYPE = ("text", "plain")
@@ -84,7 +85,12 @@ def _fields(block: bytes) -> list[tuple[str, bytes]]:
 
 
 def _unfold(value: bytes) -> bytes:
-    return value.replace(b"\r\n", b"").replace(b"\n", b"").strip(b" \t")
+    return _unfold_raw(value).strip(b" \t")
+
+
+def _unfold_raw(value: bytes) -> bytes:
+    """Folding removed; a fold's tab becomes a space (as Dovecot shows it in ENVELOPE)."""
+    return value.replace(b"\r\n\t", b" ").replace(b"\n\t", b" ").replace(b"\r\n", b"").replace(b"\n", b"")
 
 
 # --------------------------------------------------------------------------- structured headers
@@ -165,7 +171,7 @@ def _parse_params(s: bytes, i: int) -> list[tuple[str, bytes]]:
             value, i = _quoted(s, i)
         else:
             value, i = _token(s, i)
-        params.append((name.decode("latin-1").lower(), value))
+        params.append((name.decode("latin-1"), value))
     return params
 
 
@@ -181,10 +187,10 @@ def _rfc2231(params: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
         if star and (rest in ("", "*") or rest.rstrip("*").isdigit()):
             ext = name.endswith("*")
             num = int(rest.rstrip("*")) if rest.rstrip("*") else 0
-            if base not in groups:
-                groups[base] = []
+            if base.lower() not in groups:
+                groups[base.lower()] = []
                 out.append((base, None))  # the joined value goes here
-            groups[base].append((num, ext, value))
+            groups[base.lower()].append((num, ext, value))
         else:
             out.append((name, value.decode("utf-8", "surrogateescape")))
     result: list[tuple[str, str]] = []
@@ -192,7 +198,7 @@ def _rfc2231(params: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
         if joined is not None:
             result.append((key, joined))
             continue
-        segs = sorted(groups[key], key=lambda t: t[0])
+        segs = sorted(groups[key.lower()], key=lambda t: t[0])
         if any(ext for _, ext, _ in segs):
             pieces: list[str] = []
             for idx, (_num, ext, v) in enumerate(segs):
@@ -215,7 +221,9 @@ def _pct(v: bytes) -> str:
 
 def decoded_param(params: tuple[tuple[str, str], ...], name: str) -> str | None:
     """The text of parameter `name`, RFC 2231 charset decoding applied (for filenames, charsets)."""
+    name = name.lower()
     for key, value in params:
+        key = key.lower()
         if key == name:
             return value
         if key == name + "*":
@@ -237,7 +245,7 @@ def _content_type(value: bytes | None) -> tuple[str, str, list[tuple[str, bytes]
     sub, i = _token(value, i)
     if not sub:
         return None
-    return main.decode("latin-1").lower(), sub.decode("latin-1").lower(), _parse_params(value, i)
+    return main.decode("latin-1"), sub.decode("latin-1"), _parse_params(value, i)
 
 
 # --------------------------------------------------------------------------- the part tree
@@ -253,8 +261,9 @@ class Part:
     end: int            # one past the last octet of the body
     depth: int
     in_digest: bool = False
-    type: str = "text"
+    type: str = "text"        # lower case, for decisions
     subtype: str = "plain"
+    shown: tuple[str, str] = ("text", "plain")   # as the header spells them, for BODYSTRUCTURE
     params: tuple[tuple[str, str], ...] = DEFAULT_PARAMS
     fields: list[tuple[str, bytes]] = field(default_factory=list)
     children: list[Part] = field(default_factory=list)
@@ -309,15 +318,15 @@ def _build(raw: bytes, start: int, end: int, depth: int, budget: _Budget, *, in_
     if ctype is None:
         if in_digest:
             part.type, part.subtype, part.params = "message", "rfc822", ()
+            part.shown = ("message", "rfc822")
     else:
-        part.type, part.subtype = ctype[0], ctype[1]
+        part.shown = (ctype[0], ctype[1])
+        part.type, part.subtype = ctype[0].lower(), ctype[1].lower()
         part.params = tuple(_rfc2231(ctype[2]))
     boundary = decoded_param(part.params, "boundary") if part.type == "multipart" else None
     if part.type == "multipart" and not boundary:
-        # no boundary: nothing can be cut; show it as the text it is (as Dovecot does)
-        part.type, part.subtype, part.params = "text", "plain", DEFAULT_PARAMS
-        return part
-    if depth >= MAX_DEPTH or budget.parts >= MAX_PARTS:
+        return part  # nothing can be cut: a multipart without parts (shown with one empty part)
+    if depth + 1 >= MAX_DEPTH or budget.parts >= MAX_PARTS:
         if part.type in ("multipart", "message"):
             part.opaque = True
         return part
@@ -509,37 +518,31 @@ def _addr_spec(tokens: list[tuple[str, bytes]]) -> tuple[bytes | None, bytes | N
         tokens = tokens[colon + 1:]
     at = max((i for i, (k, v) in enumerate(tokens) if k == "s" and v == b"@"), default=-1)
     local_tokens = tokens if at < 0 else tokens[:at]
-    local = b"".join(_local_word(k, v) for k, v in local_tokens if k != "c")
+    local = b"".join(v for k, v in local_tokens if k != "c")  # a quoted local part unquoted, as Dovecot
     host = None if at < 0 else b"".join(v for k, v in tokens[at + 1:] if k != "c")
     return adl, local or None, host or None
 
 
-def _local_word(kind: str, value: bytes) -> bytes:
-    if kind != "q":
-        return value
-    if value and all(c > 0x20 and c not in _ADDR_SPECIALS for c in value):
-        return value
-    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-
-
 def _mailbox(tokens: list[tuple[str, bytes]]) -> Address | None:
+    """One mailbox; what cannot be read is named as Dovecot names it (MISSING_MAILBOX,
+    MISSING_DOMAIN, SYNTAX_ERROR for an unclosed <), so clients see the same thing from both."""
     if not any(k != "c" for k, _ in tokens):
         return None
     lt = next((i for i, (k, v) in enumerate(tokens) if k == "s" and v == b"<"), -1)
     if lt >= 0:
-        gt = next((i for i, (k, v) in enumerate(tokens) if i > lt and k == "s" and v == b">"), len(tokens))
+        gt = next((i for i, (k, v) in enumerate(tokens) if i > lt and k == "s" and v == b">"), -1)
         name = _phrase(tokens[:lt])
-        adl, mbox, host = _addr_spec(tokens[lt + 1:gt])
-        if name is None:
+        adl, mbox, host = _addr_spec(tokens[lt + 1:] if gt < 0 else tokens[lt + 1:gt])
+        if gt < 0:
+            host = b"SYNTAX_ERROR"
+        elif name is None:
             comments = [v for k, v in tokens[gt:] if k == "c"]
             name = comments[0] if comments else None
     else:
         adl, mbox, host = _addr_spec(tokens)
         comments = [v for k, v in tokens if k == "c"]
         name = comments[-1] if comments else None
-    if mbox is None and host is None and name is None:
-        return None
-    return (name, adl, mbox if mbox is not None else b"MISSING_MAILBOX",
+    return (name or None, adl, mbox if mbox is not None else b"MISSING_MAILBOX",
             host if host is not None else b"MISSING_DOMAIN")
 
 
@@ -594,8 +597,7 @@ def _address_list(value: bytes | None, utf8: bool) -> bytes:
 def _envelope_string(value: bytes | None, utf8: bool) -> bytes:
     if value is None:
         return b"NIL"
-    text = _unfold(value)
-    return quote(text, utf8=utf8) if text else b"NIL"
+    return quote(_unfold_raw(value).lstrip(b" \t"), utf8=utf8)
 
 
 def _envelope_of(fields_of: Part | ParsedMessage, utf8: bool) -> bytes:
@@ -663,8 +665,6 @@ def _language(part: Part, utf8: bool) -> bytes:
     langs = [t for t in (x.strip(b" \t\r\n") for x in re.sub(rb"\([^)]*\)", b"", value).split(b",")) if t]
     if not langs:
         return b"NIL"
-    if len(langs) == 1:
-        return quote(langs[0], utf8=utf8)
     return b"(" + b" ".join(quote(x, utf8=utf8) for x in langs) + b")"
 
 
@@ -686,7 +686,7 @@ def _structure(part: Part, extended: bool, utf8: bool) -> bytes:
             inner += b" NIL NIL NIL NIL)" if extended else b")"
         else:
             inner = b"".join(_structure(c, extended, utf8) for c in children)
-        out = inner + b" " + quote(part.subtype, utf8=utf8)
+        out = inner + b" " + quote(part.shown[1], utf8=utf8)
         if extended:
             params = tuple(p for p in part.params)
             out += b" " + _params_list(params, utf8) + b" " + _ext_tail(part, utf8)
@@ -694,9 +694,9 @@ def _structure(part: Part, extended: bool, utf8: bool) -> bytes:
     if part.opaque:
         main, sub, params = "application", "octet-stream", part.params
     else:
-        main, sub, params = part.type, part.subtype, part.params
-    if main == "text" and not params:
-        params = DEFAULT_PARAMS
+        (main, sub), params = part.shown, part.params
+    if part.type == "text" and not part.opaque and decoded_param(params, "charset") is None:
+        params = (*params, *DEFAULT_PARAMS)  # RFC 2045 5.2 default, spelled out as Dovecot does
     items = [quote(main, utf8=utf8), quote(sub, utf8=utf8), _params_list(params, utf8),
              _nstring(_field_text(part, "content-id"), utf8),
              _nstring(_field_text(part, "content-description"), utf8),
@@ -706,7 +706,7 @@ def _structure(part: Part, extended: bool, utf8: bool) -> bytes:
         items.append(_envelope_of(part.message, utf8))
         items.append(_structure(part.message, extended, utf8))
         items.append(b"%d" % _count_lines(part))
-    elif main == "text":
+    elif part.type == "text" and not part.opaque:
         items.append(b"%d" % _count_lines(part))
     if extended:
         items.append(_nstring(_field_text(part, "content-md5"), utf8))
