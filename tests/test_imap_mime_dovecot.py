@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,32 +26,55 @@ from yuubin.imap import mime
 CORPUS = sorted((Path(__file__).parent / "data" / "mime").glob("*.eml"))
 DOVECOT = shutil.which("dovecot") or ("/usr/sbin/dovecot" if Path("/usr/sbin/dovecot").exists() else None)
 HEADER_FIELDS = "HEADER.FIELDS (FROM TO SUBJECT CONTENT-TYPE)"
-ITEMS = ("ENVELOPE", "BODYSTRUCTURE", "BODY", "BODY[1.MIME]", f"BODY[{HEADER_FIELDS}]", "BINARY.SIZE[1]",
-         "BODY[TEXT]", "BODY[1]", "BODY[2]")
+HEADER_NOT = "HEADER.FIELDS.NOT (RECEIVED DATE CONTENT-TYPE)"
+SECTIONS = ("1.MIME", HEADER_FIELDS, HEADER_NOT, "HEADER", "TEXT", "1", "2", "2.MIME", "2.HEADER", "2.TEXT", "2.1",
+            "2.2", "3", "1.1", "2.1.MIME")
+BINARY = ("1", "2", "3")
+ITEMS = ("ENVELOPE", "BODYSTRUCTURE", "BODY", *(f"BODY[{s}]" for s in SECTIONS),
+         *(f"BINARY[{p}]" for p in BINARY), *(f"BINARY.SIZE[{p}]" for p in BINARY))
 
-# (corpus file, FETCH item) -> why our answer differs from Dovecot's and is right.
+# (corpus file, FETCH item) -> (why our answer differs from Dovecot's and is right, and how to turn
+# ours into Dovecot's where that is a simple rule: the rest of the answer must still agree).
+Adjust = Callable[[Any], Any] | None
 _NESTED_END = (
     "A multipart part whose close delimiter is directly followed by its parent's delimiter: Dovecot "
     "counts the line break between them into the part; RFC 2046 5.1.1 attaches the CRLF before a "
     "delimiter to the delimiter, so the part ends at its own close delimiter. This matters for "
     "multipart/signed (RFC 1847/3156): the signed entity is exactly those octets.")
-KNOWN: dict[tuple[str, str], str] = {
-    ("12-nested-deep.eml", "BODY[1]"): _NESTED_END,
-    ("12-nested-deep.eml", "BINARY.SIZE[1]"): _NESTED_END,
-    ("17-prefix-boundaries.eml", "BODY[1]"): _NESTED_END,
-    ("17-prefix-boundaries.eml", "BINARY.SIZE[1]"): _NESTED_END,
-    ("16-odd-addresses.eml", "ENVELOPE"):
+
+
+def _plus_crlf(v: Any) -> Any:
+    return v + b"\r\n"
+
+
+def _plus_two(v: Any) -> Any:
+    return v + 2
+
+
+KNOWN: dict[tuple[str, str], tuple[str, Adjust]] = {
+    **{(f, i): (_NESTED_END, _plus_crlf) for f, i in [
+        ("12-nested-deep.eml", "BODY[1]"), ("12-nested-deep.eml", "BODY[1.1]"), ("12-nested-deep.eml", "BINARY[1]"),
+        ("17-prefix-boundaries.eml", "BODY[1]"),
+        ("17-prefix-boundaries.eml", "BINARY[1]")]},
+    **{(f, i): (_NESTED_END, _plus_two) for f, i in [
+        ("12-nested-deep.eml", "BINARY.SIZE[1]"), ("17-prefix-boundaries.eml", "BINARY.SIZE[1]")]},
+    ("16-odd-addresses.eml", "ENVELOPE"): (
         "Cc has empty list members (', , ,'): Dovecot shows them as MISSING_MAILBOX addresses; RFC 5322 "
         "4.4 allows such null members only as obsolete syntax that carries no address, so we leave them out.",
-    ("20-valueless-param.eml", "BODYSTRUCTURE"):
+        None),
+    ("20-valueless-param.eml", "BODYSTRUCTURE"): (
         "Content-Type 'x-thing; flag; name=\"a;b=c.txt\"': Dovecot loses its way after the valueless "
         "'flag' and shows ('b' 'c.txt'); RFC 2045 5.1 makes the quoted string one value: ('name' 'a;b=c.txt').",
-    ("20-valueless-param.eml", "BODY"): "as BODYSTRUCTURE",
-    ("21-too-deep.eml", "BODYSTRUCTURE"):
+        None),
+    ("20-valueless-param.eml", "BODY"): ("as BODYSTRUCTURE", None),
+    ("21-too-deep.eml", "BODYSTRUCTURE"): (
         "Both stop at the 100th level and show that multipart as application/octet-stream; Dovecot "
         "gives it size 0, we give its real size (RFC 9051 body-fld-octets: the size of the body, "
-        "which BODY[1.1...] returns).",
-    ("21-too-deep.eml", "BODY"): "as BODYSTRUCTURE",
+        "which BODY[1.1...] returns).", None),
+    ("21-too-deep.eml", "BODY"): ("as BODYSTRUCTURE", None),
+    ("21-too-deep.eml", "BODY[1.1]"): (
+        "Past its nesting limit Dovecot loses track of the outer boundaries and ends part 1.1 at "
+        "--L20--; RFC 2046 5.1.1 ends it at its own close delimiter --L2--.", None),
 }
 
 
@@ -178,15 +201,14 @@ def _ours(raw: bytes) -> bytes:
         b"BODYSTRUCTURE " + mime.bodystructure(msg, extended=True),
         b"BODY " + mime.bodystructure(msg, extended=False),
     ]
-    for name, value in (("BODY[1.MIME]", mime.section(msg, "1.MIME")),
-                        (f"BODY[{HEADER_FIELDS}]", mime.section(msg, HEADER_FIELDS)),
-                        ("BODY[TEXT]", mime.section(msg, "TEXT")),
-                        ("BODY[1]", mime.section(msg, "1")),
-                        ("BODY[2]", mime.section(msg, "2"))):
-        parts.append(name.encode() + b" " + (b'""' if value is None else mime.quote(value) if b"\n" in value
-                                             else b"{%d}\r\n" % len(value) + value))
-    size = mime.binary_size(msg, "1")
-    parts.append(b"BINARY.SIZE[1] " + (b"0" if size is None else b"%d" % size))
+    for spec in SECTIONS:
+        value = mime.section(msg, spec)
+        parts.append(f"BODY[{spec}] ".encode() + (b'""' if value is None else b"{%d}\r\n" % len(value) + value))
+    for part in BINARY:
+        value = mime.binary(msg, part)
+        parts.append(f"BINARY[{part}] ".encode() + (b'""' if value is None else b"{%d}\r\n" % len(value) + value))
+        size = mime.binary_size(msg, part)
+        parts.append(f"BINARY.SIZE[{part}] ".encode() + (b"0" if size is None else b"%d" % size))
     return b"1 (" + b" ".join(parts) + b")"
 
 
@@ -194,6 +216,8 @@ def _fetch_dovecot(client: imaplib.IMAP4, seq: int) -> dict[bytes, Any]:
     items = " ".join(i.replace("BODY[", "BODY.PEEK[", 1) if i.startswith("BODY[") else i for i in ITEMS)
     typ, data = client.fetch(str(seq), f"({items})")
     assert typ == "OK", data
+    # BINARY of content with NUL comes as literal8 ~{n} (RFC 3516), which imaplib reads as text "~"
+    data = [(d[0].replace(b"~{", b"{"), d[1]) if isinstance(d, tuple) else d for d in data]
     return parse_fetch_response(data)[seq]
 
 
@@ -207,8 +231,11 @@ def test_fetch_matches_dovecot(dovecot: imaplib.IMAP4, path: Path) -> None:
         key = item.replace("BODY.PEEK[", "BODY[").encode()
         if key not in theirs:
             continue  # Dovecot gave nothing (a part that does not exist)
-        reason = KNOWN.get((path.name, item))
-        if reason:
+        known = KNOWN.get((path.name, item))
+        if known:
+            reason, adjust = known
             assert ours[key] != theirs[key], f"{path.name} {item}: now equal, drop it from KNOWN ({reason})"
+            if adjust is not None:
+                assert adjust(ours[key]) == theirs[key], f"{path.name} {item}: differs beyond {reason}"
             continue
         assert ours[key] == theirs[key], f"{path.name} {item}:\n ours   {ours[key]!r}\n theirs {theirs[key]!r}"

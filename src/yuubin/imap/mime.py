@@ -737,6 +737,7 @@ def _resolve(root: Part, numbers: list[int]) -> Part | None:
     the parts of its multipart body; a message that is not multipart has only part 1, its body."""
     part = root
     in_message = True
+    child = False
     for n in numbers:
         if n < 1:
             return None
@@ -747,9 +748,14 @@ def _resolve(root: Part, numbers: list[int]) -> Part | None:
             if n > len(part.children):
                 return None
             part = part.children[n - 1]
-        elif not in_message or n != 1:
+            child = True
+            in_message = False
+            continue
+        # a message that is not multipart has only part 1; so has a leaf of a multipart
+        # (Dovecot answers BODY[2.1] with part 2)
+        if n != 1 or not (in_message or child):
             return None
-        in_message = False
+        in_message = child = False
     return part
 
 
@@ -769,7 +775,8 @@ def _header_fields(header: bytes, names: set[str], negate: bool) -> bytes:
         keep = name is not None and ((name in names) != negate)
         if keep:
             out += line + (b"\n" if line.endswith(b"\r") else b"\r\n")
-    out += b"\r\n"
+    if not negate or header.endswith(b"\n\r\n") or header.endswith(b"\n\n") or header in (b"\r\n", b"\n"):
+        out += b"\r\n"  # HEADER.FIELDS always ends with the blank line; .NOT keeps the header's own
     return bytes(out)
 
 
