@@ -901,7 +901,7 @@ def _decode_bytes(data: bytes, charset: str) -> str:
         return data.decode("latin-1")
 
 
-def _decode_word(m: re.Match[bytes]) -> bytes:
+def _decode_word(m: re.Match[bytes]) -> str:
     charset = m.group(1).decode("latin-1")
     enc = m.group(2).upper()
     text = m.group(3)
@@ -910,19 +910,27 @@ def _decode_word(m: re.Match[bytes]) -> bytes:
         try:
             data = base64.b64decode(text)
         except (binascii.Error, ValueError):
-            return m.group(0)
+            return _decode_bytes(m.group(0), "utf-8")
     else:
         data = quopri.decodestring(text.replace(b"_", b" "), header=True)
-    return _decode_bytes(data, charset).encode("utf-8", "surrogateescape")
+    return _decode_bytes(data, charset)
 
 
 def decode_words(value: bytes) -> str:
-    """Unfold a header value and decode its RFC 2047 encoded words (unknown charsets best effort)."""
-    value = value.replace(b"\r\n", b"").replace(b"\n", b"").strip(b" \t")
-    if b"=?" in value:
-        value = _BETWEEN_WORDS.sub(rb"\1", value)
-        value = _ENCODED_WORD.sub(_decode_word, value)
-    return _decode_bytes(value, "utf-8")
+    """Unfold a header value and decode its RFC 2047 encoded words (unknown charsets best effort);
+    text between encoded words is UTF-8, or Latin-1 where it is not valid UTF-8."""
+    value = _unfold(value)
+    if b"=?" not in value:
+        return _decode_bytes(value, "utf-8")
+    value = _BETWEEN_WORDS.sub(rb"\1", value)
+    out: list[str] = []
+    pos = 0
+    for m in _ENCODED_WORD.finditer(value):
+        out.append(_decode_bytes(value[pos:m.start()], "utf-8"))
+        out.append(_decode_word(m))
+        pos = m.end()
+    out.append(_decode_bytes(value[pos:], "utf-8"))
+    return "".join(out)
 
 
 def header_values(msg: ParsedMessage, name: str) -> list[str]:
