@@ -269,6 +269,22 @@ def test_envelope_quoted_names_with_commas_and_escapes() -> None:
     assert env[5] == ((b"Doe, J", None, b"j", b"x.org"), (None, None, b"k", b"x.org"))
 
 
+_WORD = st.text(alphabet="abcXYZ019", min_size=1, max_size=4)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_WORD, max_size=3), st.booleans(), st.booleans(), _WORD, _WORD,
+       st.sampled_from(["", " ", "  ", "\t"]))
+def test_the_simple_address_fast_path_agrees_with_the_tokenizer(
+        words: list[str], quoted: bool, angle: bool, local: str, domain: str, pad: str) -> None:
+    name = " ".join(words)
+    if quoted:
+        name = f'"{name}"'
+    addr = f"{local}@{domain}.example"
+    value = f"{pad}{name}{pad}<{addr}>{pad}" if name or angle else f"{pad}{addr}{pad}"
+    assert mime.addresses(value.encode()) == mime._tokenized_addresses(value.encode())
+
+
 # ---------------------------------------------------------------- sections
 
 

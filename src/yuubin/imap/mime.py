@@ -57,31 +57,14 @@ def _body_start(raw: bytes, start: int, end: int) -> int:
     return b + 2
 
 
+_FIELD = re.compile(rb"^([^: \t\r\n][^:\r\n]*):(.*(?:\r?\n[ \t].*)*)", re.MULTILINE)
+
+
 def _fields(block: bytes) -> list[tuple[str, bytes]]:
-    """(lower-case name, raw value with its folding) for each header field, in order."""
-    out: list[tuple[str, bytes]] = []
-    name: str | None = None
-    value: list[bytes] = []
-    for line in block.split(b"\n"):
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t"):
-            if name is not None:
-                value.append(line)
-            continue
-        if name is not None:
-            out.append((name, b"\r\n".join(value)))
-        colon = line.find(b":")
-        if colon <= 0:
-            name = None
-            continue
-        name = line[:colon].strip().decode("latin-1").lower()
-        value = [line[colon + 1:]]
-    if name is not None:
-        out.append((name, b"\r\n".join(value)))
-    return out
+    """(lower-case name, raw value with its folding) for each header field, in order; lines that
+    are not fields are skipped. One regex pass over the header only (never a body)."""
+    return [(m.group(1).rstrip(b" \t").decode("latin-1").lower(), m.group(2).rstrip(b"\r"))
+            for m in _FIELD.finditer(block)]
 
 
 def _unfold(value: bytes) -> bytes:
@@ -124,29 +107,31 @@ def _skip_cfws(s: bytes, i: int) -> int:
     return i
 
 
+_TOKEN = re.compile(rb'[^\x00-\x20()<>@,;:\\"/\[\]?=\x7f]*')
+
+
 def _token(s: bytes, i: int) -> tuple[bytes, int]:
-    j = i
-    while j < len(s) and s[j] > 0x20 and s[j] not in _TSPECIALS and s[j] != 0x7F:
-        j += 1
-    return s[i:j], j
+    m = _TOKEN.match(s, i)
+    assert m is not None  # the pattern matches the empty string
+    return m.group(), m.end()
+
+
+_QUOTED = re.compile(rb'"((?:[^"\\]|\\.)*)("?)', re.DOTALL)
+_QUOTED_PAIR = re.compile(rb"\\(.)", re.DOTALL)
 
 
 def _quoted(s: bytes, i: int) -> tuple[bytes, int]:
-    """The content of the quoted string whose opening quote is at `i`, and the offset after it."""
-    out = bytearray()
-    i += 1
-    while i < len(s):
-        c = s[i]
-        if c == 0x5C and i + 1 < len(s):
-            out.append(s[i + 1])
-            i += 2
-            continue
-        if c == 0x22:
-            return bytes(out), i + 1
-        if c not in b"\r\n":
-            out.append(c)
-        i += 1
-    return bytes(out), i
+    """The content of the quoted string whose opening quote is at `i`, and the offset after it
+    (an unclosed one runs to the end)."""
+    m = _QUOTED.match(s, i)
+    if m is None:
+        return b"", len(s)
+    text = m.group(1)
+    if b"\\" in text:
+        text = _QUOTED_PAIR.sub(rb"\1", text)
+    if b"\n" in text or b"\r" in text:
+        text = text.replace(b"\r", b"").replace(b"\n", b"")
+    return text, m.end()
 
 
 def _parse_params(s: bytes, i: int) -> list[tuple[str, bytes]]:
@@ -420,7 +405,7 @@ def parse(raw: bytes) -> ParsedMessage:
 
 
 def _safe_quoted(b: bytes, utf8: bool) -> bool:
-    if len(b) > 1024 or b"\r" in b or b"\n" in b or b"\0" in b:
+    if b"\r" in b or b"\n" in b or b"\0" in b:
         return False
     if b.isascii():
         return True
@@ -433,6 +418,9 @@ def _safe_quoted(b: bytes, utf8: bool) -> bool:
     return True
 
 
+_PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+
+
 def quote(s: str | bytes | None, *, utf8: bool = False) -> bytes:
     """An IMAP string: quoted when safe, else a literal `{n}\\r\\n...`; NIL for None.
 
@@ -441,6 +429,8 @@ def quote(s: str | bytes | None, *, utf8: bool = False) -> bytes:
     if s is None:
         return b"NIL"
     b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else bytes(s)
+    if not b.translate(None, _PLAIN):
+        return b'"' + b + b'"'
     if b"\0" in b:
         b = b.replace(b"\0", b"")
     if _safe_quoted(b, utf8):
@@ -457,36 +447,37 @@ def _nstring(value: bytes | None, utf8: bool) -> bytes:
 _ADDR_SPECIALS = b'()<>@,;:\\".[]'
 
 
+_ADDR_TOKEN = re.compile(rb'[ \t\r\n]+|(")|(\()|(\[[^\]]*\]?)|([<>@,;:.\\\]])|([^ \t\r\n()<>@,;:\\".\[\]]+)')
+
+
 def _addr_tokens(s: bytes) -> list[tuple[str, bytes]]:
-    """RFC 5322 tokens: ('a', atom), ('q', quoted text), ('c', comment), ('s', special)."""
+    """RFC 5322 tokens: ('a', atom), ('q', quoted text), ('c', comment), ('s', special),
+    ('w', whitespace: kept so a display name keeps the spacing it was written with)."""
     out: list[tuple[str, bytes]] = []
     i, n = 0, len(s)
+    match = _ADDR_TOKEN.match
     while i < n:
-        c = s[i]
-        if c in b" \t\r\n":
-            i += 1
-        elif c == 0x22:
+        m = match(s, i)
+        if m is None:  # cannot happen: every byte is one of the alternatives
+            break
+        kind = m.lastindex
+        if kind is None:
+            out.append(("w", b" "))
+            i = m.end()
+        elif kind == 1:
             text, i = _quoted(s, i)
             out.append(("q", text))
-        elif c == 0x28:
+        elif kind == 2:
             j = _skip_cfws(s, i)
             inner = s[i + 1:j - 1] if j - 1 > i and s[j - 1] == 0x29 else s[i + 1:j]
             out.append(("c", inner.strip()))
             i = j
-        elif c == 0x5B:  # domain literal
-            j = s.find(b"]", i)
-            j = n if j < 0 else j + 1
-            out.append(("a", s[i:j]))
-            i = j
-        elif c in _ADDR_SPECIALS:
-            out.append(("s", bytes([c])))
-            i += 1
+        elif kind == 4:
+            out.append(("s", m.group()))
+            i = m.end()
         else:
-            j = i
-            while j < n and s[j] not in b" \t\r\n" and s[j] not in _ADDR_SPECIALS:
-                j += 1
-            out.append(("a", s[i:j]))
-            i = j
+            out.append(("a", m.group()))
+            i = m.end()
     return out
 
 
@@ -494,19 +485,19 @@ Address = tuple[bytes | None, bytes | None, bytes | None, bytes | None]
 
 
 def _phrase(tokens: list[tuple[str, bytes]]) -> bytes | None:
-    words = [v for k, v in tokens if k in ("a", "q") or (k == "s" and v == b".")]
-    if not words:
-        return None
+    """A display name: its words (quoted ones unquoted) with one space where the header had
+    whitespace, tabs as spaces, trimmed (as Dovecot shows it)."""
     out = b""
+    space = False
     for k, v in tokens:
-        if k == "c":
-            continue
-        if k == "s" and v == b".":
-            out += b"."
-            continue
-        if k in ("a", "q"):
-            out += (b" " if out and not out.endswith(b".") else b"") + v
-    return out
+        if k == "w":
+            space = True
+        elif k in ("a", "q") or (k == "s" and v == b"."):
+            if out and space:
+                out += b" "
+            out += v
+            space = False
+    return out.replace(b"\t", b" ").strip(b" ") or None
 
 
 def _addr_spec(tokens: list[tuple[str, bytes]]) -> tuple[bytes | None, bytes | None, bytes | None]:
@@ -514,19 +505,19 @@ def _addr_spec(tokens: list[tuple[str, bytes]]) -> tuple[bytes | None, bytes | N
     adl = None
     colon = next((i for i, (k, v) in enumerate(tokens) if k == "s" and v == b":"), -1)
     if colon >= 0:
-        adl = b"".join(v for k, v in tokens[:colon] if k != "c") or None
+        adl = b"".join(v for k, v in tokens[:colon] if k not in ("c", "w")) or None
         tokens = tokens[colon + 1:]
     at = max((i for i, (k, v) in enumerate(tokens) if k == "s" and v == b"@"), default=-1)
     local_tokens = tokens if at < 0 else tokens[:at]
-    local = b"".join(v for k, v in local_tokens if k != "c")  # a quoted local part unquoted, as Dovecot
-    host = None if at < 0 else b"".join(v for k, v in tokens[at + 1:] if k != "c")
+    local = b"".join(v for k, v in local_tokens if k not in ("c", "w"))  # quoted local part unquoted, as Dovecot
+    host = None if at < 0 else b"".join(v for k, v in tokens[at + 1:] if k not in ("c", "w"))
     return adl, local or None, host or None
 
 
 def _mailbox(tokens: list[tuple[str, bytes]]) -> Address | None:
     """One mailbox; what cannot be read is named as Dovecot names it (MISSING_MAILBOX,
     MISSING_DOMAIN, SYNTAX_ERROR for an unclosed <), so clients see the same thing from both."""
-    if not any(k != "c" for k, _ in tokens):
+    if not any(k not in ("c", "w") for k, _ in tokens):
         return None
     lt = next((i for i, (k, v) in enumerate(tokens) if k == "s" and v == b"<"), -1)
     if lt >= 0:
@@ -546,8 +537,23 @@ def _mailbox(tokens: list[tuple[str, bytes]]) -> Address | None:
             host if host is not None else b"MISSING_DOMAIN")
 
 
+_ATEXT = rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
+_DOMAIN = rb"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_SIMPLE_ADDR = re.compile(
+    rb'[ \t]*(?:(?:([A-Za-z0-9]+(?: [A-Za-z0-9]+)*)|"([^"\\\r\n\t ](?:[^"\\\r\n\t]*[^"\\\r\n\t ])?)")[ \t]*)?'
+    rb"(<)?(" + _ATEXT + rb")@(" + _DOMAIN + rb")(>)?[ \t]*")
+
+
 def addresses(value: bytes) -> list[Address]:
     """The address list of a header as ENVELOPE wants it, groups as start/end markers."""
+    m = _SIMPLE_ADDR.fullmatch(value)
+    if m and (m.group(3) is not None) == (m.group(6) is not None) and (m.group(3) or not (m[1] or m[2])):
+        # the common single "Name <a@b>" / "a@b": no tokenizer needed
+        return [(m.group(1) or m.group(2), None, m.group(4), m.group(5))]
+    return _tokenized_addresses(value)
+
+
+def _tokenized_addresses(value: bytes) -> list[Address]:
     tokens = _addr_tokens(value)
     out: list[Address] = []
     item: list[tuple[str, bytes]] = []
