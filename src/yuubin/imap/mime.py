@@ -254,12 +254,10 @@ class Part:
     children: list[Part] = field(default_factory=list)
     message: Part | None = None   # the encapsulated message of a message/rfc822 part
     opaque: bool = False          # not parsed further (depth or part limit)
+    first: dict[str, bytes] = field(default_factory=dict)  # name -> its first value
 
     def field(self, name: str) -> bytes | None:
-        for key, value in self.fields:
-            if key == name:
-                return value
-        return None
+        return self.first.get(name)
 
     @property
     def header(self) -> bytes:
@@ -293,12 +291,13 @@ class _Budget:
 
 
 def _build(raw: bytes, start: int, end: int, depth: int, budget: _Budget, *, in_digest: bool = False,
-           body_start: int | None = None) -> Part:
+           body_start: int | None = None, fields: list[tuple[str, bytes]] | None = None) -> Part:
     """Parse the entity at [start, end): its header, type, and children."""
     budget.parts += 1
     bs = _body_start(raw, start, end) if body_start is None else body_start
     part = Part(raw, start, bs, end, depth, in_digest)
-    part.fields = _fields(raw[start:bs])
+    part.fields = _fields(raw[start:bs]) if fields is None else fields
+    part.first = dict(reversed(part.fields))
     ctype = _content_type(part.field("content-type"))
     if ctype is None:
         if in_digest:
@@ -367,12 +366,13 @@ def _split(raw: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int,
 class ParsedMessage:
     """A message as IMAP sees it; the MIME tree is built on first use."""
 
-    __slots__ = ("_root", "_top_fields", "body_start", "raw")
+    __slots__ = ("_first", "_root", "_top_fields", "body_start", "raw")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
         self.body_start = _body_start(raw, 0, len(raw))
         self._top_fields: list[tuple[str, bytes]] | None = None
+        self._first: dict[str, bytes] | None = None
         self._root: Part | None = None
 
     @property
@@ -384,15 +384,15 @@ class ParsedMessage:
         return self._top_fields
 
     def field(self, name: str) -> bytes | None:
-        for key, value in self.fields:
-            if key == name:
-                return value
-        return None
+        if self._first is None:
+            self._first = dict(reversed(self.fields))
+        return self._first.get(name)
 
     @property
     def root(self) -> Part:
         if self._root is None:
-            self._root = _build(self.raw, 0, len(self.raw), 0, _Budget(), body_start=self.body_start)
+            self._root = _build(self.raw, 0, len(self.raw), 0, _Budget(), body_start=self.body_start,
+                                fields=self._top_fields)
         return self._root
 
 
