@@ -455,3 +455,19 @@ def test_mime_shaped_garbage_never_raises(fragments: list[bytes]) -> None:
 @pytest.mark.parametrize("path", sorted(CORPUS.glob("*.eml")), ids=lambda p: p.name)
 def test_corpus_answers_parse_as_imap(path: Path) -> None:
     _exercise(path.read_bytes())
+
+
+def test_bodystructure_utf8_quotes_8bit_parameters() -> None:
+    msg = _corpus("15-odd-params.eml")
+    assert b"{11}\r\nGr\xc3\xbc\xc3\x9fe.txt" in mime.bodystructure(msg)
+    assert b'"Gr\xc3\xbc\xc3\x9fe.txt"' in mime.bodystructure(msg, utf8=True)
+
+
+def test_the_module_is_pure() -> None:
+    """No sockets, files, clocks or event loop: the listener and the store own all I/O."""
+    import ast
+
+    tree = ast.parse(Path(mime.__file__).read_text(encoding="utf-8"))
+    roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not roots & {"asyncio", "socket", "ssl", "time", "os", "selectors", "io", "pathlib", "dns", "sqlite3"}
