@@ -28,7 +28,7 @@ DOVECOT = shutil.which("dovecot") or ("/usr/sbin/dovecot" if Path("/usr/sbin/dov
 HEADER_FIELDS = "HEADER.FIELDS (FROM TO SUBJECT CONTENT-TYPE)"
 HEADER_NOT = "HEADER.FIELDS.NOT (RECEIVED DATE CONTENT-TYPE)"
 SECTIONS = ("1.MIME", HEADER_FIELDS, HEADER_NOT, "HEADER", "TEXT", "1", "2", "2.MIME", "2.HEADER", "2.TEXT", "2.1",
-            "2.2", "3", "1.1", "2.1.MIME")
+            "2.2", "3", "1.1", "2.1.MIME", "2.2.1", "4", "4.HEADER", "4.TEXT", "4.1", "4.MIME")
 BINARY = ("1", "2", "3")
 ITEMS = ("ENVELOPE", "BODYSTRUCTURE", "BODY", *(f"BODY[{s}]" for s in SECTIONS),
          *(f"BINARY[{p}]" for p in BINARY), *(f"BINARY.SIZE[{p}]" for p in BINARY))
@@ -41,6 +41,13 @@ _NESTED_END = (
     "counts the line break between them into the part; RFC 2046 5.1.1 attaches the CRLF before a "
     "delimiter to the delimiter, so the part ends at its own close delimiter. This matters for "
     "multipart/signed (RFC 1847/3156): the signed entity is exactly those octets.")
+
+
+_BINARY_MULTIPART = (
+    "BINARY of a multipart part: Dovecot rewrites every encoded part inside it to binary (new "
+    "Content-Transfer-Encoding headers, decoded bodies). A multipart itself has no transfer encoding "
+    "to undo (RFC 2045 6.4), and RFC 3516 decodes the one section asked for, so we return its octets "
+    "as BODY[n] does; clients ask BINARY of leaf parts.")
 
 
 def _plus_crlf(v: Any) -> Any:
@@ -72,6 +79,9 @@ KNOWN: dict[tuple[str, str], tuple[str, Adjust]] = {
         "gives it size 0, we give its real size (RFC 9051 body-fld-octets: the size of the body, "
         "which BODY[1.1...] returns).", None),
     ("21-too-deep.eml", "BODY"): ("as BODYSTRUCTURE", None),
+    **{(f, i): (_BINARY_MULTIPART, None) for f, i in [
+        ("23-related-inline.eml", "BINARY[2]"), ("23-related-inline.eml", "BINARY.SIZE[2]"),
+        ("24-signed.eml", "BINARY[1]"), ("24-signed.eml", "BINARY.SIZE[1]")]},
     ("21-too-deep.eml", "BODY[1.1]"): (
         "Past its nesting limit Dovecot loses track of the outer boundaries and ends part 1.1 at "
         "--L20--; RFC 2046 5.1.1 ends it at its own close delimiter --L2--.", None),

@@ -273,7 +273,7 @@ class Part:
 
     @property
     def is_message(self) -> bool:
-        return self.type == "message" and self.subtype in ("rfc822", "global") and self.message is not None
+        return self.type == "message" and self.subtype == "rfc822" and self.message is not None
 
     def encoding(self) -> str:
         value = self.field("content-transfer-encoding")
@@ -320,7 +320,9 @@ def _build(raw: bytes, start: int, end: int, depth: int, budget: _Budget, *, in_
             if budget.parts >= MAX_PARTS:
                 break
             part.children.append(_build(raw, cs, ce, depth + 1, budget, in_digest=digest))
-    elif part.type == "message" and part.subtype in ("rfc822", "global"):
+    elif part.type == "message" and part.subtype == "rfc822":
+        # message/global stays a leaf: IMAP4rev1 (RFC 3501) has no envelope for it, most clients
+        # speak rev1, and Dovecot shows it so too
         part.message = _build(raw, bs, end, depth + 1, budget)
     return part
 
