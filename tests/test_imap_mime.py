@@ -391,6 +391,16 @@ def test_base_subject_rfc5256(subject: str, base: str) -> None:
     assert mime.base_subject(subject) == base
 
 
+def test_base_subject_of_a_hostile_subject_is_linear() -> None:
+    import time
+
+    start = time.perf_counter()
+    assert mime.base_subject("re: " * 50_000 + "x" + " (fwd)" * 50_000) == "x"
+    assert mime.base_subject("[fwd: " * 20_000 + "y" + "]" * 20_000) == "y"
+    assert mime.base_subject("(fwd) " * 50_000 + "z") == "(fwd) " * 50_000 + "z"
+    assert time.perf_counter() - start < 5
+
+
 # ---------------------------------------------------------------- quoting
 
 
@@ -471,3 +481,24 @@ def test_the_module_is_pure() -> None:
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not roots & {"asyncio", "socket", "ssl", "time", "os", "selectors", "io", "pathlib", "dns", "sqlite3"}
+
+
+HOSTILE = {
+    "50k parts": b"Content-Type: multipart/mixed; boundary=B\r\n\r\n"
+                 + b"--B\r\nContent-Type: text/plain\r\n\r\nx\r\n" * 50_000 + b"--B--\r\n",
+    "folded header field": b"Subject: " + b"a\r\n " * 150_000 + b"\r\nTo: " + b"x@y, " * 50_000 + b"\r\n\r\nbody",
+    "boundary-like lines": b"Content-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n\r\n" + b"--Bx\r\n" * 300_000,
+    "unclosed comments": b"From: " + b"(" * 300_000 + b"\r\nContent-Type: text/plain; a=" + b"(" * 300_000
+                         + b"\r\n\r\n",
+    "unclosed quotes": b"To: " + b'"a\\",' * 100_000 + b"\r\n\r\n",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_shapes_cost_linear_time(name: str) -> None:
+    import time
+
+    start = time.perf_counter()
+    _exercise(HOSTILE[name])
+    assert time.perf_counter() - start < 20, name

@@ -991,29 +991,39 @@ def date_header(msg: ParsedMessage) -> datetime | None:
 # --------------------------------------------------------------------------- base subject
 
 _WS = re.compile(r"[ \t\r\n]+")
-_TRAILER = re.compile(r"(?:\s|\(fwd\))+$", re.IGNORECASE)
-_BLOB = r"\[[^\[\]]*\]\s*"
-_LEADER = re.compile(rf"^(?:(?:{_BLOB})*(?:re|fwd?)\s*(?:{_BLOB})?:|\s+)", re.IGNORECASE)
-_LEADING_BLOB = re.compile(rf"^{_BLOB}")
+_BLOB = r"\[[^\[\]]*\] *"
+_LEADER = re.compile(rf"(?:(?:{_BLOB})*(?:re|fwd?) *(?:{_BLOB})?:| +)", re.IGNORECASE)
+_LEADING_BLOB = re.compile(_BLOB)
 
 
 def base_subject(subject: str) -> str:
-    """The base subject of RFC 5256 section 2.1 (used by SORT SUBJECT and THREAD)."""
+    """The base subject of RFC 5256 section 2.1 (used by SORT SUBJECT and THREAD).
+
+    Works on two offsets into the string, never re-slicing it, so a hostile subject of many
+    "re:" or "[fwd:" layers costs linear time."""
     if "=?" in subject:
         subject = decode_words(subject.encode("utf-8", "surrogateescape"))
     s = _WS.sub(" ", subject)                                     # (1)
+    low = s.lower()
+    lo, hi = 0, len(s)
     while True:
-        s = _TRAILER.sub("", s)                                   # (2)
+        while True:                                               # (2)
+            while hi > lo and s[hi - 1] == " ":
+                hi -= 1
+            if hi - lo >= 5 and low.endswith("(fwd)", lo, hi):
+                hi -= 5
+                continue
+            break
         while True:
-            before = s
-            while (m := _LEADER.match(s)) and m.end() > 0:        # (3)
-                s = s[m.end():]
-            m = _LEADING_BLOB.match(s)                            # (4)
-            if m and s[m.end():]:
-                s = s[m.end():]
-            if s == before:                                       # (5)
+            before = lo
+            while (m := _LEADER.match(s, lo, hi)) and m.end() > lo:  # (3)
+                lo = m.end()
+            m = _LEADING_BLOB.match(s, lo, hi)                    # (4)
+            if m and m.end() < hi:
+                lo = m.end()
+            if lo == before:                                      # (5)
                 break
-        if s[:5].lower() == "[fwd:" and s.endswith("]"):          # (6)
-            s = s[5:-1]
+        if hi - lo >= 6 and low.startswith("[fwd:", lo, hi) and s[hi - 1] == "]":  # (6)
+            lo, hi = lo + 5, hi - 1
             continue
-        return s
+        return s[lo:hi]
