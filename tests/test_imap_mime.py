@@ -357,6 +357,8 @@ def test_text_content_decodes_transfer_encoding_and_charset_of_text_parts() -> N
     assert "subject: fwd: meeting notes" in nested.lower() and "we agreed on the plan" in nested
     assert "subject: meeting notes" in nested.lower()  # the encapsulated message's header
     assert "fwd: meeting notes" not in mime.text_content(_corpus("04-nested-rfc822.eml"), headers=False).lower()
+    assert "content-disposition: inline" in nested.lower()  # a part's MIME header counts for TEXT
+    assert "inline" not in mime.text_content(_corpus("04-nested-rfc822.eml"), headers=False)
 
 
 def test_date_header() -> None:

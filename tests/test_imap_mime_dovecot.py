@@ -50,6 +50,18 @@ _BINARY_MULTIPART = (
     "as BODY[n] does; clients ask BINARY of leaf parts.")
 
 
+# (corpus file, FETCH item) -> why Dovecot answers NO and we answer
+REFUSED: dict[tuple[str, str], str] = {
+    ("27-odd-transfer-encodings.eml", "BINARY[3]"):
+        "BINARY of quoted-printable with an invalid escape ('=ZZ'): Dovecot refuses with NO [PARSE]; "
+        "RFC 2045 6.7 (note 1) advises a decoder to keep such text as it is, which we do.",
+    **{("27-odd-transfer-encodings.eml", f"BINARY.SIZE[{n}]"): (
+        "BINARY.SIZE of any part of a message that has an x-uuencode part elsewhere (part 4): Dovecot "
+        "answers NO [UNKNOWN-CTE] for every part; RFC 3516 makes UNKNOWN-CTE about the part asked for.")
+       for n in (1, 2, 3)},
+}
+
+
 def _plus_crlf(v: Any) -> Any:
     return v + b"\r\n"
 
@@ -82,6 +94,16 @@ KNOWN: dict[tuple[str, str], tuple[str, Adjust]] = {
     **{(f, i): (_BINARY_MULTIPART, None) for f, i in [
         ("23-related-inline.eml", "BINARY[2]"), ("23-related-inline.eml", "BINARY.SIZE[2]"),
         ("24-signed.eml", "BINARY[1]"), ("24-signed.eml", "BINARY.SIZE[1]")]},
+    **{("27-odd-transfer-encodings.eml", i): (
+        "A message/rfc822 part whose content (here base64 text) has no blank line, so it is all header: "
+        "Dovecot counts the CRLF before the next boundary into the part (2 more octets, 1 more line); "
+        "RFC 2046 5.1.1 gives that CRLF to the boundary, as for every other part.", None)
+       for i in ("BODYSTRUCTURE", "BODY")},
+    ("27-odd-transfer-encodings.eml", "BODY[1]"): ("as its BODYSTRUCTURE", _plus_crlf),
+    ("27-odd-transfer-encodings.eml", "BINARY[1]"): (
+        "BINARY of a base64-encoded message/rfc822 part (which RFC 2046 5.2.1 forbids, but senders do): "
+        "Dovecot sends the base64 text undecoded; RFC 3516 asks for the section with its transfer "
+        "encoding undone, so we send the decoded message.", None),
     ("21-too-deep.eml", "BODY[1.1]"): (
         "Past its nesting limit Dovecot loses track of the outer boundaries and ends part 1.1 at "
         "--L20--; RFC 2046 5.1.1 ends it at its own close delimiter --L2--.", None),
@@ -222,9 +244,9 @@ def _ours(raw: bytes) -> bytes:
     return b"1 (" + b" ".join(parts) + b")"
 
 
-def _fetch_dovecot(client: imaplib.IMAP4, seq: int) -> dict[bytes, Any]:
-    items = " ".join(i.replace("BODY[", "BODY.PEEK[", 1) if i.startswith("BODY[") else i for i in ITEMS)
-    typ, data = client.fetch(str(seq), f"({items})")
+def _fetch_dovecot(client: imaplib.IMAP4, seq: int, items: list[str]) -> dict[bytes, Any]:
+    wanted = " ".join(i.replace("BODY[", "BODY.PEEK[", 1) if i.startswith("BODY[") else i for i in items)
+    typ, data = client.fetch(str(seq), f"({wanted})")
     assert typ == "OK", data
     # BINARY of content with NUL comes as literal8 ~{n} (RFC 3516), which imaplib reads as text "~"
     data = [(d[0].replace(b"~{", b"{"), d[1]) if isinstance(d, tuple) else d for d in data]
@@ -235,9 +257,16 @@ def _fetch_dovecot(client: imaplib.IMAP4, seq: int) -> dict[bytes, Any]:
 @pytest.mark.parametrize("path", CORPUS, ids=[p.name for p in CORPUS])
 def test_fetch_matches_dovecot(dovecot: imaplib.IMAP4, path: Path) -> None:
     seq = CORPUS.index(path) + 1
-    theirs = _fetch_dovecot(dovecot, seq)
+    refused = [i for i in ITEMS if (path.name, i) in REFUSED]
+    theirs = _fetch_dovecot(dovecot, seq, [i for i in ITEMS if i not in refused])
     ours = parse_fetch_response(_as_imaplib(_ours(path.read_bytes())))[1]
+    for item in refused:
+        typ, _ = dovecot.fetch(str(seq), f"({item})")
+        assert typ == "NO", f"{path.name} {item}: Dovecot answers it now, drop it from REFUSED"
+        assert ours[item.encode()] is not None
     for item in ITEMS:
+        if item in refused:
+            continue
         key = item.replace("BODY.PEEK[", "BODY[").encode()
         if key not in theirs:
             continue  # Dovecot gave nothing (a part that does not exist)

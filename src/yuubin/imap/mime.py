@@ -874,8 +874,8 @@ def binary(msg: ParsedMessage, part: str) -> bytes | None:
     if p is None:
         return None
     data = msg.raw[p.body_start:p.end]
-    if p.multipart or p.is_message:
-        return data
+    if p.multipart:
+        return data  # a multipart has no transfer encoding of its own (RFC 2045 6.4)
     return _decode_cte(data, p.encoding())
 
 
@@ -947,15 +947,15 @@ def header_values(msg: ParsedMessage, name: str) -> list[str]:
     return [decode_words(v) for k, v in msg.fields if k == key]
 
 
-def _part_text(part: Part, out: list[str], headers: bool) -> None:
-    if headers:
+def _part_text(part: Part, out: list[str], own_header: bool, mime_headers: bool) -> None:
+    if own_header:
         out.append("\n".join(f"{k}: {decode_words(v)}" for k, v in part.fields))
     if part.multipart:
         for child in part.children:
-            _part_text(child, out, False)
+            _part_text(child, out, mime_headers, mime_headers)
         return
     if part.is_message and part.message is not None:
-        _part_text(part.message, out, True)
+        _part_text(part.message, out, True, mime_headers)  # an encapsulated header is body text
         return
     if part.type != "text" or part.opaque:
         return
@@ -967,10 +967,11 @@ def _part_text(part: Part, out: list[str], headers: bool) -> None:
 
 
 def text_content(msg: ParsedMessage, *, headers: bool) -> str:
-    """The message's text for SEARCH BODY (headers=False) or TEXT (True): text/* parts with their
-    transfer encoding and charset decoded, encapsulated messages included."""
+    """The message's text for SEARCH BODY (headers=False) or TEXT (True, with the header and the
+    MIME header fields of the parts, RFC 9051 6.4.4): text/* parts with their transfer encoding and
+    charset decoded, encapsulated messages (their header too) included."""
     out: list[str] = []
-    _part_text(msg.root, out, headers)
+    _part_text(msg.root, out, headers, headers)
     return "\n".join(out)
 
 
