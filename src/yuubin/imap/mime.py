@@ -60,11 +60,23 @@ def _body_start(raw: bytes, start: int, end: int) -> int:
 _FIELD = re.compile(rb"^([^: \t\r\n][^:\r\n]*):(.*(?:\r?\n[ \t].*)*)", re.MULTILINE)
 
 
+_NAMES: dict[bytes, str] = {}
+_NAMES_MAX = 4096  # field names seen are few; a message full of odd names does not grow this
+
+
 def _fields(block: bytes) -> list[tuple[str, bytes]]:
     """(lower-case name, raw value with its folding) for each header field, in order; lines that
     are not fields are skipped. One regex pass over the header only (never a body)."""
-    return [(m.group(1).rstrip(b" \t").decode("latin-1").lower(), m.group(2).rstrip(b"\r"))
-            for m in _FIELD.finditer(block)]
+    out: list[tuple[str, bytes]] = []
+    names = _NAMES
+    for raw_name, value in _FIELD.findall(block):
+        name = names.get(raw_name)
+        if name is None:
+            name = raw_name.rstrip(b" \t").decode("latin-1").lower()
+            if len(names) < _NAMES_MAX:
+                names[raw_name] = name
+        out.append((name, value[:-1] if value.endswith(b"\r") else value))
+    return out
 
 
 def _unfold(value: bytes) -> bytes:
@@ -617,12 +629,13 @@ def _envelope_of(fields_of: Part | ParsedMessage, utf8: bool) -> bytes:
         sender = from_
     if reply_to is None or not _unfold(reply_to):
         reply_to = from_
+    from_list = _address_list(from_, utf8)
     items = [
         _envelope_string(get("date"), utf8),
         _envelope_string(get("subject"), utf8),
-        _address_list(from_, utf8),
-        _address_list(sender, utf8),
-        _address_list(reply_to, utf8),
+        from_list,
+        from_list if sender is from_ else _address_list(sender, utf8),
+        from_list if reply_to is from_ else _address_list(reply_to, utf8),
         _address_list(get("to"), utf8),
         _address_list(get("cc"), utf8),
         _address_list(get("bcc"), utf8),
