@@ -560,11 +560,26 @@ _SIMPLE_ADDR = re.compile(
 
 def addresses(value: bytes) -> list[Address]:
     """The address list of a header as ENVELOPE wants it, groups as start/end markers."""
+    simple = _simple_address(value)
+    if simple is not None:
+        return [simple]
+    if b"," in value and not _NOT_SIMPLE.search(value):
+        # a list of plain "Name <a@b>" / "a@b" with no quotes, comments or groups to split wrongly
+        found = [_simple_address(item) for item in value.split(b",")]
+        if all(found):
+            return [a for a in found if a is not None]
+    return _tokenized_addresses(value)
+
+
+_NOT_SIMPLE = re.compile(rb'["(:;\\\r\n]')
+
+
+def _simple_address(value: bytes) -> Address | None:
+    """The common single "Name <a@b>" / "a@b" without the tokenizer; None for anything else."""
     m = _SIMPLE_ADDR.fullmatch(value)
     if m and (m.group(3) is not None) == (m.group(6) is not None) and (m.group(3) or not (m[1] or m[2])):
-        # the common single "Name <a@b>" / "a@b": no tokenizer needed
-        return [(m.group(1) or m.group(2), None, m.group(4), m.group(5))]
-    return _tokenized_addresses(value)
+        return (m.group(1) or m.group(2), None, m.group(4), m.group(5))
+    return None
 
 
 def _tokenized_addresses(value: bytes) -> list[Address]:
