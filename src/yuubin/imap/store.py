@@ -419,7 +419,7 @@ class AccountStore:
     def _folder_row(self, name: str, *, create: bool = True) -> tuple[int, int, int, int, int, str | None]:
         """(id, uidvalidity, uidnext, highestmodseq, recent_uid, special_use) of an existing folder."""
         name = normalize(name)
-        path = self._path(name)
+        path = self.folder_path(name)
         if not os.path.isdir(os.path.join(path, "cur")):
             raise NoSuchFolder(f"no folder {name!r}")
         with self._lock:
@@ -438,12 +438,13 @@ class AccountStore:
                 raise NoSuchFolder(f"no folder {name!r}")
             return row
 
-    def _path(self, name: str) -> str:
+    def folder_path(self, name: str) -> str:
+        """The folder's Maildir directory."""
         d = disk_name(name)
         return str(self.root / f".{d}") if d else str(self.root)
 
     def _dir(self, name: str) -> _Folder:
-        path = self._path(name)
+        path = self.folder_path(name)
         f = self._dirs.get(path)
         if f is None:
             f = self._dirs[path] = _Folder(path)
@@ -611,7 +612,7 @@ class AccountStore:
     def create(self, name: str, special_use: str | None = None) -> None:
         name = normalize(name)
         d = disk_name(name)
-        if name == INBOX or os.path.isdir(os.path.join(self._path(name), "cur")):
+        if name == INBOX or os.path.isdir(os.path.join(self.folder_path(name), "cur")):
             raise FolderExists(f"folder {name!r} exists")
         parts = name.split(DELIMITER)
         for i in range(1, len(parts) + 1):  # RFC 9051: superior names are created as needed
@@ -628,7 +629,7 @@ class AccountStore:
         name = normalize(name)
         if name == INBOX:
             raise InvalidName("INBOX cannot be deleted")
-        path = self._path(name)
+        path = self.folder_path(name)
         if not os.path.isdir(os.path.join(path, "cur")):
             raise NoSuchFolder(f"no folder {name!r}")
         if any(n.startswith(name + DELIMITER) for n in self._disk_folders()):
@@ -653,10 +654,10 @@ class AccountStore:
         if old == INBOX:
             self._rename_inbox(new)
             return
-        src = self._path(old)
+        src = self.folder_path(old)
         if not os.path.isdir(os.path.join(src, "cur")):
             raise NoSuchFolder(f"no folder {old!r}")
-        if new == INBOX or os.path.isdir(os.path.join(self._path(new), "cur")):
+        if new == INBOX or os.path.isdir(os.path.join(self.folder_path(new), "cur")):
             raise FolderExists(f"folder {new!r} exists")
         if new.startswith(old + DELIMITER):
             raise InvalidName("a folder cannot become its own child")
@@ -669,14 +670,14 @@ class AccountStore:
                  if n == old or n.startswith(old + DELIMITER)]
         with self._write() as db:
             for a, b in moves:
-                os.rename(self._path(a), self._path(b))
+                os.rename(self.folder_path(a), self.folder_path(b))
                 db.execute("UPDATE folders SET name=? WHERE name=?", (b, a))
                 if db.execute("SELECT 1 FROM subscriptions WHERE name=?", (a,)).fetchone():
                     db.execute("DELETE FROM subscriptions WHERE name=?", (a,))
                     db.execute("INSERT OR IGNORE INTO subscriptions(name) VALUES (?)", (b,))
             fsync_dir(self.root)
         for a, _b in moves:
-            self._dirs.pop(self._path(a), None)
+            self._dirs.pop(self.folder_path(a), None)
             self.maildirs.forget(self.mailbox, disk_name(a))
         log.info("event=imap_folder_rename mailbox=%s from=%s to=%s", self.mailbox, old, new)
 
@@ -740,7 +741,7 @@ class AccountStore:
         """Store a message; (uidvalidity, uid) once the file and its UID are durable."""
         name = normalize(name)
         fid, uv = self._folder_row(name)[:2]
-        path = self._path(name)
+        path = self.folder_path(name)
         flags = canonical_flags(flags)
         key = self._new_key(len(data))
         letters = letters_of(flags)
@@ -761,7 +762,7 @@ class AccountStore:
         return uv, uid
 
     def _copy_sync(self, fid: int, src: str, uids: list[int], dest_fid: int, dest: str, *, move: bool) -> CopyResult:
-        src_path, dest_path = self._path(src), self._path(dest)
+        src_path, dest_path = self.folder_path(src), self.folder_path(dest)
         with self._lock:
             rows = [self.db.execute("SELECT uid, file, letters, keywords, size, internaldate FROM messages "
                                     "WHERE folder=? AND uid=?", (fid, u)).fetchone() for u in uids]
@@ -820,6 +821,50 @@ class AccountStore:
             db.execute("DELETE FROM messages WHERE folder=? AND uid=?", (fid, uid))
             db.execute("INSERT OR REPLACE INTO expunged(folder, uid, modseq) VALUES (?, ?, ?)", (fid, uid, modseq))
         db.execute("UPDATE folders SET highestmodseq=? WHERE id=?", (modseq, fid))
+
+    def import_folder(self, name: str, uidvalidity: int, uidnext: int,
+                      entries: list[tuple[str, str, str, int | None, int, float]]) -> bool:
+        """Number files already written durably into a folder with UIDs another server gave them.
+
+        entries: (key, file "cur/<name>", keywords, uid or None, size, internaldate). When the
+        folder holds no message and has never expunged one, it takes `uidvalidity` and the given
+        UIDs (clients keep their caches); otherwise the files get new UIDs. Returns which.
+        """
+        name = normalize(name)
+        fid = self._folder_row(name)[0]
+        with self._write() as db:
+            used = db.execute("SELECT (SELECT count(*) FROM messages WHERE folder=?) + "
+                              "(SELECT count(*) FROM expunged WHERE folder=?)", (fid, fid)).fetchone()[0]
+            keep = used == 0 and uidvalidity > 0
+            if keep:
+                top = max((u for *_r, u, _s, _d in entries if u), default=0)
+                free = max(uidnext, top + 1)
+                modseq = db.execute("SELECT highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()[0] + 1
+                for key, file, keywords, uid, size, internaldate in sorted(entries, key=lambda e: e[3] or 1 << 62):
+                    if not uid:
+                        uid, free = free, free + 1
+                    db.execute("INSERT INTO messages(folder, uid, key, file, letters, keywords, modseq, size, "
+                               "internaldate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               (fid, uid, key, file, _split(file)[1], keywords, modseq, size, internaldate))
+                db.execute("UPDATE folders SET uidvalidity=?, uidnext=?, highestmodseq=?, recent_uid=? WHERE id=?",
+                           (uidvalidity, free, modseq, free, fid))
+                row = db.execute("SELECT value FROM meta WHERE key='uidvalidity'").fetchone()
+                if not row or row[0] < uidvalidity:
+                    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('uidvalidity', ?)", (uidvalidity,))
+            else:
+                ordered = sorted(entries, key=lambda e: (e[3] or 1 << 62, e[5]))
+                self._insert(db, fid, [(k, f, _split(f)[1], kw, size, d) for k, f, kw, _u, size, d in ordered])
+        self.poke(disk_name(name))
+        return keep
+
+    def messages(self, name: str) -> list[tuple[MessageInfo, str]]:
+        """Every message of a folder with its file ("cur/<name>"), ascending UID (for export)."""
+        fid = self.refresh(name)
+        with self._lock:
+            return [(MessageInfo(uid, _flags(letters, kw), modseq, size, idate, key), file)
+                    for uid, key, file, letters, kw, modseq, size, idate in self.db.execute(
+                        "SELECT uid, key, file, letters, keywords, modseq, size, internaldate FROM messages "
+                        "WHERE folder=? ORDER BY uid", (fid,))]
 
     def open(self, name: str, *, readonly: bool) -> FolderView:
         return FolderView(self, normalize(name), readonly)
@@ -931,7 +976,7 @@ class FolderView:
             if row is None:
                 raise Expunged(f"message UID {uid} has been expunged")
             try:
-                with open(os.path.join(self.account._path(self.name), row[0]), "rb") as f:
+                with open(os.path.join(self.account.folder_path(self.name), row[0]), "rb") as f:
                     data = f.read()
             except FileNotFoundError:
                 if attempt == 2:
@@ -1019,7 +1064,7 @@ class FolderView:
             raise ValueError(f"bad STORE mode {mode!r}")
         flags = canonical_flags(flags)
         acc = self.account
-        path = acc._path(self.name)
+        path = acc.folder_path(self.name)
         wanted = sorted(set(uids))
         updated: list[MessageInfo] = []
         modified: list[int] = []
@@ -1077,7 +1122,7 @@ class FolderView:
         """
         self._writable()
         acc = self.account
-        path = acc._path(self.name)
+        path = acc.folder_path(self.name)
         only = set(uids) if uids is not None else None
         with acc._lock:
             rows = [(u, f) for u, f in acc.db.execute(
