@@ -81,12 +81,11 @@ def cmd_mailbox_export(args: argparse.Namespace) -> int:
 def register(sub: SubParsers) -> None:
     """Add the mailbox group: import, export."""
     mb = add_group(sub, "mailbox", "an account's mail from and to a Dovecot Maildir: import, export")
-    x = mb.add_parser("import", help="copy a Dovecot Maildir into an account, keeping UIDs and keywords "
-                                     "(stop Dovecot first; safe to run again)")
+    x = mb.add_parser("import", help="copy a Dovecot Maildir into an account, keeping UIDs (stop Dovecot first)")
     x.add_argument("address", metavar="ADDRESS")
     x.add_argument("dir", metavar="DIR", help="the Dovecot Maildir (with cur/, new/ and .Folder/ inside)")
     x.set_defaults(func=cmd_mailbox_import)
-    x = mb.add_parser("export", help="write an account's mail as a Dovecot Maildir, with its UIDs and keywords")
+    x = mb.add_parser("export", help="write an account's mail as a Dovecot Maildir, keeping UIDs")
     x.add_argument("address", metavar="ADDRESS")
     x.add_argument("dir", metavar="DIR", help="a new or empty directory")
     x.set_defaults(func=cmd_mailbox_export)
