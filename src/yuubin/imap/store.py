@@ -62,6 +62,8 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import NamedTuple
 
 from yuubin.delivery.maildir import Maildirs
 from yuubin.durable import FileWrite, GroupCommitter, fsync_dir
@@ -173,8 +175,9 @@ class FolderStatus:
     deleted: int
 
 
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
+class MessageInfo(NamedTuple):
+    """One message as a view knows it; a tuple, cheap to make by the ten thousand."""
+
     uid: int
     flags: frozenset[str]  # system flags ("\\Seen" ...) and keywords; never \\Recent
     modseq: int
@@ -260,7 +263,9 @@ def _split(name: str) -> tuple[str, str]:
     return key, ""
 
 
+@lru_cache(maxsize=4096)
 def _flags(letters: str, keywords: str) -> frozenset[str]:
+    """Cached: a folder has few distinct flag sets, and views share the frozensets."""
     out = {_LETTER_FLAG[c] for c in letters if c in _LETTER_FLAG}
     if keywords:
         out.update(keywords.split(" "))
@@ -352,6 +357,10 @@ class AccountStore:
         self.root = maildirs.ensure(mailbox)
         self._lock = threading.RLock()
         self._dirs: dict[str, _Folder] = {}
+        # The MessageInfo of each message, shared by every open view of its folder (ten views of a
+        # 10,000-message INBOX hold one set of tuples); dropped when the folder's last view closes.
+        self._infos: dict[int, dict[int, MessageInfo]] = {}
+        self._views: dict[int, int] = {}
         self.db = self._open_index()
         self._clean_deleting()
         self._special_use()
@@ -481,9 +490,9 @@ class AccountStore:
         for sub in ("new", "cur"):
             with os.scandir(os.path.join(path, sub)) as it:
                 for e in it:
-                    if e.name.startswith("."):
-                        continue
-                    files[_split(e.name)[0]] = f"{sub}/{e.name}"
+                    name = e.name
+                    if name[0] != ".":
+                        files[name.partition(":")[0]] = f"{sub}/{name}"
         return files
 
     def _reconcile(self, fid: int, path: str) -> bool:
@@ -869,6 +878,28 @@ class AccountStore:
     def open(self, name: str, *, readonly: bool) -> FolderView:
         return FolderView(self, normalize(name), readonly)
 
+    def _info(self, fid: int, uid: int, letters: str, kw: str, modseq: int, size: int, idate: float, key: str
+              ) -> MessageInfo:
+        d = self._infos.get(fid)
+        if d is None:
+            return MessageInfo(uid, _flags(letters, kw), modseq, size, idate, key)
+        m = d.get(uid)
+        if m is None or m.modseq != modseq:
+            m = d[uid] = MessageInfo(uid, _flags(letters, kw), modseq, size, idate, key)
+        return m
+
+    def _opened(self, fid: int) -> None:
+        self._views[fid] = self._views.get(fid, 0) + 1
+        self._infos.setdefault(fid, {})
+
+    def _closed(self, fid: int) -> None:
+        n = self._views.get(fid, 0) - 1
+        if n > 0:
+            self._views[fid] = n
+        else:
+            self._views.pop(fid, None)
+            self._infos.pop(fid, None)
+
     # -- change notification ---------------------------------------------------------------
 
     def poke(self, disk: str) -> None:
@@ -942,12 +973,14 @@ class FolderView:
         fid = account.refresh(name)
         self.fid = fid
         acc = account
+        acc._opened(fid)
+        info = acc._info
         with acc._lock if readonly else acc._write():
             db = acc.db
             self.uidvalidity, self.uidnext, self.highestmodseq, recent_uid = db.execute(
                 "SELECT uidvalidity, uidnext, highestmodseq, recent_uid FROM folders WHERE id=?", (fid,)).fetchone()
             self.messages: list[MessageInfo] = [
-                MessageInfo(uid, _flags(letters, kw), modseq, size, idate, key)
+                info(fid, uid, letters, kw, modseq, size, idate, key)
                 for uid, key, letters, kw, modseq, size, idate in db.execute(
                     "SELECT uid, key, letters, keywords, modseq, size, internaldate FROM messages "
                     "WHERE folder=? ORDER BY uid", (fid,))]
@@ -1017,7 +1050,7 @@ class FolderView:
                     db.execute("UPDATE folders SET recent_uid=max(recent_uid, ?) WHERE id=?", (uidnext, self.fid))
         self._apply_expunged(gone, ch)
         for uid, key, letters, kw, modseq, size, idate in rows:
-            info = MessageInfo(uid, _flags(letters, kw), modseq, size, idate, key)
+            info = acc._info(self.fid, uid, letters, kw, modseq, size, idate, key)
             i = self.seq(uid)
             if i is not None:
                 if self.messages[i - 1].modseq != modseq:
@@ -1085,11 +1118,8 @@ class FolderView:
                         continue
                     new_letters = _with_letters(letters, flags, mode, letters)
                     new_kw = _with_keywords(kw, flags, mode)
-                    if new_letters == letters and new_kw == kw:
-                        if unchangedsince is not None:
-                            # RFC 7162 3.1.3: still a successful store; its MODSEQ stays
-                            pass
-                        updated.append(MessageInfo(uid, _flags(letters, kw), mseq, size, idate, key))
+                    if new_letters == letters and new_kw == kw:  # no change: its MODSEQ stays (RFC 7162)
+                        updated.append(acc._info(self.fid, uid, letters, kw, mseq, size, idate, key))
                         continue
                     new_file = file
                     if new_letters != letters:
@@ -1102,7 +1132,7 @@ class FolderView:
                     db.execute("UPDATE messages SET file=?, letters=?, keywords=?, modseq=? WHERE folder=? AND uid=?",
                                (new_file, new_letters, new_kw, modseq, self.fid, uid))
                     changed = True
-                    updated.append(MessageInfo(uid, _flags(new_letters, new_kw), modseq, size, idate, key))
+                    updated.append(acc._info(self.fid, uid, new_letters, new_kw, modseq, size, idate, key))
                 if changed:
                     db.execute("UPDATE folders SET highestmodseq=? WHERE id=?", (modseq, self.fid))
             if not retry or attempt == 2:
@@ -1175,5 +1205,8 @@ class FolderView:
         await self.account.wait(self.name, self.fid, self.highestmodseq, timeout)
 
     def close(self) -> None:
-        self.closed = True
+        """UNSELECT/CLOSE/logout: call it, or the folder's shared cache outlives the session."""
+        if not self.closed:
+            self.closed = True
+            self.account._closed(self.fid)
 
