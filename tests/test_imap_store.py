@@ -455,3 +455,36 @@ async def test_speed_of_a_10000_message_folder(root, committer, capsys):
               f"sync with no change {idle_sync*1000:.1f}ms, sync with one new {new_sync*1000:.0f}ms, "
               f"STORE +\\Seen on 1,000 {store_1000*1000:.0f}ms, another view's sync of 1,000 flag changes "
               f"{flag_sync*1000:.0f}ms")
+
+
+def test_mail_delivered_by_the_server_wakes_a_waiting_view_at_once(make_server, monkeypatch):
+    """The wiring in app.py: LocalDelivery tells the MailStore, which wakes IDLE without polling."""
+    import smtplib
+    monkeypatch.setattr(imapstore, "POLL_INTERVAL", 60.0)  # only the hook can wake it in time
+    srv = make_server()
+    app = srv.server
+    box = "alice@example.test"
+
+    async def open_view():
+        return app.mailstore.account(box).open("INBOX", readonly=False)
+
+    view = srv.call(open_view)
+
+    async def wait_for_mail() -> float:
+        t0 = time.monotonic()
+        await view.wait_change(10)
+        return time.monotonic() - t0
+
+    fut = asyncio.run_coroutine_threadsafe(wait_for_mail(), srv.loop)
+    time.sleep(0.1)
+    with smtplib.SMTP("127.0.0.1", srv.port("mx"), local_hostname="client.example", timeout=10) as s:
+        t0 = time.monotonic()
+        s.sendmail("someone@remote.example", [box], b"Subject: idle\r\n\r\nhello\r\n")
+    fut.result(5)
+    assert time.monotonic() - t0 < 1.0
+
+    async def sync():
+        return view.sync()
+
+    ch = srv.call(sync)
+    assert len(ch.added) == 1 and b"hello" in view.read(ch.added[0].uid)
