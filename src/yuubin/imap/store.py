@@ -84,6 +84,7 @@ MTIME_TRUST = 2.0  # seconds: a directory mtime younger than this may hide a cha
 POLL_INTERVAL = 1.0  # while someone waits, another process's change is noticed this often
 _counter = itertools.count()
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+_ESCAPED = re.compile(r"%(25|2[Ee])")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -242,7 +243,7 @@ def imap_name(disk: str) -> str:
     """The inverse of disk_name: "A.v1%2E2" -> "A/v1.2"."""
     if not disk:
         return INBOX
-    return normalize(DELIMITER.join(p.replace("%2E", ".").replace("%2e", ".").replace("%25", "%")
+    return normalize(DELIMITER.join(_ESCAPED.sub(lambda m: "%" if m[1] == "25" else ".", p)
                                     for p in disk.split(".")))
 
 
@@ -1161,8 +1162,15 @@ class FolderView:
             if not rows:
                 return []
             for _u, f in rows:
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.unlink(os.path.join(path, f))
+                except FileNotFoundError:  # renamed behind our back (another tool's flag change)?
+                    key = _split(f.partition("/")[2])[0]
+                    for sub in ("cur", "new"):
+                        for name in os.listdir(os.path.join(path, sub)):
+                            if name.partition(":")[0] == key:
+                                with contextlib.suppress(FileNotFoundError):
+                                    os.unlink(os.path.join(path, sub, name))
             for sub in {os.path.dirname(f) for _u, f in rows}:
                 fsync_dir(os.path.join(path, sub))
             with acc._write() as db:
