@@ -232,6 +232,32 @@ async def test_a_flag_change_by_another_view_wakes_a_waiting_one(root, committer
     assert [m.flags for m in a.sync().flags] == [{"\\Flagged"}]
 
 
+async def test_fetch_cache_is_shared_kept_and_dropped_with_the_message(root, committer):
+    ms = make(root, committer)
+    acc = ms.account(MAILBOX)
+    for _ in range(3):
+        await acc.append("INBOX", MSG, frozenset(), None)
+    a = acc.open("INBOX", readonly=False)
+    a.remember(1, "ENVELOPE/1", b"(env one)")
+    a.remember(2, "ENVELOPE/1", b"(env two)")
+    assert a.cached([1, 2, 3], "ENVELOPE/1") == {1: b"(env one)", 2: b"(env two)"}  # before it is written
+    a.sync()
+    b = acc.open("INBOX", readonly=True)
+    assert b.cached([1, 2, 3], "ENVELOPE/1") == {1: b"(env one)", 2: b"(env two)"}
+    assert b.cached(range(1, 100), "ENVELOPE/1") == {1: b"(env one)", 2: b"(env two)"}  # the bulk path
+    assert b.cached([1], "BODYSTRUCTURE/1") == {}
+    a.store([1], "+", frozenset({"\\Deleted"}), None)
+    a.expunge()
+    b.remember(1, "BODYSTRUCTURE/1", b"(late)")  # for a message expunged meanwhile: never written
+    b.close()
+    a.close()
+    ms.close()
+    acc = make(root, committer).account(MAILBOX)
+    c = acc.open("INBOX", readonly=True)
+    assert c.cached([1, 2, 3], "ENVELOPE/1") == {2: b"(env two)"}
+    assert c.cached([1], "BODYSTRUCTURE/1") == {}
+
+
 async def test_uids_are_never_reused(root, committer):
     ms = make(root, committer)
     acc = ms.account(MAILBOX)

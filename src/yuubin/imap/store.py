@@ -124,7 +124,15 @@ CREATE INDEX IF NOT EXISTS expunged_modseq ON expunged(folder, modseq);
 CREATE TABLE IF NOT EXISTS subscriptions (
     name TEXT PRIMARY KEY
 );
+CREATE TABLE IF NOT EXISTS fetch_cache (  -- what FETCH computed once (ENVELOPE, BODYSTRUCTURE wire bytes)
+    folder INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    item TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (folder, uid, item)
+) WITHOUT ROWID;
 """
+CACHE_FLUSH = 500  # remembered FETCH items written to the index in one transaction
 
 
 class StoreError(Exception):
@@ -540,6 +548,7 @@ class AccountStore:
                     db.execute("UPDATE messages SET file=? WHERE folder=? AND uid=?", (file, fid, uid))
             for uid in expunged:
                 db.execute("DELETE FROM messages WHERE folder=? AND uid=?", (fid, uid))
+                db.execute("DELETE FROM fetch_cache WHERE folder=? AND uid=?", (fid, uid))
                 db.execute("INSERT OR REPLACE INTO expunged(folder, uid, modseq) VALUES (?, ?, ?)", (fid, uid, modseq))
             for mtime, key, file, size in added:
                 if key in known:
@@ -652,6 +661,7 @@ class AccountStore:
             if row:
                 db.execute("DELETE FROM messages WHERE folder=?", row)
                 db.execute("DELETE FROM expunged WHERE folder=?", row)
+                db.execute("DELETE FROM fetch_cache WHERE folder=?", row)
                 db.execute("DELETE FROM folders WHERE id=?", row)
         self._dirs.pop(path, None)
         self.maildirs.forget(self.mailbox, disk_name(name))
@@ -829,6 +839,7 @@ class AccountStore:
         modseq = db.execute("SELECT highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()[0] + 1
         for uid in uids:
             db.execute("DELETE FROM messages WHERE folder=? AND uid=?", (fid, uid))
+            db.execute("DELETE FROM fetch_cache WHERE folder=? AND uid=?", (fid, uid))
             db.execute("INSERT OR REPLACE INTO expunged(folder, uid, modseq) VALUES (?, ?, ?)", (fid, uid, modseq))
         db.execute("UPDATE folders SET highestmodseq=? WHERE id=?", (modseq, fid))
 
@@ -990,6 +1001,7 @@ class FolderView:
         self._uids = [m.uid for m in self.messages]
         self.recent: set[int] = {m.uid for m in self.messages if m.uid >= recent_uid}
         self.closed = False
+        self._pending: dict[tuple[int, str], bytes] = {}
 
     # -- looking up ------------------------------------------------------------------------
 
@@ -1022,10 +1034,48 @@ class FolderView:
             return data
         raise AssertionError("unreachable")
 
+    # -- the FETCH cache ---------------------------------------------------------------------
+
+    def cached(self, uids: Iterable[int], item: str) -> dict[int, bytes]:
+        """What `remember` kept for these UIDs under `item` (e.g. "ENVELOPE/1"), those that have it.
+
+        A message's file never changes, so neither does what was computed from it; put a version
+        in `item` when the way it is computed changes.
+        """
+        want = set(uids)
+        out = {u: v for (u, i), v in self._pending.items() if i == item and u in want}
+        with self.account._lock:
+            rows = self.account.db.execute("SELECT uid, value FROM fetch_cache WHERE folder=? AND item=?",
+                                           (self.fid, item)) if len(want) > 64 else (
+                r for u in want for r in self.account.db.execute(
+                    "SELECT uid, value FROM fetch_cache WHERE folder=? AND uid=? AND item=?", (self.fid, u, item)))
+            for u, v in rows:
+                if u in want:
+                    out[u] = v
+        return out
+
+    def remember(self, uid: int, item: str, value: bytes) -> None:
+        """Keep a computed FETCH item; written to the index in batches (at sync(), close(), or when many)."""
+        self._pending[(uid, item)] = value
+        if len(self._pending) >= CACHE_FLUSH:
+            self.flush_cache()
+
+    def flush_cache(self) -> None:
+        if not self._pending:
+            return
+        rows = [(self.fid, u, i, v) for (u, i), v in self._pending.items()]
+        self._pending = {}
+        with self.account._write() as db:
+            # Only for messages still there: an expunged one's rows must not come back.
+            db.executemany("INSERT OR REPLACE INTO fetch_cache(folder, uid, item, value) SELECT ?, ?, ?, ? "
+                           "WHERE EXISTS (SELECT 1 FROM messages WHERE folder=? AND uid=?)",
+                           [(*r, r[0], r[1]) for r in rows])
+
     # -- syncing ---------------------------------------------------------------------------
 
     def sync(self) -> Changes:
         """Pick up what others (sessions, delivery, other tools) changed since the last sync."""
+        self.flush_cache()
         acc = self.account
         ch = Changes()
         try:
@@ -1216,5 +1266,7 @@ class FolderView:
         """UNSELECT/CLOSE/logout: call it, or the folder's shared cache outlives the session."""
         if not self.closed:
             self.closed = True
+            with contextlib.suppress(sqlite3.Error):  # a cache: losing it costs only time
+                self.flush_cache()
             self.account._closed(self.fid)
 
