@@ -54,6 +54,7 @@ import bisect
 import contextlib
 import itertools
 import logging
+import operator
 import os
 import re
 import shutil
@@ -82,9 +83,11 @@ _LETTER_FLAG = {v: k for k, v in SYSTEM_FLAGS.items()}
 _CANONICAL = {k.lower(): k for k in SYSTEM_FLAGS}
 MTIME_TRUST = 2.0  # seconds: a directory mtime younger than this may hide a change in the same tick
 POLL_INTERVAL = 1.0  # while someone waits, another process's change is noticed this often
+RESCAN_GAP = 0.25  # seconds between two listings of a folder whose mtime is too recent to trust
 _counter = itertools.count()
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _ESCAPED = re.compile(r"%(25|2[Ee])")
+_uid_of = operator.attrgetter("uid")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -485,7 +488,9 @@ class AccountStore:
                 raise NoSuchFolder(f"no folder {name!r}") from None
             now = time.time()
             trusted = d.scanned_at - max(mt) / 1e9 > MTIME_TRUST
-            if not force and mt == d.seen_mtimes and trusted:
+            # An untrusted listing is redone, but not by every one of fifty sessions that sync at
+            # once after a delivery: a change it may hide is found by the next sync or the poll.
+            if not force and mt == d.seen_mtimes and (trusted or now - d.scanned_at < RESCAN_GAP):
                 return fid
             if self._reconcile(fid, d.path):
                 mt = self._mtimes(d.path)  # our own new/ -> cur/ moves are no news
@@ -935,7 +940,7 @@ class AccountStore:
         event = d.event
         d.waiters += 1
         if d.poller is None:
-            d.poller = asyncio.get_running_loop().create_task(self._poll(d, fid))
+            d.poller = asyncio.get_running_loop().create_task(self._poll(d, name, fid))
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout)
@@ -947,7 +952,7 @@ class AccountStore:
             row = self.db.execute("SELECT highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()
         return row[0] if row else -1
 
-    async def _poll(self, d: _Folder, fid: int) -> None:
+    async def _poll(self, d: _Folder, name: str, fid: int) -> None:
         """While someone waits: another process's delivery or change, seen within POLL_INTERVAL."""
         try:
             mt = d.seen_mtimes
@@ -955,8 +960,10 @@ class AccountStore:
             while d.waiters > 0:
                 await asyncio.sleep(POLL_INTERVAL)
                 try:
+                    if d.scanned_at - max(d.seen_mtimes) / 1e9 <= MTIME_TRUST:
+                        self.refresh(name)  # the last listing was too soon after a change: look again
                     now_mt, now_hms = self._mtimes(d.path), self._highestmodseq(fid)
-                except FileNotFoundError:
+                except (FileNotFoundError, NoSuchFolder):
                     now_mt, now_hms = (0, 0), -1
                 if now_mt != mt or now_hms != hms:
                     mt, hms = now_mt, now_hms
@@ -998,7 +1005,6 @@ class FolderView:
                     "WHERE folder=? ORDER BY uid", (fid,))]
             if not readonly:  # this session is the first to hear of these: \Recent is its own
                 db.execute("UPDATE folders SET recent_uid=? WHERE id=?", (self.uidnext, fid))
-        self._uids = [m.uid for m in self.messages]
         self.recent: set[int] = {m.uid for m in self.messages if m.uid >= recent_uid}
         self.closed = False
         self._pending: dict[tuple[int, str], bytes] = {}
@@ -1007,11 +1013,12 @@ class FolderView:
 
     def seq(self, uid: int) -> int | None:
         """The sequence number of a UID in this view, or None."""
-        i = bisect.bisect_left(self._uids, uid)
-        return i + 1 if i < len(self._uids) and self._uids[i] == uid else None
+        msgs = self.messages  # ascending UID: bisect on it (no second list per session)
+        i = bisect.bisect_left(msgs, uid, key=_uid_of)
+        return i + 1 if i < len(msgs) and msgs[i].uid == uid else None
 
     def uids(self) -> list[int]:
-        return list(self._uids)
+        return [m.uid for m in self.messages]
 
     def read(self, uid: int) -> bytes:
         """The raw message with CRLF line ends; Expunged if it is gone."""
@@ -1112,7 +1119,6 @@ class FolderView:
                 if uid >= recent_uid:
                     self.recent.add(uid)
         self.messages.extend(ch.added)
-        self._uids.extend(m.uid for m in ch.added)
         self.uidnext = max(self.uidnext, uidnext)
         self.highestmodseq = hms
         return ch
@@ -1125,13 +1131,12 @@ class FolderView:
         ch.expunged = [u for _s, u in here]
         ch.expunged_seqs = [s for s, _u in sorted(here, reverse=True)]  # highest first: each stays valid
         self.messages = [m for m in self.messages if m.uid not in drop]
-        self._uids = [m.uid for m in self.messages]
         self.recent -= drop
 
     def _gone(self) -> Changes:
         """The folder was deleted or renamed away: every message is expunged for this view."""
         ch = Changes()
-        self._apply_expunged(list(self._uids), ch)
+        self._apply_expunged(self.uids(), ch)
         return ch
 
     # -- changing --------------------------------------------------------------------------
