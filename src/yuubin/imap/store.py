@@ -373,6 +373,7 @@ class AccountStore:
         # 10,000-message INBOX hold one set of tuples); dropped when the folder's last view closes.
         self._infos: dict[int, dict[int, MessageInfo]] = {}
         self._views: dict[int, int] = {}
+        self._masters: dict[int, FolderView] = {}
         self.db = self._open_index()
         self._clean_deleting()
         self._special_use()
@@ -664,6 +665,7 @@ class AccountStore:
         with self._write() as db:
             row = db.execute("SELECT id FROM folders WHERE name=?", (name,)).fetchone()
             if row:
+                self._masters.pop(row[0], None)
                 db.execute("DELETE FROM messages WHERE folder=?", row)
                 db.execute("DELETE FROM expunged WHERE folder=?", row)
                 db.execute("DELETE FROM fetch_cache WHERE folder=?", row)
@@ -905,6 +907,13 @@ class AccountStore:
             m = d[uid] = MessageInfo(uid, _flags(letters, kw), modseq, size, idate, key)
         return m
 
+    def _master(self, fid: int, name: str) -> FolderView:
+        """This process's own read-only view of a folder, kept while the account is open."""
+        v = self._masters.get(fid)
+        if v is None or v.name != name:
+            v = self._masters[fid] = FolderView(self, name, True, master=True)
+        return v
+
     def _opened(self, fid: int) -> None:
         self._views[fid] = self._views.get(fid, 0) + 1
         self._infos.setdefault(fid, {})
@@ -985,7 +994,7 @@ class AccountStore:
 class FolderView:
     """A session's selected folder: its own sequence numbers, changed only by sync()."""
 
-    def __init__(self, account: AccountStore, name: str, readonly: bool):
+    def __init__(self, account: AccountStore, name: str, readonly: bool, *, master: bool = False):
         self.account = account
         self.name = name
         self.readonly = readonly
@@ -993,21 +1002,33 @@ class FolderView:
         self.fid = fid
         acc = account
         acc._opened(fid)
-        info = acc._info
-        with acc._lock if readonly else acc._write():
-            db = acc.db
-            self.uidvalidity, self.uidnext, self.highestmodseq, recent_uid = db.execute(
-                "SELECT uidvalidity, uidnext, highestmodseq, recent_uid FROM folders WHERE id=?", (fid,)).fetchone()
-            self.messages: list[MessageInfo] = [
-                info(fid, uid, letters, kw, modseq, size, idate, key)
-                for uid, key, letters, kw, modseq, size, idate in db.execute(
-                    "SELECT uid, key, letters, keywords, modseq, size, internaldate FROM messages "
-                    "WHERE folder=? ORDER BY uid", (fid,))]
-            if not readonly:  # this session is the first to hear of these: \Recent is its own
-                db.execute("UPDATE folders SET recent_uid=? WHERE id=?", (self.uidnext, fid))
-        self.recent: set[int] = {m.uid for m in self.messages if m.uid >= recent_uid}
         self.closed = False
         self._pending: dict[tuple[int, str], bytes] = {}
+        self._master = master
+        if master:  # the process's own copy of the folder, loaded from the index once
+            info = acc._info
+            with acc._lock:
+                db = acc.db
+                self.uidvalidity, self.uidnext, self.highestmodseq = db.execute(
+                    "SELECT uidvalidity, uidnext, highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()
+                self.messages: list[MessageInfo] = [
+                    info(fid, uid, letters, kw, modseq, size, idate, key)
+                    for uid, key, letters, kw, modseq, size, idate in db.execute(
+                        "SELECT uid, key, letters, keywords, modseq, size, internaldate FROM messages "
+                        "WHERE folder=? ORDER BY uid", (fid,))]
+            self.recent: set[int] = set()
+            return
+        # A session's view starts as a copy of the process's up-to-date one: SELECT of a big
+        # folder costs a list copy, not a read of every row.
+        base = acc._master(fid, name)
+        base.sync()
+        self.uidvalidity, self.uidnext, self.highestmodseq = base.uidvalidity, base.uidnext, base.highestmodseq
+        self.messages = list(base.messages)
+        with acc._lock if readonly else acc._write():
+            recent_uid = acc.db.execute("SELECT recent_uid FROM folders WHERE id=?", (fid,)).fetchone()[0]
+            if not readonly and recent_uid < self.uidnext:  # the first to hear of these: \Recent is its own
+                acc.db.execute("UPDATE folders SET recent_uid=? WHERE id=?", (self.uidnext, fid))
+        self.recent = {m.uid for m in self.messages if m.uid >= recent_uid}
 
     # -- looking up ------------------------------------------------------------------------
 
@@ -1102,10 +1123,11 @@ class FolderView:
             rows = acc.db.execute(
                 "SELECT uid, key, letters, keywords, modseq, size, internaldate FROM messages "
                 "WHERE folder=? AND modseq>? ORDER BY uid", (self.fid, self.highestmodseq)).fetchall()
-            if not self.readonly and uidnext > recent_uid:
+            top = max(uidnext, rows[-1][0] + 1) if rows else uidnext  # a commit may have come between
+            if not self.readonly and top > recent_uid:
                 with acc._write() as db:
                     recent_uid = db.execute("SELECT recent_uid FROM folders WHERE id=?", (self.fid,)).fetchone()[0]
-                    db.execute("UPDATE folders SET recent_uid=max(recent_uid, ?) WHERE id=?", (uidnext, self.fid))
+                    db.execute("UPDATE folders SET recent_uid=max(recent_uid, ?) WHERE id=?", (top, self.fid))
         self._apply_expunged(gone, ch)
         for uid, key, letters, kw, modseq, size, idate in rows:
             info = acc._info(self.fid, uid, letters, kw, modseq, size, idate, key)
@@ -1116,7 +1138,7 @@ class FolderView:
                     ch.flags.append(info)
             elif uid >= self.uidnext:
                 ch.added.append(info)
-                if uid >= recent_uid:
+                if uid >= recent_uid and not self._master:
                     self.recent.add(uid)
         self.messages.extend(ch.added)
         self.uidnext = max(self.uidnext, uidnext)
