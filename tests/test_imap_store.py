@@ -124,6 +124,13 @@ async def test_append_is_durable_with_flags_keywords_and_internaldate(root, comm
         await acc.append("Nowhere", MSG, frozenset(), None)
 
 
+async def test_append_of_bare_lf_counts_the_size_as_served(root, committer):
+    acc = make(root, committer).account(MAILBOX)
+    _, uid = await acc.append("INBOX", b"Subject: lf\n\nline\n", frozenset(), None)
+    view = acc.open("INBOX", readonly=True)
+    assert view.messages[0].size == len(view.read(uid)) == len(b"Subject: lf\r\n\r\nline\r\n")
+
+
 async def test_bare_lf_files_are_served_with_crlf(root, committer):
     deliver(root, b"Subject: lf\n\nline\n")
     view = make(root, committer).account(MAILBOX).open("INBOX", readonly=True)

@@ -771,6 +771,7 @@ class AccountStore:
         path = self.folder_path(name)
         flags = canonical_flags(flags)
         key = self._new_key(len(data))
+        size = len(data) + data.count(b"\n") - data.count(b"\r\n")  # as read() serves it: CRLF
         letters = letters_of(flags)
         keywords = " ".join(sorted(f for f in flags if not f.startswith("\\")))
         file = f"cur/{key}:2,{letters}"
@@ -782,7 +783,7 @@ class AccountStore:
             with contextlib.suppress(OSError):
                 os.utime(os.path.join(path, file), (when, when))  # INTERNALDATE, as Dovecot reads it
             with self._write() as db:
-                return self._insert(db, fid, [(key, file, letters, keywords, len(data), when)])[0]
+                return self._insert(db, fid, [(key, file, letters, keywords, size, when)])[0]
 
         uid = await asyncio.to_thread(number)
         self.poke(disk_name(name))
@@ -884,6 +885,12 @@ class AccountStore:
                 self._insert(db, fid, [(k, f, _split(f)[1], kw, size, d) for k, f, kw, _u, size, d in ordered])
         self.poke(disk_name(name))
         return keep
+
+    def indexed_keys(self, name: str) -> set[str]:
+        """The keys of the files the index has numbered (no reconciliation first: for import)."""
+        fid = self._folder_row(name)[0]
+        with self._lock:
+            return {r[0] for r in self.db.execute("SELECT key FROM messages WHERE folder=?", (fid,))}
 
     def messages(self, name: str) -> list[tuple[MessageInfo, str]]:
         """Every message of a folder with its file ("cur/<name>"), ascending UID (for export)."""
