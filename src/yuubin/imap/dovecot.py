@@ -246,7 +246,9 @@ async def export_maildir(account: AccountStore, dest: Path, committer: GroupComm
         fr = FolderReport(info.name, uidvalidity=st.uidvalidity)
         report.folders.append(fr)
         d = disk_name(info.name)
-        folder_dir = dest / ("." + ".".join(mutf7_encode(p) for p in info.name.split(DELIMITER)) if d else "")
+        # Dovecot allows no "." in a name: "v1.2" becomes "v1%2E2" there, still one folder.
+        folder_dir = dest / ("." + ".".join(mutf7_encode(p.replace(".", "%2E")) for p in info.name.split(DELIMITER))
+                             if d else "")
         for sub in ("tmp", "new", "cur"):
             (folder_dir / sub).mkdir(parents=True, exist_ok=True)
         if d:
