@@ -178,6 +178,15 @@ async def test_expunge_reports_through_sync_and_vanished(root, committer):
         view.read(2)
 
 
+async def test_expunge_takes_deleted_mail_the_view_has_not_seen_yet(root, committer):
+    acc = make(root, committer).account(MAILBOX)
+    a = acc.open("INBOX", readonly=False)
+    _, uid = await acc.append("INBOX", MSG, frozenset({"\\Deleted"}), None)  # not yet announced to a
+    assert a.expunge() == [uid]
+    assert not a.sync()  # never announced, so never expunged to this session either
+    assert acc.status("INBOX").messages == 0
+
+
 async def test_two_views_see_each_others_changes(root, committer):
     deliver(root)
     acc = make(root, committer).account(MAILBOX)

@@ -1231,7 +1231,7 @@ class FolderView:
         return StoreResult(updated, modified)
 
     def expunge(self, uids: Iterable[int] | None = None) -> list[int]:
-        """Remove the \\Deleted messages (those among `uids` if given); returns their UIDs.
+        """Remove the folder's \\Deleted messages (UID EXPUNGE: those among `uids`); returns their UIDs.
 
         The view's own list changes at the next sync(), which reports these like anyone's.
         """
@@ -1242,7 +1242,7 @@ class FolderView:
         with acc._lock:
             rows = [(u, f) for u, f in acc.db.execute(
                 "SELECT uid, file FROM messages WHERE folder=? AND instr(letters, 'T') > 0 ORDER BY uid", (self.fid,))
-                if (only is None or u in only) and self.seq(u) is not None]
+                if only is None or (u in only and self.seq(u) is not None)]
             if not rows:
                 return []
             for _u, f in rows:
