@@ -274,6 +274,22 @@ async def test_fetch_cache_is_shared_kept_and_dropped_with_the_message(root, com
     assert c.cached([1], "BODYSTRUCTURE/1") == {}
 
 
+async def test_odd_maildirs_from_other_tools_do_not_break_a_session(root, committer, caplog):
+    deliver(root)
+    acc = make(root, committer).account(MAILBOX)
+    odd = os.fsencode(maildir(root) / "cur") + b"/bad\xff\x01name:2,S"
+    with open(odd, "wb") as f:
+        f.write(MSG)
+    (maildir(root) / ".OnlyCur" / "cur").mkdir(parents=True)  # new/ and tmp/ not made yet
+    view = acc.open("INBOX", readonly=False)
+    assert [m.uid for m in view.messages] == [1]  # the odd name is left alone, and said so
+    assert "imap_file_skipped" in caplog.text
+    assert "OnlyCur" in {f.name for f in acc.folders()}
+    assert acc.status("OnlyCur").messages == 0
+    await acc.append("OnlyCur", MSG, frozenset(), None)
+    assert acc.status("OnlyCur").messages == 1
+
+
 async def test_uids_are_never_reused(root, committer):
     ms = make(root, committer)
     acc = ms.account(MAILBOX)

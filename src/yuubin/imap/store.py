@@ -374,6 +374,7 @@ class AccountStore:
         self._infos: dict[int, dict[int, MessageInfo]] = {}
         self._views: dict[int, int] = {}
         self._masters: dict[int, FolderView] = {}
+        self._warned_names = False
         self.db = self._open_index()
         self._clean_deleting()
         self._special_use()
@@ -448,6 +449,9 @@ class AccountStore:
             row = self.db.execute("SELECT id, uidvalidity, uidnext, highestmodseq, recent_uid, special_use "
                                   "FROM folders WHERE name=?", (name,)).fetchone()
             if row is None and create:
+                # A folder another tool made with cur/ alone (Dovecot makes new/ and tmp/ lazily).
+                self.maildirs.access.make_dirs(os.path.join(path, "new"))
+                self.maildirs.access.make_dirs(os.path.join(path, "tmp"))
                 with self._write() as db:
                     row = db.execute("SELECT id, uidvalidity, uidnext, highestmodseq, recent_uid, special_use "
                                      "FROM folders WHERE name=?", (name,)).fetchone()
@@ -506,8 +510,13 @@ class AccountStore:
             with os.scandir(os.path.join(path, sub)) as it:
                 for e in it:
                     name = e.name
-                    if name[0] != ".":
+                    if name[0] != "." and name.isprintable():
                         files[name.partition(":")[0]] = f"{sub}/{name}"
+                    elif name[0] != "." and not self._warned_names:
+                        # Not a Maildir name (undecodable bytes, control characters): left alone.
+                        self._warned_names = True
+                        log.warning("event=imap_file_skipped mailbox=%s folder=%s name=%r reason=\"not a Maildir "
+                                    "file name\"", self.mailbox, path, name)
         return files
 
     def _reconcile(self, fid: int, path: str) -> bool:
@@ -531,6 +540,10 @@ class AccountStore:
                 size = _crlf_size(full, file)
             except FileNotFoundError:
                 continue  # expunged by another process since the listing
+            except OSError as e:  # unreadable (permissions): left out until it can be read
+                log.warning('event=imap_file_unreadable mailbox=%s file=%s error="%s"', self.mailbox, full,
+                            e.strerror or e)
+                continue
             added.append((st.st_mtime, key, file, size))
         added.sort()
         changed = [(k, f) for k, f in files.items() if k in rows and rows[k][1] != f]
@@ -1059,6 +1072,8 @@ class FolderView:
             try:
                 with open(os.path.join(self.account.folder_path(self.name), row[0]), "rb") as f:
                     data = f.read()
+            except PermissionError as e:
+                raise StoreError(f"message UID {uid} cannot be read: {e.strerror}") from None
             except FileNotFoundError:
                 if attempt == 2:
                     raise Expunged(f"message UID {uid} has been expunged") from None
