@@ -84,6 +84,7 @@ _CANONICAL = {k.lower(): k for k in SYSTEM_FLAGS}
 MTIME_TRUST = 2.0  # seconds: a directory mtime younger than this may hide a change in the same tick
 POLL_INTERVAL = 1.0  # while someone waits, another process's change is noticed this often
 RESCAN_GAP = 0.25  # seconds between two listings of a folder whose mtime is too recent to trust
+FULL_EVERY = 30.0  # seconds: cur/ is listed in full at least this often while a folder is in use
 _counter = itertools.count()
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _ESCAPED = re.compile(r"%(25|2[Ee])")
@@ -352,8 +353,10 @@ class _Folder:
     """What this process knows of one folder's directory."""
 
     path: str
-    seen_mtimes: tuple[int, int] = (0, 0)
+    seen_mtimes: tuple[int, int] = (0, 0)  # new/, cur/ at the last listing (after our own moves)
+    complete: tuple[bool, bool] = (False, False)  # that listing of new/, cur/ missed nothing (see refresh)
     scanned_at: float = 0.0
+    full_at: float = 0.0  # the last listing of cur/ too
     event: asyncio.Event | None = None
     waiters: int = 0
     poller: asyncio.Task | None = None
@@ -482,7 +485,16 @@ class AccountStore:
         return (os.stat(os.path.join(path, "new")).st_mtime_ns, os.stat(os.path.join(path, "cur")).st_mtime_ns)
 
     def refresh(self, name: str, *, force: bool = False) -> int:
-        """Reconcile a folder's files with its index when they may differ; returns its folder id."""
+        """Reconcile a folder's files with its index when they may differ; returns its folder id.
+
+        A directory whose mtime has not moved since a complete listing holds nothing new. A
+        listing is complete when it began more than MTIME_TRUST after the mtime it saw (a change in
+        the same clock tick would not move the mtime); an incomplete one is redone, at most every
+        RESCAN_GAP, so fifty sessions syncing after one delivery list the folder once. When only
+        new/ moved (a delivery), only new/ is listed: a sync after new mail costs the new files,
+        not the ten thousand in cur/. Our own new/ -> cur/ moves are no news; cur/ is listed in
+        full at least every FULL_EVERY while the folder is in use, whatever its mtime says.
+        """
         name = normalize(name)
         fid = self._folder_row(name)[0]
         d = self._dir(name)
@@ -492,21 +504,26 @@ class AccountStore:
             except FileNotFoundError:
                 raise NoSuchFolder(f"no folder {name!r}") from None
             now = time.time()
-            trusted = d.scanned_at - max(mt) / 1e9 > MTIME_TRUST
-            # An untrusted listing is redone, but not by every one of fifty sessions that sync at
-            # once after a delivery: a change it may hide is found by the next sync or the poll.
-            if not force and mt == d.seen_mtimes and (trusted or now - d.scanned_at < RESCAN_GAP):
+            recent = now - d.scanned_at < RESCAN_GAP
+            new_ok = mt[0] == d.seen_mtimes[0] and (d.complete[0] or recent)
+            cur_ok = mt[1] == d.seen_mtimes[1] and (d.complete[1] or recent) and now - d.full_at < FULL_EVERY
+            if not force and new_ok and cur_ok:
                 return fid
-            if self._reconcile(fid, d.path):
-                mt = self._mtimes(d.path)  # our own new/ -> cur/ moves are no news
+            complete = (now - mt[0] / 1e9 > MTIME_TRUST, now - mt[1] / 1e9 > MTIME_TRUST)
+            moved, full = self._reconcile(fid, d.path, only_new=not force and cur_ok)
+            if moved:
+                mt = self._mtimes(d.path)
             d.seen_mtimes = mt
+            d.complete = complete if full else (complete[0], d.complete[1])
             d.scanned_at = now
+            if full:
+                d.full_at = now
         return fid
 
-    def _listing(self, path: str) -> dict[str, str]:
+    def _listing(self, path: str, subs: tuple[str, ...] = ("new", "cur")) -> dict[str, str]:
         """key -> "new/<name>" or "cur/<name>". new/ first: a file moving to cur/ meanwhile is still seen."""
         files: dict[str, str] = {}
-        for sub in ("new", "cur"):
+        for sub in subs:
             with os.scandir(os.path.join(path, sub)) as it:
                 for e in it:
                     name = e.name
@@ -519,13 +536,26 @@ class AccountStore:
                                     "file name\"", self.mailbox, path, name)
         return files
 
-    def _reconcile(self, fid: int, path: str) -> bool:
-        """Bring the index in line with the files; True if it moved files itself (new/ -> cur/)."""
-        files = self._listing(path)
-        rows = {key: (uid, file) for uid, key, file in
-                self.db.execute("SELECT uid, key, file FROM messages WHERE folder=?", (fid,))}
+    def _reconcile(self, fid: int, path: str, *, only_new: bool = False) -> tuple[bool, bool]:
+        """Bring the index in line with the files: (moved files new/ -> cur/ itself, listed cur/ too)."""
+        db = self.db
+        if only_new:
+            files = self._listing(path, ("new",))
+            rows = {key: (uid, file) for uid, key, file in
+                    db.execute("SELECT uid, key, file FROM messages WHERE folder=? AND file LIKE 'new/%'", (fid,))}
+            if any(k not in files for k in rows):
+                return self._reconcile(fid, path)  # moved to cur/ or removed by someone else: look at all
+            for k in files:
+                if k not in rows and (r := db.execute("SELECT uid, file FROM messages WHERE folder=? AND key=?",
+                                                      (fid, k)).fetchone()):
+                    rows[k] = r
+        else:
+            files = self._listing(path)
+            rows = {key: (uid, file) for uid, key, file in
+                    db.execute("SELECT uid, key, file FROM messages WHERE folder=?", (fid,))}
+        full = not only_new
         if all(rows.get(k, (0, ""))[1] == f for k, f in files.items()) and len(rows) == len(files):
-            return False
+            return False, full
         gone = [k for k in rows if k not in files]
         if gone:  # readdir during a rename may miss an entry: look once more before calling it expunged
             again = self._listing(path)
@@ -534,14 +564,14 @@ class AccountStore:
         for key, file in files.items():
             if key in rows:
                 continue
-            full = os.path.join(path, file)
+            full_path = os.path.join(path, file)
             try:
-                st = os.stat(full)
-                size = _crlf_size(full, file)
+                st = os.stat(full_path)
+                size = _crlf_size(full_path, file)
             except FileNotFoundError:
                 continue  # expunged by another process since the listing
             except OSError as e:  # unreadable (permissions): left out until it can be read
-                log.warning('event=imap_file_unreadable mailbox=%s file=%s error="%s"', self.mailbox, full,
+                log.warning('event=imap_file_unreadable mailbox=%s file=%s error="%s"', self.mailbox, full_path,
                             e.strerror or e)
                 continue
             added.append((st.st_mtime, key, file, size))
@@ -549,16 +579,20 @@ class AccountStore:
         changed = [(k, f) for k, f in files.items() if k in rows and rows[k][1] != f]
         expunged = [rows[k][0] for k in rows if k not in files]
         if not (added or changed or expunged):
-            return False
+            return False, full
+        moved = False
         with self._write() as db:
             (uidnext, modseq) = db.execute("SELECT uidnext, highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()
             modseq += 1
-            known = {key: (uid, file, letters) for uid, key, file, letters in
-                     db.execute("SELECT uid, key, file, letters FROM messages WHERE folder=?", (fid,))}
+
+            def known(key: str) -> tuple[int, str, str] | None:  # as the index says now, inside the transaction
+                return db.execute("SELECT uid, file, letters FROM messages WHERE folder=? AND key=?",
+                                  (fid, key)).fetchone()
+
             for key, file in changed:
-                if key not in known:
+                if (row := known(key)) is None:
                     continue
-                uid, _old, letters = known[key]
+                uid, _old, letters = row
                 new_letters = _split(file.partition("/")[2])[1]
                 if new_letters != letters:
                     db.execute("UPDATE messages SET file=?, letters=?, modseq=? WHERE folder=? AND uid=?",
@@ -570,19 +604,20 @@ class AccountStore:
                 db.execute("DELETE FROM fetch_cache WHERE folder=? AND uid=?", (fid, uid))
                 db.execute("INSERT OR REPLACE INTO expunged(folder, uid, modseq) VALUES (?, ?, ?)", (fid, uid, modseq))
             for mtime, key, file, size in added:
-                if key in known:
+                if known(key) is not None:
                     continue  # numbered by another process meanwhile
-                file = self._to_cur(path, file)
-                name = file.partition("/")[2]
+                now_file = self._to_cur(path, file)
+                moved = moved or now_file != file
+                name = now_file.partition("/")[2]
                 db.execute("INSERT INTO messages(folder, uid, key, file, letters, keywords, modseq, size, internaldate)"
                            " VALUES (?, ?, ?, ?, ?, '', ?, ?, ?)",
-                           (fid, uidnext, key, file, _split(name)[1], modseq, size, mtime))
+                           (fid, uidnext, key, now_file, _split(name)[1], modseq, size, mtime))
                 uidnext += 1
             db.execute("UPDATE folders SET uidnext=?, highestmodseq=? WHERE id=?", (uidnext, modseq, fid))
         if expunged or added:
             log.info("event=imap_reconcile mailbox=%s folder=%s added=%d removed=%d", self.mailbox,
                      path, len(added), len(expunged))
-        return bool(added)
+        return moved, full
 
     def _to_cur(self, path: str, file: str) -> str:
         """new/<name> -> cur/<name>:2, (a session has seen it); where it is now."""
@@ -989,7 +1024,7 @@ class AccountStore:
             while d.waiters > 0:
                 await asyncio.sleep(POLL_INTERVAL)
                 try:
-                    if d.scanned_at - max(d.seen_mtimes) / 1e9 <= MTIME_TRUST:
+                    if not all(d.complete):
                         self.refresh(name)  # the last listing was too soon after a change: look again
                     now_mt, now_hms = self._mtimes(d.path), self._highestmodseq(fid)
                 except (FileNotFoundError, NoSuchFolder):
