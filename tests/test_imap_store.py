@@ -349,6 +349,23 @@ async def test_folder_create_rename_delete_subscribe(root, committer):
     assert gone.subscribed and not gone.exists
 
 
+async def test_a_view_of_a_deleted_folder_says_so_and_does_not_spin(root, committer):
+    acc = make(root, committer).account(MAILBOX)
+    acc.create("Tmp")
+    await acc.append("Tmp", MSG, frozenset(), None)
+    view = acc.open("Tmp", readonly=False)
+    acc.delete("Tmp")  # by another session
+    assert view.sync().expunged == [1] and view.messages == []
+    assert not view.sync()
+    with pytest.raises(NoSuchFolder):
+        view.store([1], "+", frozenset({"\\Seen"}), None)
+    with pytest.raises(NoSuchFolder):
+        await view.copy([1], "Tmp")
+    t0 = time.monotonic()
+    await view.wait_change(0.3)  # waits its time, no busy return
+    assert time.monotonic() - t0 >= 0.25
+
+
 async def test_rename_inbox_moves_its_messages(root, committer):
     acc = make(root, committer).account(MAILBOX)
     await acc.append("INBOX", MSG, frozenset(), None)

@@ -64,7 +64,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from yuubin.delivery.maildir import Maildirs
 from yuubin.durable import FileWrite, GroupCommitter, fsync_dir
@@ -318,6 +318,14 @@ def _with_keywords(keywords: str, set_flags: frozenset[str], mode: str) -> str:
     else:
         have = kws
     return " ".join(sorted(have))
+
+
+def _folder(db: sqlite3.Connection, columns: str, fid: int) -> Any:
+    """A folder's row by id; NoSuchFolder when it was deleted (by another session) meanwhile."""
+    row = db.execute(f"SELECT {columns} FROM folders WHERE id=?", (fid,)).fetchone()
+    if row is None:
+        raise NoSuchFolder("the folder has been deleted")
+    return row
 
 
 # ---- the store ---------------------------------------------------------------------------
@@ -582,7 +590,7 @@ class AccountStore:
             return False, full
         moved = False
         with self._write() as db:
-            (uidnext, modseq) = db.execute("SELECT uidnext, highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()
+            (uidnext, modseq) = _folder(db, "uidnext, highestmodseq", fid)
             modseq += 1
 
             def known(key: str) -> tuple[int, str, str] | None:  # as the index says now, inside the transaction
@@ -776,8 +784,7 @@ class AccountStore:
     def status(self, name: str) -> FolderStatus:
         fid = self.refresh(name)
         with self._lock:
-            uv, uidnext, hms, recent_uid = self.db.execute(
-                "SELECT uidvalidity, uidnext, highestmodseq, recent_uid FROM folders WHERE id=?", (fid,)).fetchone()
+            uv, uidnext, hms, recent_uid = _folder(self.db, "uidvalidity, uidnext, highestmodseq, recent_uid", fid)
             n, size, unseen, deleted, recent = self.db.execute(
                 "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(instr(letters, 'S') = 0), 0), "
                 "coalesce(sum(instr(letters, 'T') > 0), 0), coalesce(sum(uid >= ?), 0) FROM messages WHERE folder=?",
@@ -793,7 +800,7 @@ class AccountStore:
     def _insert(self, db: sqlite3.Connection, fid: int, entries: list[tuple[str, str, str, str, int, float]]
                 ) -> list[int]:
         """Number new files (key, file, letters, keywords, size, internaldate) in one transaction."""
-        uidnext, modseq = db.execute("SELECT uidnext, highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()
+        uidnext, modseq = _folder(db, "uidnext, highestmodseq", fid)
         modseq += 1
         uids = []
         for key, file, letters, keywords, size, internaldate in entries:
@@ -842,7 +849,7 @@ class AccountStore:
         with self._lock:
             rows = [self.db.execute("SELECT uid, file, letters, keywords, size, internaldate FROM messages "
                                     "WHERE folder=? AND uid=?", (fid, u)).fetchone() for u in uids]
-            dest_uv = self.db.execute("SELECT uidvalidity FROM folders WHERE id=?", (dest_fid,)).fetchone()[0]
+            dest_uv = _folder(self.db, "uidvalidity", dest_fid)[0]
         done, entries = [], []
         for row in rows:
             if row is None:
@@ -892,7 +899,7 @@ class AccountStore:
         return self._copy_sync(fid, src, uids, dest_fid, dest, move=True)
 
     def _expunge_rows(self, db: sqlite3.Connection, fid: int, uids: list[int]) -> None:
-        modseq = db.execute("SELECT highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()[0] + 1
+        modseq = _folder(db, "highestmodseq", fid)[0] + 1
         for uid in uids:
             db.execute("DELETE FROM messages WHERE folder=? AND uid=?", (fid, uid))
             db.execute("DELETE FROM fetch_cache WHERE folder=? AND uid=?", (fid, uid))
@@ -916,7 +923,7 @@ class AccountStore:
             if keep:
                 top = max((u for *_r, u, _s, _d in entries if u), default=0)
                 free = max(uidnext, top + 1)
-                modseq = db.execute("SELECT highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()[0] + 1
+                modseq = _folder(db, "highestmodseq", fid)[0] + 1
                 for key, file, keywords, uid, size, internaldate in sorted(entries, key=lambda e: e[3] or 1 << 62):
                     if not uid:
                         uid, free = free, free + 1
@@ -1064,8 +1071,8 @@ class FolderView:
             info = acc._info
             with acc._lock:
                 db = acc.db
-                self.uidvalidity, self.uidnext, self.highestmodseq = db.execute(
-                    "SELECT uidvalidity, uidnext, highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()
+                self.uidvalidity, self.uidnext, self.highestmodseq = _folder(
+                    db, "uidvalidity, uidnext, highestmodseq", fid)
                 self.messages: list[MessageInfo] = [
                     info(fid, uid, letters, kw, modseq, size, idate, key)
                     for uid, key, letters, kw, modseq, size, idate in db.execute(
@@ -1080,7 +1087,7 @@ class FolderView:
         self.uidvalidity, self.uidnext, self.highestmodseq = base.uidvalidity, base.uidnext, base.highestmodseq
         self.messages = list(base.messages)
         with acc._lock if readonly else acc._write():
-            recent_uid = acc.db.execute("SELECT recent_uid FROM folders WHERE id=?", (fid,)).fetchone()[0]
+            recent_uid = _folder(acc.db, "recent_uid", fid)[0]
             if not readonly and recent_uid < self.uidnext:  # the first to hear of these: \Recent is its own
                 acc.db.execute("UPDATE folders SET recent_uid=? WHERE id=?", (self.uidnext, fid))
         self.recent = {m.uid for m in self.messages if m.uid >= recent_uid}
@@ -1183,7 +1190,7 @@ class FolderView:
             top = max(uidnext, rows[-1][0] + 1) if rows else uidnext  # a commit may have come between
             if not self.readonly and top > recent_uid:
                 with acc._write() as db:
-                    recent_uid = db.execute("SELECT recent_uid FROM folders WHERE id=?", (self.fid,)).fetchone()[0]
+                    recent_uid = _folder(db, "recent_uid", self.fid)[0]
                     db.execute("UPDATE folders SET recent_uid=max(recent_uid, ?) WHERE id=?", (top, self.fid))
         self._apply_expunged(gone, ch)
         for uid, key, letters, kw, modseq, size, idate in rows:
@@ -1214,6 +1221,7 @@ class FolderView:
 
     def _gone(self) -> Changes:
         """The folder was deleted or renamed away: every message is expunged for this view."""
+        self.highestmodseq = -1  # as the index now says: wait_change() waits instead of spinning
         ch = Changes()
         self._apply_expunged(self.uids(), ch)
         return ch
@@ -1240,7 +1248,7 @@ class FolderView:
             retry = False
             updated, modified = [], []
             with acc._write() as db:
-                modseq = db.execute("SELECT highestmodseq FROM folders WHERE id=?", (self.fid,)).fetchone()[0] + 1
+                modseq = _folder(db, "highestmodseq", self.fid)[0] + 1
                 changed = False
                 for uid in wanted:
                     row = db.execute("SELECT key, file, letters, keywords, modseq, size, internaldate FROM messages "
