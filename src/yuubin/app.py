@@ -34,6 +34,7 @@ from yuubin.delivery.local import LocalDelivery
 from yuubin.delivery.maildir import Maildirs
 from yuubin.dns import Resolver
 from yuubin.durable import FileAccess, GroupCommitter
+from yuubin.imap.store import MailStore
 from yuubin.intake import Intake
 from yuubin.mailauth.capture import ReportCapture
 from yuubin.mailauth.dkimsign import DkimSigner
@@ -163,7 +164,9 @@ class App:
         waker: Waker = self.signal if self.primary else RemoteWake(self.spool.root)
         self.holds = AccountHolds(self.store, self.editor)
         maildirs = Maildirs(cfg.mail_dir, cfg.hostname, mail_access)
-        self.delivery = LocalDelivery(self.spool, maildirs, self.committer, self.editor, self.holds.is_held, waker)
+        self.mailstore = MailStore(maildirs, self.committer)  # IMAP's view of the Maildirs
+        self.delivery = LocalDelivery(self.spool, maildirs, self.committer, self.editor, self.holds.is_held, waker,
+                                      delivered=self.mailstore.delivered)
         ma = cfg.mailauth
         self.reports = ReportCapture(
             self.store, cfg.local_domains, ma.report_address,
@@ -330,6 +333,7 @@ class App:
             await self.admin_log.stop()
         self.editor.close()
         self.committer.shutdown()
+        self.mailstore.close()
         self.store.close()
         uptime = _duration(time.time() - self.started)
         sessions, messages = self.connections.admitted, self.intake.received

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from yuubin import __version__
-from yuubin.cli import accounts, aliases, dkim, dmarc, dnscheck, policy, queue, security, serve, status
+from yuubin.cli import accounts, aliases, dkim, dmarc, dnscheck, mailbox, policy, queue, security, serve, status
 from yuubin.cli.common import EXIT_USAGE, CliError, Parser, add_commands, add_config_option
 from yuubin.config import ConfigError
 
@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     dkim.register(sub)  # dkim keygen, list
     dnscheck.register(sub)  # dns records; check
     dmarc.register(sub)  # dmarc report
+    mailbox.register(sub)  # mailbox import, export (Dovecot Maildir)
     return p
 
 
