@@ -97,6 +97,16 @@ class MailConfig:
 
 
 @dataclass(frozen=True)
+class RunAs:
+    """[server] user and group: who `serve` becomes when started as root (privilege.py)."""
+
+    user: str = ""  # "" = not configured: serve refuses to run as root
+    group: str = ""  # "" = the user's own group
+    uid: int = -1
+    gid: int = -1
+
+
+@dataclass(frozen=True)
 class OutboundConfig:
     relayhost: str = ""
     relayhost_username: str = ""
@@ -137,6 +147,7 @@ class Config:
     mail: MailConfig = MailConfig()
     log_level: str = "info"
     workers: int = 1
+    run_as: RunAs = RunAs()  # [server] user and group: who serve becomes when started as root
     source: str = "<memory>"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -358,6 +369,33 @@ def _mail(t: _Table) -> MailConfig:
     return MailConfig(owner, group, mode, uid, gid)
 
 
+def _run_as(t: _Table) -> RunAs:
+    """[server] user and group, resolved to ids (a typo is an error naming the key)."""
+    user = t.get("user", "", str).strip()
+    group = t.get("group", "", str).strip()
+    if not user:
+        if group:
+            raise ConfigError(f"{t.key('group')}: set {t.key('user')} too (the group alone changes nothing)")
+        return RunAs()
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"{t.key('user')}: no user named {user!r} on this host (create it: "
+                          f"useradd --system --home-dir /var/lib/yuubin --shell /usr/sbin/nologin {user})") from None
+    gid = pw.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"{t.key('group')}: no group named {group!r} on this host") from None
+    else:
+        try:
+            group = grp.getgrgid(gid).gr_name
+        except KeyError:
+            group = str(gid)
+    return RunAs(user, group, pw.pw_uid, gid)
+
+
 def load(path: str | Path) -> Config:
     """Load and validate a config file; raises ConfigError naming file and key."""
     p = Path(path)
@@ -537,6 +575,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     workers = srv.positive_int("workers", 1)
     if workers > 64:
         raise ConfigError(f"server.workers: at most 64, got {workers}")
+    run_as = _run_as(srv)
     srv.finish()
 
     log = top.table("log")
@@ -573,6 +612,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         mail=mail,
         log_level=log_level,
         workers=workers,
+        run_as=run_as,
         source=source,
     )
 
@@ -710,6 +750,8 @@ def describe(cfg: Config) -> str:
         "",
         "[server]",
         f"workers = {cfg.workers}",
+        f"user = {q(cfg.run_as.user)}",
+        f"group = {q(cfg.run_as.group)}",
         "",
         "[log]",
         f"level = {q(cfg.log_level)}",
