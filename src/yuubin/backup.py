@@ -30,7 +30,7 @@ from pathlib import Path
 
 from yuubin import __version__
 from yuubin.durable import fsync_dir
-from yuubin.queue.spool import MAGIC, Envelope
+from yuubin.queue.spool import MAGIC, Envelope, SpoolCorrupt
 from yuubin.store import SCHEMA_VERSION, Store
 
 MANIFEST = "manifest.json"
@@ -67,7 +67,7 @@ def _spool_entry_complete(raw: bytes) -> bool:
         return False
     try:
         env = Envelope.decode(raw[: nl + 1])
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, SpoolCorrupt):
         return False
     return len(raw) - nl - 1 == env.size
 
