@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from yuubin import __version__
-from yuubin.cli import accounts, aliases, backup, queue, security, serve
+from yuubin.cli import accounts, aliases, backup, init, queue, security, serve
 from yuubin.cli.common import EXIT_USAGE, CliError, Parser, add_commands, add_config_option
 from yuubin.config import ConfigError
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"yuubin {__version__}")
     sub = add_commands(p, "command")
     # The order here is the order `yuubin --help` lists the commands in.
+    init.register(sub)  # init
     serve.register(sub)  # serve, localserve, config check
     accounts.register(sub)  # account add, list, remove, passwd, audit, suspend, enable
     security.register(sub)  # auth lockouts, unlock; firewall nftables
