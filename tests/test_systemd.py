@@ -152,4 +152,4 @@ def test_the_unit_verifies(tmp_path):
                               timeout=60)
     if security.returncode == 0 and "Overall exposure level" in security.stdout:
         score = float(security.stdout.split("Overall exposure level for yuubin.service:")[1].split()[0])
-        assert score <= 2.0, security.stdout  # docs/operations.md reports it: keep it "OK"
+        assert score <= 2.0, security.stdout  # the README reports it: keep it "OK"

@@ -380,8 +380,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         domain=domain, hostname=hostname, data_dir=layout.data_dir, cert=cert, key=key, config=layout.config,
         user_line=(f'user = "{owner.name}"                       # serve started as root binds the ports, '
                    'then runs as this user' if owner.switching else
-                   '# user = "yuubin"                    # needed when serve is started as root'),
-        group_line=(f'group = "{owner.group}"' if owner.switching else '# group = ""'))
+                   'user = ""                             # e.g. "yuubin": needed when serve is started as root'),
+        group_line=(f'group = "{owner.group}"' if owner.switching else 'group = ""'))
     if _write_new(layout.config, text, 0o640 if owner.switching else 0o600, owner, True):
         out.append(f"wrote {layout.config}")
     else:
