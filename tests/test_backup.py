@@ -111,6 +111,8 @@ def _data_dir(tmp_path: Path) -> Path:
     (maildir / "tmp" / "3.c").write_bytes(b"Subject: thr")  # being written: never copied
     (data / "spool" / "queue").mkdir(parents=True)
     (data / "spool" / "tmp").mkdir(parents=True)
+    (data / "dkim" / "example.test").mkdir(parents=True)
+    (data / "dkim" / "example.test" / "y2026a-rsa.key").write_bytes(b"-----BEGIN PRIVATE KEY-----\n")
     return data
 
 
@@ -128,20 +130,21 @@ def test_backup_links_maildir_files_skips_tmp_and_half_written_spool_entries(tmp
     result = backup(data, tmp_path / "b")
     assert result.skipped_incomplete == 1
     names = sorted(e["path"] for e in result.entries)
-    assert names == ["mail/example.test/alice/cur/2.b:2,S", "mail/example.test/alice/new/1.a", "spool/queue/q1",
-                     "state.db"]
+    assert names == ["dkim/example.test/y2026a-rsa.key", "mail/example.test/alice/cur/2.b:2,S",
+                     "mail/example.test/alice/new/1.a", "spool/queue/q1", "state.db"]
     assert result.linked == 2
     src = data / "mail" / "example.test" / "alice" / "new" / "1.a"
     assert (tmp_path / "b" / "mail" / "example.test" / "alice" / "new" / "1.a").stat().st_ino == src.stat().st_ino
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["schema_version"] == SCHEMA_VERSION and len(manifest["files"]) == 4
+    assert manifest["schema_version"] == SCHEMA_VERSION and len(manifest["files"]) == 5
     copied = backup(data, tmp_path / "c", copy=True)
     assert copied.linked == 0
     assert (tmp_path / "c" / "mail" / "example.test" / "alice" / "new" / "1.a").stat().st_ino != src.stat().st_ino
 
     count = restore(tmp_path / "b", tmp_path / "restored")
-    assert count == 4
+    assert count == 5
     restored = tmp_path / "restored"
+    assert (restored / "dkim" / "example.test" / "y2026a-rsa.key").read_bytes() == b"-----BEGIN PRIVATE KEY-----\n"
     assert (restored / "spool" / "queue" / "q1").read_bytes() == env.encode() + body
     assert not (restored / "spool" / "queue" / "q2").exists()
     assert oct(restored.stat().st_mode & 0o777) == oct(0o700)

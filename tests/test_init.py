@@ -77,7 +77,9 @@ def test_the_config_has_every_key_of_the_example_with_this_domains_values(tmp_pa
     assert "example.jp.  MX   10 mx.example.jp." in p.stdout
     assert "mx.example.jp.  A  203.0.113.25" in p.stdout
     assert '"v=spf1 mx -all"' in p.stdout and "_dmarc.example.jp." in p.stdout
-    assert "yuubin dkim keygen example.jp" in p.stdout
+    assert re.search(r"y\d{4}a-rsa\._domainkey\.example\.jp\.  3600  IN  TXT  \"v=DKIM1; k=rsa; p=", p.stdout)
+    assert re.search(r"y\d{4}a-ed25519\._domainkey\.example\.jp\.  3600  IN  TXT  \"v=DKIM1; k=ed25519;", p.stdout)
+    assert cfg.public_ips == ("203.0.113.25",)
     check = run_yuubin(["config", "check"], config=path)
     assert check.returncode == 0, check.stderr
 
@@ -100,7 +102,7 @@ def test_files_get_owners_and_modes_and_the_generated_password_works(tmp_path):
     assert stat.S_IMODE((base / "yuubin.toml").stat().st_mode) & 0o007 == 0
     if os.geteuid() == 0:
         nobody = pwd.getpwnam("nobody")
-        for path in (data, data / "state.db"):
+        for path in (data, data / "state.db", *(data / "dkim").rglob("*")):
             assert path.stat().st_uid == nobody.pw_uid, path
         for path in (base / "yuubin.toml", base / "tls" / "key.pem"):
             st = path.stat()
@@ -112,7 +114,10 @@ def test_files_get_owners_and_modes_and_the_generated_password_works(tmp_path):
 def test_running_init_again_overwrites_nothing(tmp_path):
     assert _init(tmp_path / "srv").returncode == 0
     base = tmp_path / "srv"
-    before = {p: p.read_bytes() for p in (base / "yuubin.toml", base / "tls" / "key.pem", base / "tls" / "cert.pem")}
+    keys = sorted((base / "data" / "dkim" / "example.jp").glob("*.key"))
+    assert len(keys) == 2
+    before = {p: p.read_bytes() for p in (base / "yuubin.toml", base / "tls" / "key.pem", base / "tls" / "cert.pem",
+                                          *keys)}
     (base / "yuubin.toml").write_text((base / "yuubin.toml").read_text() + "# the admin's own note\n")
     before[base / "yuubin.toml"] = (base / "yuubin.toml").read_bytes()
     store = Store(base / "data" / "state.db")
@@ -121,7 +126,8 @@ def test_running_init_again_overwrites_nothing(tmp_path):
     p = _init(tmp_path / "srv", "--generate-password")
     assert p.returncode == 0, p.stderr
     assert "password:" not in p.stdout
-    assert "kept" in p.stdout and "never overwrites" in p.stdout
+    assert "kept" in p.stdout and "never overwrites" in p.stdout and "kept the DKIM key sets" in p.stdout
+    assert sorted((base / "data" / "dkim" / "example.jp").glob("*.key")) == keys
     for path, content in before.items():
         assert path.read_bytes() == content, path
     store = Store(base / "data" / "state.db")

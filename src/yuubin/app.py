@@ -36,6 +36,7 @@ from yuubin.dns import Resolver
 from yuubin.durable import FileAccess, GroupCommitter
 from yuubin.geo import AccessList, GeoDatabase, GeoError
 from yuubin.intake import Intake
+from yuubin.mailauth.dkimsign import DkimSigner
 from yuubin.net.connections import Connections, session_id_prefix
 from yuubin.net.shell import IPAddress, ShellSettings
 from yuubin.policy.containment import AccountContainment
@@ -76,8 +77,18 @@ def check(config: Config) -> None:
         if relay_target(config.outbound) is not None:  # reads relayhost_password_file
             relay_context(config.outbound)
         _check_data_dir(config.data_dir)
+        if config.dkim.sign:
+            _dkim_signer(config, quiet=True)
     except ConfigError as e:
         raise ConfigError(f"{config.source}: {e}" if config.source != "<memory>" else str(e)) from None
+
+
+def _dkim_signer(config: Config, quiet: bool = False) -> DkimSigner:
+    """The outbound signer with every local domain's keys; an unreadable key stops the start."""
+    try:
+        return DkimSigner.load(config.data_dir, config.local_domains, config.dkim.selectors, quiet=quiet)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"dkim: cannot read a signing key: {e} (see yuubin dkim list)") from None
 
 
 def _check_listeners(config: Config) -> None:
@@ -167,9 +178,11 @@ class App:
                                               cfg.hostname)
         self.resolver = Resolver(list(cfg.dns.nameservers), cfg.dns.port, cfg.dns.timeout)
         self.outbound: OutboundScheduler | None = None
-        if self.primary:  # remote delivery, retries, DSNs
+        if self.primary:  # remote delivery, retries, DSNs; DKIM-signed as each attempt sends
+            signer = _dkim_signer(cfg) if cfg.dkim.sign else None
             self.outbound = build_outbound(cfg, self.spool, self.editor, self.resolver, self.listening,
-                                           self.signal, self.intake.inject, self.holds.is_held)
+                                           self.signal, self.intake.inject, self.holds.is_held,
+                                           sign=signer.sign_entry if signer is not None else None)
         # What admins did with the CLI, into this log (the primary alone: one line per action).
         self.admin_log = AdminActionLog(self.store) if self.primary else None
         self.guard = AuthGuard(self.store, cfg.auth_guard, self.is_trusted)

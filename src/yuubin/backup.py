@@ -10,6 +10,7 @@ What is copied, and why it is consistent without stopping anything:
   there complete and never changes (flags are renames), so it is hard-linked when DEST is on the
   same file system (no copy, no space) or copied. In each Maildir new/ is read before cur/: a
   message moved from new/ to cur/ meanwhile is found in cur/.
+- every other file under data_dir (DKIM keys, reports, the geo file), copied, tmp/ left out.
 - manifest.json, written last: every file with its size and SHA-256, the schema version of
   state.db and the yuubin version. A directory without it is not a backup.
 
@@ -35,6 +36,7 @@ from yuubin.store import SCHEMA_VERSION, Store
 
 MANIFEST = "manifest.json"
 FORMAT = "yuubin-backup-1"
+STATE_FILES = ("state.db", "state.db-wal", "state.db-shm", "state.db-journal")  # state.db: the online backup
 SPOOL_PARTS = ("queue", "corrupt")  # spool/tmp holds writes in progress; locks and wake requests are not state
 
 
@@ -166,6 +168,26 @@ def backup(data_dir: Path, dest: Path, *, copy: bool = False) -> BackupResult:
                 parent_of(dest / rel)
                 _write_synced(dest / rel, raw)
                 record(rel, dest / rel, False)
+
+    # Everything else under data_dir (DKIM keys, report stores, the geo file): small, copied.
+    for dirpath, dirnames, files in os.walk(data_dir):
+        here = Path(dirpath)
+        if here == data_dir:
+            dirnames[:] = sorted(d for d in dirnames if d not in ("spool", "mail", "tmp"))
+            files = [f for f in files if f not in STATE_FILES and not f.startswith(MANIFEST)]
+        else:
+            dirnames[:] = sorted(d for d in dirnames if d != "tmp")
+        for name in sorted(files):
+            src = here / name
+            if not src.is_file() or src.is_symlink():
+                continue
+            rel = src.relative_to(data_dir)
+            parent_of(dest / rel)
+            try:
+                _copy_synced(src, dest / rel)
+            except FileNotFoundError:
+                continue
+            record(rel, dest / rel, False)
 
     mail = data_dir / "mail"
     link = not copy

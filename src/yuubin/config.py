@@ -129,6 +129,16 @@ class OutboundConfig:
 
 
 @dataclass(frozen=True)
+class DkimConfig:
+    """[dkim]: outbound signing and the limits of verification."""
+
+    sign: bool = True  # sign mail from our local domains that leaves through the queue
+    selectors: tuple[str, ...] = ()  # key sets to sign with, first found per domain; () = each domain's newest
+    max_signatures: int = 5  # DKIM signatures checked per incoming message; the rest are reported unchecked
+    arc_max_sets: int = 10  # ARC sets accepted per incoming message (RFC 8617 allows 50)
+
+
+@dataclass(frozen=True)
 class Config:
     hostname: str
     data_dir: Path
@@ -145,9 +155,11 @@ class Config:
     outbound: OutboundConfig
     submission: SubmissionConfig = SubmissionConfig()
     mail: MailConfig = MailConfig()
+    dkim: DkimConfig = DkimConfig()
     log_level: str = "info"
     workers: int = 1
     run_as: RunAs = RunAs()  # [server] user and group: who serve becomes when started as root
+    public_ips: tuple[str, ...] = ()  # [server] public_ip: the address(es) the world sees us send from
     source: str = "<memory>"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -576,7 +588,27 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     if workers > 64:
         raise ConfigError(f"server.workers: at most 64, got {workers}")
     run_as = _run_as(srv)
+    public_raw = srv.get("public_ip", [], (str, list))
+    public_ips = []
+    for i, ip in enumerate([public_raw] if isinstance(public_raw, str) else public_raw):
+        where = "server.public_ip" if isinstance(public_raw, str) else f"server.public_ip[{i}]"
+        try:
+            public_ips.append(str(ipaddress.ip_address(str(ip).strip())))
+        except ValueError:
+            raise ConfigError(f"{where}: {ip!r} is not an IP address") from None
     srv.finish()
+
+    dk = top.table("dkim")
+    selectors = dk.str_list("selectors", [])
+    for i, sel in enumerate(selectors):
+        if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,40}[a-z0-9])?", sel):
+            raise ConfigError(f"dkim.selectors[{i}]: {sel!r} is not a key set name (see yuubin dkim list)")
+    dkim = DkimConfig(sign=dk.get("sign", True, bool), selectors=tuple(selectors),
+                      max_signatures=dk.positive_int("max_signatures", 5),
+                      arc_max_sets=dk.positive_int("arc_max_sets", 10))
+    dk.finish()
+    if dkim.arc_max_sets > 50:
+        raise ConfigError(f"dkim.arc_max_sets: at most 50 (RFC 8617), got {dkim.arc_max_sets}")
 
     log = top.table("log")
     log_level = log.get("level", "info", str).lower()
@@ -610,9 +642,11 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         outbound=outbound,
         submission=submission,
         mail=mail,
+        dkim=dkim,
         log_level=log_level,
         workers=workers,
         run_as=run_as,
+        public_ips=tuple(public_ips),
         source=source,
     )
 
@@ -752,6 +786,13 @@ def describe(cfg: Config) -> str:
         f"workers = {cfg.workers}",
         f"user = {q(cfg.run_as.user)}",
         f"group = {q(cfg.run_as.group)}",
+        f"public_ip = {q(cfg.public_ips)}",
+        "",
+        "[dkim]",
+        f"sign = {q(cfg.dkim.sign)}",
+        f"selectors = {q(cfg.dkim.selectors)}",
+        f"max_signatures = {cfg.dkim.max_signatures}",
+        f"arc_max_sets = {cfg.dkim.arc_max_sets}",
         "",
         "[log]",
         f"level = {q(cfg.log_level)}",

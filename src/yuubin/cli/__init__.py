@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from yuubin import __version__
-from yuubin.cli import accounts, aliases, backup, init, queue, security, serve
+from yuubin.cli import accounts, aliases, backup, dkim, dnscheck, init, queue, security, serve
 from yuubin.cli.common import EXIT_USAGE, CliError, Parser, add_commands, add_config_option
 from yuubin.config import ConfigError
 
@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     aliases.register(sub)  # alias add, list, remove
     queue.register(sub)  # queue list, show, flush, hold, release, delete (outbound queue)
     backup.register(sub)  # backup, restore
+    dkim.register(sub)  # dkim keygen, list
+    dnscheck.register(sub)  # dns records; check
     return p
 
 

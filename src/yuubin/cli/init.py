@@ -2,6 +2,7 @@
 
 Writes the commented config (the example's keys, this domain's values), data_dir with its owner
 and modes, a self-signed certificate until a real one is configured, the postmaster account,
+the domain's first DKIM key set,
 and with --systemd the service unit; then prints the DNS records to publish and what is left.
 Re-running never overwrites a config, a key or an account: each step says it kept what it found.
 
@@ -134,6 +135,14 @@ queue_scan = "1m"
 workers = 1                           # event-loop processes sharing the listeners
 {user_line}
 {group_line}
+# the address(es) mail leaves from, as the world sees it, for `yuubin dns records` and `yuubin check`
+public_ip = [{public_ip}]
+
+[dkim]
+sign = true                           # DKIM-sign mail from our local domains (keys: `yuubin dkim list`)
+selectors = []                        # key sets to sign with; [] = each domain's newest
+max_signatures = 5                    # DKIM signatures checked per incoming message
+arc_max_sets = 10                     # ARC sets accepted per incoming message (at most 50)
 
 [log]
 level = "info"                        # debug, info, warning, error
@@ -350,6 +359,24 @@ def _postmaster(layout: Layout, address: str, owner: Owner, generate: bool, out:
                     os.chown(p, owner.uid, owner.gid)
 
 
+def _dkim_keys(data_dir: Path, domain: str, owner: Owner, out: list[str]) -> list[str]:
+    """The domain's first DKIM key set (rsa + ed25519), unless it has one; its TXT records."""
+    from yuubin.mailauth.dkimkeys import dkim_dir, generate, key_sets, next_set_name
+    from yuubin.mailauth.dnsrecords import Record, zone_line
+    sets = key_sets(data_dir, domain)
+    if sets:
+        out.append(f"kept the DKIM key sets of {domain} ({', '.join(s.name for s in sets)}; `yuubin dkim list`)")
+        made = sets[-1]
+    else:
+        made = generate(data_dir, domain, next_set_name(data_dir, domain))
+        out.append(f"made the DKIM key set {made.name} for {domain} in {dkim_dir(data_dir) / domain}")
+        if owner.switching:
+            top = dkim_dir(data_dir)
+            for path in (top, top / domain, *(k.path for k in made.keys)):
+                os.chown(path, owner.uid, owner.gid)
+    return [zone_line(Record(k.dns_name, "TXT", k.txt_record())).replace("\t", "  ") for k in made.keys]
+
+
 def dns_records(domain: str, hostname: str, ip: str | None) -> list[str]:
     """The records a domain needs to receive mail here and to have its mail accepted elsewhere."""
     addr = ip or "<this server's public IP address>"
@@ -381,7 +408,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         user_line=(f'user = "{owner.name}"                       # serve started as root binds the ports, '
                    'then runs as this user' if owner.switching else
                    'user = ""                             # e.g. "yuubin": needed when serve is started as root'),
-        group_line=(f'group = "{owner.group}"' if owner.switching else 'group = ""'))
+        group_line=(f'group = "{owner.group}"' if owner.switching else 'group = ""'),
+        public_ip=f'"{args.ip}"' if args.ip else "")
     if _write_new(layout.config, text, 0o640 if owner.switching else 0o600, owner, True):
         out.append(f"wrote {layout.config}")
     else:
@@ -390,6 +418,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from yuubin.config import load
     cfg = load(layout.config)  # what is there now, written by us or kept
     password = _postmaster(layout, cfg.postmaster, owner, args.generate_password, out)
+    dkim_records = _dkim_keys(cfg.data_dir, domain, owner, out)
     if args.systemd:
         yuubin = shutil.which("yuubin") or str(Path(sys.argv[0]).resolve())
         unit = systemd_unit(yuubin, layout.config, cfg.data_dir, owner.name, owner.group)
@@ -406,13 +435,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     print("\nPublish these DNS records:")
     for record in dns_records(domain, hostname, args.ip):
         print(f"  {record}")
+    for record in dkim_records:
+        print(f"  {record}")
     print("\nNext steps:")
     steps = [f"yuubin -c {layout.config} config check"]
     if args.systemd:
         steps.append("systemctl daemon-reload && systemctl enable --now yuubin")
     else:
         steps.append(f"yuubin -c {layout.config} serve   (or install contrib/yuubin.service: init --systemd)")
-    steps += [f"yuubin dkim keygen {domain}   (then publish the DKIM record it prints)",
+    steps += [f"yuubin -c {layout.config} check {domain}   (once the records are published: DNS, PTR, DKIM)",
               "replace the self-signed certificate with a real one ([tls] in the config)",
               "open ports 25, 587 and 465 in the firewall (yuubin firewall nftables helps)"]
     for i, step in enumerate(steps, 1):

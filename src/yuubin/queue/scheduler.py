@@ -50,6 +50,10 @@ RELAY = "[relayhost]"  # the destination key of everything when a relayhost is s
 # durably before returning its queue id; None when the address has no route.
 Inject = Callable[[str, bytes], Awaitable[str | None]]
 
+# sign(entry, data): the message as it goes out this attempt (DKIM signatures on top, or as it
+# is); made once per attempt, in memory only, never written back to the spool entry.
+Sign = Callable[[Envelope, bytes], Awaitable[bytes]]
+
 
 def rcpt_domain(rcpt: RemoteRecipient) -> str:
     return rcpt.to.rpartition("@")[2].lower()
@@ -58,7 +62,8 @@ def rcpt_domain(rcpt: RemoteRecipient) -> str:
 class OutboundScheduler:
     def __init__(self, spool: Spool, editor: SpoolEditor, cfg: OutboundConfig, hostname: str, router: MxRouter,
                  client: SmtpClient, relay: SmtpTarget | None, signal: QueueSignal, inject: Inject,
-                 is_held: Callable[[Envelope], bool], clock: Callable[[], float] = time.time):
+                 is_held: Callable[[Envelope], bool], clock: Callable[[], float] = time.time,
+                 sign: Sign | None = None):
         self.spool = spool
         self.editor = editor
         self.cfg = cfg
@@ -70,6 +75,7 @@ class OutboundScheduler:
         self.inject = inject
         self.is_held = is_held  # beyond env.held: e.g. the submitting account is suspended
         self.clock = clock
+        self.sign = sign
         self.requests = requests_dir(spool.root)
         self.requests.mkdir(mode=0o700, exist_ok=True)
         self._due: dict[str, float] = {}
@@ -223,6 +229,8 @@ class OutboundScheduler:
             todo = [i for i in idx if i < len(env.remote) and env.remote[i].state == QUEUED]
             if not todo:
                 return
+            if self.sign is not None:  # after the last change to the message: every host of this attempt gets it
+                data = await self.sign(env, data)
             outcomes = await self._attempt(env, data, dest, todo)
             await self._record(qid, dict(zip(todo, outcomes, strict=True)))
         except asyncio.CancelledError:
@@ -367,7 +375,8 @@ def relay_context(ob: OutboundConfig) -> ssl.SSLContext:
 
 def build_outbound(cfg: Config, spool: Spool, editor: SpoolEditor, resolver: DnsLookup,
                    listening: Callable[[], list[tuple[str, int]]], signal: QueueSignal, inject: Inject,
-                   is_held: Callable[[Envelope], bool], clock: Callable[[], float] = time.time) -> OutboundScheduler:
+                   is_held: Callable[[Envelope], bool], clock: Callable[[], float] = time.time,
+                   sign: Sign | None = None) -> OutboundScheduler:
     """The scheduler with its SMTP client and MX router (or relayhost) built from the config.
 
     `listening()` gives our own listening sockets, so an MX host that is us counts as a loop.
@@ -379,4 +388,4 @@ def build_outbound(cfg: Config, spool: Spool, editor: SpoolEditor, resolver: Dns
         client = SmtpClient(cfg.hostname, ob.connect_timeout, ob.command_timeout, relay_context(ob))
     router = MxRouter(resolver, cfg.hostname, self_address_check(listening, ob.port))
     return OutboundScheduler(spool, editor, ob, cfg.hostname, router, client, relay, signal, inject, is_held,
-                             clock)
+                             clock, sign)
