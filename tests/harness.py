@@ -68,6 +68,8 @@ BASE_CONFIG: dict[str, Any] = {
     "dnsbl": {"zones": ["zen.dnsbl.test", "bl.dnsbl.test"]},
     "listener": [{"kind": "mx", "address": "127.0.0.1:0"}],
     "limits": {"idle_timeout": "10s", "shutdown_grace": "5s"},
+    # The suite runs as root in CI: say so on purpose (serve refuses root without a user).
+    "server": {"user": "root"},
 }
 
 ACCOUNTS = {"alice@example.test": "correct horse battery staple", "bob@example.test": "bob's long password 42"}

@@ -158,7 +158,13 @@ def test_postfix_receives_what_yuubin_relays_and_relays_into_yuubin(make_server,
     assert any("postfix.test" in r and "ESMTPS" in r for r in received), received  # yuubin → Postfix used TLS
     assert any("by mx.test.example (yuubin)" in r for r in received)
     assert b"\r\n.dot line\r\n" in round_trip
+    # Postfix logs status=sent once it has yuubin's 250, which comes after the Maildir copy is
+    # durable: the mail can be seen before that line is written.
+    deadline = time.monotonic() + 10
     log = postfix_instance.maillog()
+    while not ("relay@postfix.test" in log and "status=sent" in log) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        log = postfix_instance.maillog()
     assert "relay@postfix.test" in log and "status=sent" in log
     assert b"Subject: from postfix" in direct
     assert b"postfix.test" in direct

@@ -29,7 +29,7 @@ from yuubin.auth.accounts import Directory
 from yuubin.auth.guard import AuthGuard
 from yuubin.auth.login import LoginExchange
 from yuubin.auth.sasl import MECHANISMS
-from yuubin.config import SUBMISSION_KINDS, Config, ConfigError, ListenerConfig, check_tls_files
+from yuubin.config import SUBMISSION_KINDS, Config, ConfigError, ListenerConfig, check_mail_access, check_tls_files
 from yuubin.delivery.local import LocalDelivery
 from yuubin.delivery.maildir import Maildirs
 from yuubin.dns import Resolver
@@ -44,15 +44,17 @@ from yuubin.net.shell import IPAddress, ShellSettings
 from yuubin.policy.containment import AccountContainment
 from yuubin.policy.holds import AccountHolds
 from yuubin.policy.listeners import ListenerPolicies, load_geo
+from yuubin.privilege import check_identity, drop_privileges, must_drop, prepare_data_dir, warn_open_files
 from yuubin.queue.edit import SpoolEditor
 from yuubin.queue.entrylock import EntryLocks
 from yuubin.queue.scheduler import OutboundScheduler, build_outbound, relay_context, relay_target
 from yuubin.queue.signal import QueueSignal, RemoteWake, Waker
 from yuubin.queue.spool import Spool
+from yuubin.sdnotify import ServiceNotifier
 from yuubin.smtp.listener import SmtpListener, SMTPSession
 from yuubin.smtp.protocol import Limits
 from yuubin.status import ControlServer, MetricsServer, ServerStatus, control_path, publish_worker, run_dir
-from yuubin.store import Store
+from yuubin.store import SCHEMA_VERSION, Store
 from yuubin.tally import EventTally
 from yuubin.tls import server_context
 
@@ -153,6 +155,9 @@ class App:
         cfg = config
         _check_listeners(cfg)  # an unimplemented kind is an error, never a listener quietly missing
         self.store = Store(cfg.state_db)
+        if self.store.schema_from != SCHEMA_VERSION and self.primary:
+            log.info("event=state_migrated path=%s from=%d to=%d", cfg.state_db, self.store.schema_from,
+                     SCHEMA_VERSION)
         # data_dir: 0700, or 0750 with the [mail] group, whose reader must pass through to mail/.
         FileAccess(0o600 if cfg.mail.gid == -1 else 0o640, gid=cfg.mail.gid).set_dir(cfg.data_dir)
         mail_access = FileAccess(cfg.mail.mode, cfg.mail.uid, cfg.mail.gid)
@@ -354,21 +359,31 @@ class App:
 
 def _serve(config: Config, on_ready: Callable[[App], None] | None = None, worker: int = 0,
            sockets: dict[int, socket.socket] | None = None) -> None:
-    """One event loop serving until SIGTERM/SIGINT; uvloop when available (measurably faster)."""
+    """One event loop serving until SIGTERM/SIGINT; uvloop when available (measurably faster).
+
+    Under systemd (Type=notify) the primary says READY=1 once every listener serves, STOPPING=1
+    on the signal, and pings the watchdog from this loop: a loop that blocks gets restarted."""
     async def main() -> None:
         app = App(config, worker)
+        notifier = ServiceNotifier.from_environ()
         loop = asyncio.get_running_loop()
         stopping: list[asyncio.Task] = []  # a reference, so the stop task is not collected
 
         def on_signal(name: str) -> None:
+            if app.primary:
+                notifier.stopping()
             stopping.append(loop.create_task(app.stop(name)))
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig.name)
         await app.start(sockets)
+        if app.primary:
+            notifier.ready(f"serving {len(config.listeners)} listeners")
+            notifier.start_watchdog()
         if on_ready:
             on_ready(app)
         await app.stopped.wait()
+        await notifier.stop_watchdog()
 
     try:
         import uvloop
@@ -389,16 +404,51 @@ def _duration(seconds: float) -> str:
     return f"{m}m{s % 60:02d}s" if m else f"{s}s"
 
 
-def run(config: Config, on_ready: Callable[[App], None] | None = None) -> int:
-    """Run the server; with `[server] workers` > 1, as that many processes sharing the listeners."""
+def run(config: Config, on_ready: Callable[[App], None] | None = None, allow_root: bool = False) -> int:
+    """Run the server; with `[server] workers` > 1, as that many processes sharing the listeners.
+
+    Started as root with `[server] user`, every listener is bound first, then the process becomes
+    that user (privilege.py), and only then are the parts built and the workers forked: nothing
+    is created as root under data_dir and no client byte is read with root's rights.
+    `allow_root` is localserve's: a demo on loopback ports."""
     _check_listeners(config)
     listeners = ", ".join(f"{lc.kind} {lc.address}" for lc in config.listeners)
     log.info('event=starting version=%s config=%s hostname=%s data_dir=%s listeners="%s" workers=%d pid=%d',
              __version__, config.source, config.hostname, config.data_dir, listeners, config.workers, os.getpid())
+    dropping = False if allow_root and not config.run_as.user else must_drop(config.run_as)
+    check_identity(config.run_as)
+    sockets: dict[int, socket.socket] | None = None
+    if dropping or config.workers > 1:
+        sockets = _bind_all(config)
+    if dropping:
+        try:
+            prepare_data_dir(config.data_dir, config.run_as)
+            drop_privileges(config.run_as)
+            check_mail_access(config)  # [mail] owner/group: ours to give as this user, not as root
+        except BaseException:
+            for sock in (sockets or {}).values():
+                sock.close()
+            raise
+    files = [Path(config.source)] if config.source != "<memory>" else []
+    warn_open_files([*files, config.state_db])
     if config.workers <= 1:
-        _serve(config, on_ready)
+        _serve(config, on_ready, sockets=sockets)
         return 0
-    return _run_workers(config)
+    assert sockets is not None
+    return _run_workers(config, sockets)
+
+
+def _bind_all(config: Config) -> dict[int, socket.socket]:
+    """Every listener's socket, bound and listening; ListenerBindError (nothing left open) if one fails."""
+    sockets: dict[int, socket.socket] = {}
+    for i, lc in enumerate(config.listeners):
+        try:
+            sockets[i] = _listening_socket(lc)
+        except OSError as e:
+            for sock in sockets.values():
+                sock.close()
+            raise ListenerBindError(i, lc, e, config.source) from None
+    return sockets
 
 
 def _listening_socket(lc: ListenerConfig) -> socket.socket:
@@ -408,7 +458,7 @@ def _listening_socket(lc: ListenerConfig) -> socket.socket:
     return sock
 
 
-def _run_workers(config: Config) -> int:
+def _run_workers(config: Config, sockets: dict[int, socket.socket]) -> int:
     """Bind the listeners once, fork the workers, pass signals on, and stop all if one dies.
 
     Every worker accepts from the same sockets (the kernel hands each connection to one), so
@@ -416,14 +466,6 @@ def _run_workers(config: Config) -> int:
     """
     from yuubin import logs
 
-    sockets: dict[int, socket.socket] = {}
-    for i, lc in enumerate(config.listeners):
-        try:
-            sockets[i] = _listening_socket(lc)
-        except OSError as e:
-            for sock in sockets.values():
-                sock.close()
-            raise ListenerBindError(i, lc, e, config.source) from None
     logs.shutdown()  # the writer thread does not survive fork: no thread may hold a lock then
     children: dict[int, int] = {}
     stopping = False

@@ -137,6 +137,16 @@ class MailConfig:
 
 
 @dataclass(frozen=True)
+class RunAs:
+    """[server] user and group: who `serve` becomes when started as root (privilege.py)."""
+
+    user: str = ""  # "" = not configured: serve refuses to run as root
+    group: str = ""  # "" = the user's own group
+    uid: int = -1
+    gid: int = -1
+
+
+@dataclass(frozen=True)
 class OutboundConfig:
     relayhost: str = ""
     relayhost_username: str = ""
@@ -193,6 +203,7 @@ class Config:
     log_format: str = "text"  # or "json"
     metrics: tuple[str, int] | None = None  # [metrics] address: Prometheus /metrics; None = off
     workers: int = 1
+    run_as: RunAs = RunAs()  # [server] user and group: who serve becomes when started as root
     public_ips: tuple[str, ...] = ()  # [server] public_ip: the address(es) the world sees us send from
     source: str = "<memory>"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -453,6 +464,33 @@ def _mail(t: _Table) -> MailConfig:
     return MailConfig(owner, group, mode, uid, gid)
 
 
+def _run_as(t: _Table) -> RunAs:
+    """[server] user and group, resolved to ids (a typo is an error naming the key)."""
+    user = t.get("user", "", str).strip()
+    group = t.get("group", "", str).strip()
+    if not user:
+        if group:
+            raise ConfigError(f"{t.key('group')}: set {t.key('user')} too (the group alone changes nothing)")
+        return RunAs()
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise ConfigError(f"{t.key('user')}: no user named {user!r} on this host (create it: "
+                          f"useradd --system --home-dir /var/lib/yuubin --shell /usr/sbin/nologin {user})") from None
+    gid = pw.pw_gid
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise ConfigError(f"{t.key('group')}: no group named {group!r} on this host") from None
+    else:
+        try:
+            group = grp.getgrgid(gid).gr_name
+        except KeyError:
+            group = str(gid)
+    return RunAs(user, group, pw.pw_uid, gid)
+
+
 def load(path: str | Path) -> Config:
     """Load and validate a config file; raises ConfigError naming file and key."""
     p = Path(path)
@@ -634,6 +672,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     workers = srv.positive_int("workers", 1)
     if workers > 64:
         raise ConfigError(f"server.workers: at most 64, got {workers}")
+    run_as = _run_as(srv)
     public_raw = srv.get("public_ip", [], (str, list))
     public_ips = []
     for i, ip in enumerate([public_raw] if isinstance(public_raw, str) else public_raw):
@@ -731,6 +770,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         log_format=log_format,
         metrics=metrics,
         workers=workers,
+        run_as=run_as,
         public_ips=tuple(public_ips),
         source=source,
     )
@@ -888,6 +928,8 @@ def describe(cfg: Config) -> str:
         "",
         "[server]",
         f"workers = {cfg.workers}",
+        f"user = {q(cfg.run_as.user)}",
+        f"group = {q(cfg.run_as.group)}",
         f"public_ip = {q(cfg.public_ips)}",
         "",
         "[dkim]",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from yuubin.config import ConfigError
 from yuubin.durable import PRIVATE
 
 if TYPE_CHECKING:
@@ -117,6 +118,27 @@ CREATE INDEX IF NOT EXISTS dmarc_rows_report ON dmarc_rows(report);
 """
 
 
+# PRAGMA user_version of the state.db this release writes. A change that CREATE TABLE IF NOT
+# EXISTS cannot make (a new column, a changed meaning) gets the next number and a step in
+# MIGRATIONS; tests/fixtures/ keeps each released version's DDL to migrate from.
+SCHEMA_VERSION = 1
+
+
+class SchemaError(ConfigError):
+    """state.db cannot be used by this release (a newer schema)."""
+
+
+def _statements(script: str) -> list[str]:
+    """The DDL one statement at a time (executescript would commit our transaction)."""
+    out, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    return [st for st in out if st]
+
+
 def _tighten(path: Path) -> None:
     """0600 for a state file an older release left more open (only its owner or root may: for
     anyone else this is a no-op, and the owner's next start fixes it)."""
@@ -189,7 +211,40 @@ class Store:
         for suffix in ("-wal", "-shm"):
             _tighten(Path(f"{path}{suffix}"))
         self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring the file to SCHEMA_VERSION (PRAGMA user_version), in one write transaction so
+        that a worker or an admin command opening it at the same time waits instead of racing.
+
+        A file from a newer yuubin is refused: its tables may mean things this release does not
+        know, and writing them would lose data silently. Version 0 is a new file or one written
+        before the version was kept (release 0.1.0: SCHEMA_V1's tables, perhaps without
+        accounts.suspended_by)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise SchemaError(f"{self.path}: schema version {version} was written by a newer yuubin (this "
+                                  f"one knows up to {SCHEMA_VERSION}); run that release, or restore a backup "
+                                  "made with this one (yuubin never downgrades a state.db)")
+            for statement in _statements(SCHEMA):  # CREATE ... IF NOT EXISTS: new tables of any version
+                self.db.execute(statement)
+            for target in range(version + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[target](self)
+            if version != SCHEMA_VERSION:
+                self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.schema_from = version  # what the file was before this start (logged by the server)
+
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _to_v1(self) -> None:
+        """0.1.0 files: accounts.suspended_by came late in that release."""
         self._add_column("accounts", "suspended_by", "TEXT")
 
     def _add_column(self, table: str, column: str, decl: str) -> None:
@@ -204,6 +259,23 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    def backup_to(self, dest: Path) -> None:
+        """A consistent copy of the whole database while others write (SQLite online backup API),
+        created 0600 and fsynced."""
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(dest, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+        target = sqlite3.connect(dest)
+        try:
+            self.db.backup(target)
+            target.execute("PRAGMA journal_mode=DELETE")  # one self-contained file, no -wal beside it
+        finally:
+            target.close()
+        fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # accounts
     def add_account(self, address: str, password_hash: str) -> None:
@@ -412,3 +484,6 @@ class Store:
             args += [domain, domain, f"%.{escaped}"]
         sql += " ORDER BY r.org_name, w.source_ip, r.date_begin"
         return [DmarcRow(*row) for row in self.db.execute(sql, args)]
+
+# Each step brings a file of the version before it to this one (key = the version reached).
+MIGRATIONS = {1: Store._to_v1}

@@ -10,7 +10,21 @@ import argparse
 import sys
 
 from yuubin import __version__
-from yuubin.cli import accounts, aliases, dkim, dmarc, dnscheck, mailbox, policy, queue, security, serve, status
+from yuubin.cli import (
+    accounts,
+    aliases,
+    backup,
+    dkim,
+    dmarc,
+    dnscheck,
+    init,
+    mailbox,
+    policy,
+    queue,
+    security,
+    serve,
+    status,
+)
 from yuubin.cli.common import EXIT_USAGE, CliError, Parser, add_commands, add_config_option
 from yuubin.config import ConfigError
 
@@ -23,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"yuubin {__version__}")
     sub = add_commands(p, "command")
     # The order here is the order `yuubin --help` lists the commands in.
+    init.register(sub)  # init
     serve.register(sub)  # serve, localserve, config check
     status.register(sub)  # status
     accounts.register(sub)  # account add, list, remove, passwd, audit, suspend, enable
@@ -30,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     aliases.register(sub)  # alias add, list, remove
     queue.register(sub)  # queue list, show, flush, hold, release, delete (outbound queue)
     policy.register(sub)  # policy explain
+    backup.register(sub)  # backup, restore
     dkim.register(sub)  # dkim keygen, list
     dnscheck.register(sub)  # dns records; check
     dmarc.register(sub)  # dmarc report

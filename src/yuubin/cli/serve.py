@@ -52,10 +52,10 @@ PORT_BASE = 2000
 PORT_OFFSETS = {"mx": 525, "submission": 587, "submissions": 465}
 
 
-def _run_server(cfg: Config, on_ready: Callable[[Any], None] | None = None) -> int:
+def _run_server(cfg: Config, on_ready: Callable[[Any], None] | None = None, allow_root: bool = False) -> int:
     """The one place the CLI starts the server; imported late, as no other command needs it."""
     from yuubin.app import run
-    return run(cfg, on_ready=on_ready)
+    return run(cfg, on_ready=on_ready, allow_root=allow_root)
 
 
 def check_startable(cfg: Config) -> None:
@@ -142,7 +142,7 @@ def cmd_localserve(args: argparse.Namespace) -> int:
         print("\n".join(out), flush=True)
 
     try:
-        _run_server(cfg, on_ready=ready)
+        _run_server(cfg, on_ready=ready, allow_root=True)  # loopback ports: a demo, not a service
     except ListenerBindError as e:
         lc = e.listener
         example = port_base + 1000 if port_base + 1000 + max(PORT_OFFSETS.values()) <= 65535 else 10000
