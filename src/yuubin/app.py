@@ -255,6 +255,8 @@ class App:
             self.outbound.start()
         if self.admin_log is not None:
             self.admin_log.start()
+        await self.holds.refresh()
+        self.holds.start()
 
     def _session_factory(self, listener: SmtpListener) -> Callable[[], SMTPSession]:
         connections = self.connections
@@ -277,6 +279,8 @@ class App:
         await self.delivery.drain(timeout=grace)
         if self.admin_log is not None:
             await self.admin_log.stop()
+        await self.holds.stop()
+        await self.store.flush(timeout=grace)  # failures, lockouts, counters queued while state.db was locked
         self.editor.close()
         self.committer.shutdown()
         self.store.close()

@@ -40,6 +40,7 @@ from yuubin.smtp.protocol import (
     StartTLS,
 )
 from yuubin.smtp.replies import Reply
+from yuubin.store import StoreBusy
 
 log = logging.getLogger("yuubin.smtp")
 
@@ -49,6 +50,10 @@ AUTH_LOCKED = Reply(454, "4.7.0", "too many failed logins from your address; try
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "too many connections from your address; try later")
 INTERNAL_ERROR = Reply(421, "4.3.0", "internal error; closing connection")
 TLS_FAILED = Reply(421, "4.7.0", "TLS handshake failed")
+STATE_BUSY = Reply(451, "4.3.0", "temporary local problem; try again later")
+AUTH_TEMPORARY = Reply(454, "4.7.0", "temporary authentication failure; try again later")
+_STAGES: dict[type, str] = {Hello: "helo", MailFrom: "mail", RcptTo: "rcpt", MessageReceived: "data",
+                            AuthRequested: "auth", AuthResponse: "auth"}
 
 
 def _quoted(text: object) -> str:
@@ -136,7 +141,14 @@ class SMTPSession(StreamSession):
                 if ev is PAUSED:  # pragma: no cover - every event is answered below
                     raise RuntimeError("core paused without a pending event")
                 assert not isinstance(ev, type(NEED_DATA))
-                await self._handle(ev)
+                try:
+                    await self._handle(ev)
+                except StoreBusy as e:
+                    # state.db is locked by another process: this command alone waits for a retry.
+                    self._login = None
+                    stage = _STAGES.get(type(ev), "command")
+                    self._refuse(stage, "state_db", f"state.db busy: {e}",
+                                 AUTH_TEMPORARY if stage == "auth" else STATE_BUSY)
         except TimeoutError:
             if conn.receiving_content:
                 self._close("data", "timeout", f"no data for {self.listener.data_timeout:g}s (limits.data_timeout)",
