@@ -36,7 +36,7 @@ from yuubin.dns import Resolver
 from yuubin.durable import FileAccess, GroupCommitter
 from yuubin.geo import AccessList, GeoDatabase, GeoError
 from yuubin.intake import Intake
-from yuubin.net.connections import Connections, session_id_prefix
+from yuubin.net.connections import Connections, listener_pools, session_id_prefix
 from yuubin.net.shell import IPAddress, ShellSettings
 from yuubin.policy.containment import AccountContainment
 from yuubin.policy.dnsbl import DnsblChecker
@@ -56,7 +56,6 @@ log = logging.getLogger("yuubin.server")
 
 SMTP_KINDS = ("mx", "submission", "submissions")
 SUBMISSION_KINDS = ("submission", "submissions")  # AUTH mandatory; 465 is TLS from the first byte
-HANDSHAKE_TIMEOUT = 30.0
 BACKLOG = 1024
 
 
@@ -143,7 +142,7 @@ class App:
         self.started = time.time()
         cfg = config
         _check_listeners(cfg)  # an unimplemented kind is an error, never a listener quietly missing
-        self.store = Store(cfg.state_db)
+        self.store = Store(cfg.state_db, server_busy_timeout=cfg.limits.state_db_timeout)
         # data_dir: 0700, or 0750 with the [mail] group, whose reader must pass through to mail/.
         FileAccess(0o600 if cfg.mail.gid == -1 else 0o640, gid=cfg.mail.gid).set_dir(cfg.data_dir)
         mail_access = FileAccess(cfg.mail.mode, cfg.mail.uid, cfg.mail.gid)
@@ -168,9 +167,14 @@ class App:
         # What admins did with the CLI, into this log (the primary alone: one line per action).
         self.admin_log = AdminActionLog(self.store) if self.primary else None
         self.guard = AuthGuard(self.store, cfg.auth_guard, self.is_trusted)
+        pools = listener_pools(cfg.limits.max_connections, [lc.max_connections for lc in cfg.listeners])
         self.connections = Connections(cfg.limits.connections_per_ip, cfg.limits.max_connections,
                                        workers=cfg.workers,
-                                       id_prefix=session_id_prefix(self.started, worker if cfg.workers > 1 else None))
+                                       id_prefix=session_id_prefix(self.started, worker if cfg.workers > 1 else None),
+                                       pools={_pool(i): n for i, n in enumerate(pools)},
+                                       handshakes_per_ip=cfg.limits.handshakes_per_ip,
+                                       max_handshakes=cfg.limits.max_handshakes,
+                                       data_in_memory=cfg.limits.data_in_memory)
         geo: GeoDatabase | None = None
         if any(lc.allow_countries for lc in cfg.listeners if lc.kind in SUBMISSION_KINDS):
             try:  # a country in `allow` without its data would be an open door: refuse to start
@@ -187,10 +191,12 @@ class App:
             access = AccessList(lc.allow_networks, lc.allow_countries, geo)
             pipeline = submission_pipeline(lc.kind, self.directory, self.store, cfg.outbound, access,
                                            self.containment.limit_broken) if submission else mx
-            shell = ShellSettings(lc.kind, tls_context, lc.kind == "submissions", self.is_trusted)
+            shell = ShellSettings(lc.kind, tls_context, lc.kind == "submissions", self.is_trusted, pool=_pool(index),
+                                  handshake_timeout=cfg.limits.handshake_timeout)
             self.smtp_listeners.append((index, SmtpListener(
                 shell, cfg.hostname, limits, cfg.limits.idle_timeout, cfg.limits.data_timeout, pipeline, self.intake,
-                self.login if submission else None, MECHANISMS if submission else ())))
+                self.login if submission else None, MECHANISMS if submission else (),
+                data_min_rate=cfg.limits.data_min_rate)))
         self.listeners: list[BoundListener] = []
         self.stopping = False
         self.stopped = asyncio.Event()
@@ -218,16 +224,13 @@ class App:
         bound: list[tuple[int, asyncio.base_events.Server]] = []
         for index, listener in self.smtp_listeners:
             lc = self.config.listeners[index]
-            ssl_context = listener.shell.tls_context if listener.shell.implicit_tls else None
-            handshake = HANDSHAKE_TIMEOUT if ssl_context is not None else None
+            # Implicit TLS too is accepted plain: the session counts it, then runs the handshake.
             factory = self._session_factory(listener)
             try:
                 if sockets is not None:
-                    srv = await loop.create_server(factory, sock=sockets[index], backlog=BACKLOG, ssl=ssl_context,
-                                                   ssl_handshake_timeout=handshake, start_serving=False)
+                    srv = await loop.create_server(factory, sock=sockets[index], backlog=BACKLOG, start_serving=False)
                 else:
                     srv = await loop.create_server(factory, lc.host, lc.port, reuse_address=True, backlog=BACKLOG,
-                                                   ssl=ssl_context, ssl_handshake_timeout=handshake,
                                                    start_serving=False)
             except OSError as e:
                 for _index, other in bound:
@@ -298,6 +301,11 @@ class App:
         log.info('event=stopped worker=%d uptime=%s sessions=%d messages=%d summary="%s"', self.worker, uptime,
                  sessions, messages, "; ".join(words))
         self.stopped.set()
+
+
+def _pool(index: int) -> str:
+    """The name of listener `index`'s pool of connections."""
+    return f"listener{index}"
 
 
 def _serve(config: Config, on_ready: Callable[[App], None] | None = None, worker: int = 0,

@@ -1,7 +1,10 @@
 """Every connection a listener accepts: admission by limits, session ids, and a clean stop.
 
 Shared by all listeners (SMTP now, IMAP and POP3 next) so one client cannot hold more than
-`connections_per_ip` connections over all ports, and shutdown treats every session alike.
+`connections_per_ip` connections over all ports, and shutdown treats every session alike. Each
+listener has its own pool (`pools`), so a flood on port 25 never takes 465's places. TLS
+handshakes in progress are bounded per address and in total, and the message bytes all sessions
+hold while receiving are one budget (`data_in_memory`): past it the session holding most is evicted.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import asyncio
 import ipaddress
 import itertools
 from collections import Counter
-from typing import Protocol
+from typing import Protocol, cast
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -36,11 +39,38 @@ def session_id_prefix(started: float, worker: int | None = None) -> str:
     return f"{stamp or '0'}-" if worker is None else f"{stamp or '0'}-{worker}-"
 
 
+class Holder(Stoppable, Protocol):
+    """What the memory budget needs of a session: what it holds, and how to end it."""
+
+    held: int
+
+    def evict(self) -> None: ...
+
+
+def listener_pools(total: int, explicit: list[int]) -> list[int]:
+    """Each listener's pool: its own `max_connections`, or (0) an even share of what is left."""
+    rest = total - sum(explicit)
+    unset = sum(1 for n in explicit if not n)
+    share = max(1, rest // unset) if unset else 0
+    return [n or share for n in explicit]
+
+
 class Connections:
-    def __init__(self, per_ip: int, total: int, *, workers: int = 1, id_prefix: str = ""):
+    def __init__(self, per_ip: int, total: int, *, workers: int = 1, id_prefix: str = "",
+                 pools: dict[str, int] | None = None, handshakes_per_ip: int = 1 << 30,
+                 max_handshakes: int = 1 << 30, data_in_memory: int = 1 << 62):
         # With several worker processes each counts its own share of the limits.
         self.per_ip = -(-per_ip // workers)
         self.total = -(-total // workers)
+        self.pools = {k: -(-n // workers) for k, n in (pools or {}).items()}
+        self.handshakes_per_ip = -(-handshakes_per_ip // workers)
+        self.max_handshakes = -(-max_handshakes // workers)
+        self.data_in_memory = -(-data_in_memory // workers)
+        self.in_memory = 0  # message bytes the sessions hold now
+        self.evicted = 0
+        self._per_pool: Counter[str] = Counter()
+        self._handshakes: Counter[IPAddress] = Counter()
+        self._handshakes_total = 0
         self.id_prefix = id_prefix  # from session_id_prefix(): unique per start and worker
         self.admitted = 0  # sessions served since the start, for the stop line
         self.stopping = False
@@ -52,20 +82,64 @@ class Connections:
     def next_id(self) -> str:
         return f"{self.id_prefix}{next(self._ids):x}"
 
-    def admit(self, ip: IPAddress) -> bool:
-        """Count a new connection; False when its address or the server is at the limit."""
-        if self._per_ip[ip] >= self.per_ip or self._total >= self.total or self.stopping:
-            return False
+    def admit(self, ip: IPAddress, pool: str = "") -> str | None:
+        """Count a new connection (from the TCP accept, before any TLS); None when admitted, else
+        why not (its address, its listener's pool or the server at the limit)."""
+        if self.stopping:
+            return "server stopping"
+        if self._per_ip[ip] >= self.per_ip:
+            return "too many connections from the address (limits.connections_per_ip)"
+        cap = self.pools.get(pool)
+        if cap is not None and self._per_pool[pool] >= cap:
+            return "listener full (its max_connections)"
+        if self._total >= self.total:
+            return "too many connections (limits.max_connections)"
         self._per_ip[ip] += 1
+        self._per_pool[pool] += 1
         self._total += 1
         self.admitted += 1
-        return True
+        return None
 
-    def release(self, ip: IPAddress) -> None:
+    def release(self, ip: IPAddress, pool: str = "") -> None:
         self._per_ip[ip] -= 1
         if self._per_ip[ip] <= 0:
             del self._per_ip[ip]
+        self._per_pool[pool] -= 1
+        if self._per_pool[pool] <= 0:
+            del self._per_pool[pool]
         self._total -= 1
+
+    def open_handshake(self, ip: IPAddress) -> str | None:
+        """Count a TLS handshake about to start; None when allowed, else why not."""
+        if self._handshakes[ip] >= self.handshakes_per_ip:
+            return "too many TLS handshakes in progress from the address (limits.handshakes_per_ip)"
+        if self._handshakes_total >= self.max_handshakes:
+            return "too many TLS handshakes in progress (limits.max_handshakes)"
+        self._handshakes[ip] += 1
+        self._handshakes_total += 1
+        return None
+
+    def close_handshake(self, ip: IPAddress) -> None:
+        self._handshakes[ip] -= 1
+        if self._handshakes[ip] <= 0:
+            del self._handshakes[ip]
+        self._handshakes_total -= 1
+
+    def hold(self, session: Holder, held: int) -> None:
+        """A session now holds `held` message bytes; past the budget the biggest holder is evicted
+        (a flood of large unfinished messages costs the flooders, not the RAM)."""
+        self.in_memory += held - session.held
+        session.held = held
+        while self.in_memory > self.data_in_memory:
+            victim = max((s for s in self.sessions if isinstance(getattr(s, "held", None), int)),
+                         key=lambda s: cast(Holder, s).held, default=None)
+            if victim is None or cast(Holder, victim).held == 0:
+                break
+            v = cast(Holder, victim)
+            self.in_memory -= v.held
+            v.held = 0
+            self.evicted += 1
+            v.evict()
 
     async def stop(self, grace: float) -> int:
         """Close idle sessions now, give the others `grace` seconds to finish, then cancel them;

@@ -34,6 +34,8 @@ class AccountLimits:
         self.clock = clock
         self._until_prune = PRUNE_EVERY
         self._suspending: set[str] = set()  # suspended here, the write still queued
+        # Submissions counted but not yet in state.db (the write is queued): (account, at, recipients).
+        self._unwritten: list[tuple[str, float, list[str]]] = []
 
     async def mail(self, txn: Transaction, sender: Address | None) -> Decision:
         account = txn.session.auth_user
@@ -48,7 +50,9 @@ class AccountLimits:
                 by, SUSPENDED_UNKNOWN_TEXT)
             why = f" by the {'administrator' if by == SUSPENDED_BY_ADMIN else 'sending limit'}" if by else ""
             return reject("suspended", f"account {account} is suspended{why}", 550, "5.7.1", text)
-        sent = await self.store.run(self.store.submissions_since, account, self.clock() - HOUR)
+        since = self.clock() - HOUR
+        sent = await self.store.run(self.store.submissions_since, account, since)
+        sent += sum(1 for a, at, _ in self._unwritten if a == account and at > since)
         if sent >= self.outbound.max_per_hour:
             return await self._limit_broken(txn.session, f"{sent} messages in the last hour "
                                       f"(outbound.max_per_hour = {self.outbound.max_per_hour})")
@@ -57,7 +61,11 @@ class AccountLimits:
     async def rcpt(self, txn: Transaction, rcpt: Address) -> Decision:
         account = txn.session.auth_user or ""
         # Recipients of earlier messages in the last day, and those already taken in this one.
-        seen = await self.store.run(self.store.submission_recipients_since, account, self.clock() - DAY)
+        since = self.clock() - DAY
+        seen = await self.store.run(self.store.submission_recipients_since, account, since)
+        for a, at, rcpts in self._unwritten:
+            if a == account and at > since:
+                seen.update(rcpts)
         seen.update(r.address.key for r in txn.recipients)
         limit = self.outbound.max_recipients_per_day
         if rcpt.key not in seen and len(seen) >= limit:
@@ -70,8 +78,10 @@ class AccountLimits:
         account = txn.session.auth_user
         if account:
             now = self.clock()
-            self.store.later(self.store.record_submission, account, now, str(txn.session.client),
-                             [r.address.key for r in txn.recipients])
+            entry = (account, now, [r.address.key for r in txn.recipients])
+            self._unwritten.append(entry)
+            self.store.later(self.store.record_submission, account, now, str(txn.session.client), entry[2],
+                             done=lambda: self._unwritten.remove(entry))
             self._until_prune -= 1
             if self._until_prune <= 0:  # the counters only need the last day
                 self._until_prune = PRUNE_EVERY
