@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from yuubin import __version__
+from yuubin import __version__, heap
 from yuubin.adminlog import AdminActionLog
 from yuubin.auth.accounts import Directory
 from yuubin.auth.guard import AuthGuard
@@ -174,7 +174,7 @@ class App:
                                        pools={_pool(i): n for i, n in enumerate(pools)},
                                        handshakes_per_ip=cfg.limits.handshakes_per_ip,
                                        max_handshakes=cfg.limits.max_handshakes,
-                                       data_in_memory=cfg.limits.data_in_memory)
+                                       data_in_memory=cfg.limits.data_in_memory, give_back=heap.give_back)
         geo: GeoDatabase | None = None
         if any(lc.allow_countries for lc in cfg.listeners if lc.kind in SUBMISSION_KINDS):
             try:  # a country in `allow` without its data would be an open door: refuse to start

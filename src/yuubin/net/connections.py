@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import itertools
 from collections import Counter
+from collections.abc import Callable
 from typing import Protocol, cast
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -24,6 +25,8 @@ class Stoppable(Protocol):
     idle: bool
     task: asyncio.Task | None
 
+
+TRIM_AFTER = 64  # connections closed since the peak before freed memory is handed back
 
 _BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -47,6 +50,12 @@ class Holder(Stoppable, Protocol):
     def evict(self) -> None: ...
 
 
+class Handshaking(Protocol):
+    """A session whose TLS handshake is in progress: it can be told to give up."""
+
+    def abort_handshake(self, why: str) -> None: ...
+
+
 def listener_pools(total: int, explicit: list[int]) -> list[int]:
     """Each listener's pool: its own `max_connections`, or (0) an even share of what is left."""
     rest = total - sum(explicit)
@@ -58,7 +67,8 @@ def listener_pools(total: int, explicit: list[int]) -> list[int]:
 class Connections:
     def __init__(self, per_ip: int, total: int, *, workers: int = 1, id_prefix: str = "",
                  pools: dict[str, int] | None = None, handshakes_per_ip: int = 1 << 30,
-                 max_handshakes: int = 1 << 30, data_in_memory: int = 1 << 62):
+                 max_handshakes: int = 1 << 30, data_in_memory: int = 1 << 62,
+                 give_back: Callable[[], object] | None = None):
         # With several worker processes each counts its own share of the limits.
         self.per_ip = -(-per_ip // workers)
         self.total = -(-total // workers)
@@ -67,9 +77,13 @@ class Connections:
         self.max_handshakes = -(-max_handshakes // workers)
         self.data_in_memory = -(-data_in_memory // workers)
         self.in_memory = 0  # message bytes the sessions hold now
+        # Called once a flood is over (open connections fell to a quarter of their peak, by at
+        # least TRIM_AFTER): the memory it took goes back to the OS (heap.give_back).
+        self.give_back = give_back
+        self._peak = 0
         self.evicted = 0
         self._per_pool: Counter[str] = Counter()
-        self._handshakes: Counter[IPAddress] = Counter()
+        self._handshakes: dict[IPAddress, list[Handshaking]] = {}  # oldest first
         self._handshakes_total = 0
         self.id_prefix = id_prefix  # from session_id_prefix(): unique per start and worker
         self.admitted = 0  # sessions served since the start, for the stop line
@@ -97,6 +111,7 @@ class Connections:
         self._per_ip[ip] += 1
         self._per_pool[pool] += 1
         self._total += 1
+        self._peak = max(self._peak, self._total)
         self.admitted += 1
         return None
 
@@ -108,20 +123,36 @@ class Connections:
         if self._per_pool[pool] <= 0:
             del self._per_pool[pool]
         self._total -= 1
+        if self._peak - self._total >= TRIM_AFTER and self._total <= self._peak // 4:
+            self._peak = self._total
+            if self.give_back is not None:
+                asyncio.get_running_loop().call_soon(self.give_back)  # after this connection's objects are gone
 
-    def open_handshake(self, ip: IPAddress) -> str | None:
-        """Count a TLS handshake about to start; None when allowed, else why not."""
-        if self._handshakes[ip] >= self.handshakes_per_ip:
+    def open_handshake(self, ip: IPAddress, session: Handshaking) -> str | None:
+        """Count a TLS handshake about to start; None when allowed, else why not. When all places
+        are taken, the oldest handshake of the address holding the most goes, if that is more than
+        this address holds: a flood from many addresses cannot keep a newcomer out for the whole
+        handshake_timeout, while a real handshake (milliseconds) is rarely the one evicted."""
+        mine = self._handshakes.get(ip, [])
+        if len(mine) >= self.handshakes_per_ip:
             return "too many TLS handshakes in progress from the address (limits.handshakes_per_ip)"
         if self._handshakes_total >= self.max_handshakes:
-            return "too many TLS handshakes in progress (limits.max_handshakes)"
-        self._handshakes[ip] += 1
+            most = max(self._handshakes.values(), key=len)
+            if len(most) <= len(mine) + 1:
+                return "too many TLS handshakes in progress (limits.max_handshakes)"
+            most[0].abort_handshake("its address holds the most of limits.max_handshakes")
+            if self._handshakes_total >= self.max_handshakes:  # pragma: no cover - abort released it
+                return "too many TLS handshakes in progress (limits.max_handshakes)"
+        self._handshakes.setdefault(ip, []).append(session)
         self._handshakes_total += 1
         return None
 
-    def close_handshake(self, ip: IPAddress) -> None:
-        self._handshakes[ip] -= 1
-        if self._handshakes[ip] <= 0:
+    def close_handshake(self, ip: IPAddress, session: Handshaking) -> None:
+        mine = self._handshakes.get(ip)
+        if mine is None or session not in mine:
+            return
+        mine.remove(session)
+        if not mine:
             del self._handshakes[ip]
         self._handshakes_total -= 1
 

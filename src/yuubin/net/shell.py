@@ -81,6 +81,7 @@ class StreamSession(asyncio.Protocol):
         self._paused = False
         self._tls_early: bytearray | None = None
         self._pre_tls: bytearray | None = None  # raw bytes before the implicit TLS handshake began
+        self._handshake_aborted = False
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self.received = 0  # bytes read (decrypted) since the connection was made
@@ -120,7 +121,7 @@ class StreamSession(asyncio.Protocol):
         self.session_id = self.connections.next_id()
         why = self.connections.admit(self.client, self.settings.pool)
         if why is None and self.settings.implicit_tls:
-            why = self.connections.open_handshake(self.client)
+            why = self.connections.open_handshake(self.client, self)
             if why is not None:
                 self.connections.release(self.client, self.settings.pool)
         if why is not None:
@@ -154,7 +155,7 @@ class StreamSession(asyncio.Protocol):
                 raise
             finally:
                 self.idle = False
-                self.connections.close_handshake(self.client)
+                self.connections.close_handshake(self.client, self)
             if early is None:
                 self.close()
                 return
@@ -210,6 +211,15 @@ class StreamSession(asyncio.Protocol):
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         self._drain = None
+
+    def abort_handshake(self, why: str) -> None:
+        """Called by Connections: this pending handshake makes room for another address's."""
+        assert self.client is not None
+        self.connections.close_handshake(self.client, self)
+        log.info('event=tls_failed session=%s client=%s error="%s"', self.session_id, self.client, why)
+        self._handshake_aborted = True
+        if self.transport is not None:
+            self.transport.abort()
 
     def evict(self) -> None:
         """Called by Connections.hold: the budget of message bytes ran out and this session holds the
@@ -331,7 +341,8 @@ class StreamSession(asyncio.Protocol):
             error = str(e) or type(e).__name__
             if isinstance(e, TimeoutError) or "taking longer than" in error:  # asyncio's and uvloop's words
                 error = f"no handshake within {self.settings.handshake_timeout:g}s (limits.handshake_timeout)"
-            log.info("event=tls_failed session=%s client=%s error=%r", self.session_id, self.client, error)
+            if not self._handshake_aborted:  # else said by abort_handshake()
+                log.info("event=tls_failed session=%s client=%s error=%r", self.session_id, self.client, error)
             new = None
         early, self._tls_early = self._tls_early, None
         if new is None:
