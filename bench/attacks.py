@@ -186,7 +186,7 @@ def flood_big_data(srv: Server, seconds: float) -> None:
             f.readline()
             for cmd in (b"EHLO big.bench", b"MAIL FROM:<a@big.bench>", f"RCPT TO:<{USER}>".encode(), b"DATA"):
                 s.sendall(cmd + b"\r\n")
-                while (line := f.readline())[3:4] == b"-":
+                while f.readline()[3:4] == b"-":
                     pass
             chunk = b"y" * 1022 + b"\r\n"
             end = time.monotonic() + seconds
@@ -208,12 +208,12 @@ def flood_auth(srv: Server, seconds: float) -> None:
 
     def one(i: int) -> None:
         while time.monotonic() < end:
-            with contextlib.suppress(OSError, smtplib.SMTPException):
-                with smtplib.SMTP_SSL("127.0.0.1", srv.ports["submissions"], source_address=("127.1.3.1", 0),
-                                      timeout=10, context=srv.client_tls) as s:
-                    s.ehlo("hydra")
-                    token = base64.b64encode(f"\0{USER}\0guess{i}".encode()).decode()
-                    s.docmd("AUTH", f"PLAIN {token}")
+            with contextlib.suppress(OSError, smtplib.SMTPException), smtplib.SMTP_SSL(
+                    "127.0.0.1", srv.ports["submissions"], source_address=("127.1.3.1", 0), timeout=10,
+                    context=srv.client_tls) as s:
+                s.ehlo("hydra")
+                token = base64.b64encode(f"\0{USER}\0guess{i}".encode()).decode()
+                s.docmd("AUTH", f"PLAIN {token}")
             time.sleep(0.05)
     threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
     for t in threads:
@@ -250,11 +250,11 @@ def flood_locked_db(srv: Server, seconds: float) -> None:
     db.execute("INSERT INTO aliases(alias, target) VALUES ('held@bench.test', 'x@bench.test')")
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        with contextlib.suppress(OSError, smtplib.SMTPException):
-            with smtplib.SMTP_SSL("127.0.0.1", srv.ports["submissions"], source_address=("127.1.5.1", 0),
-                                  timeout=10, context=srv.client_tls) as s:
-                s.ehlo("guess")
-                s.docmd("AUTH", "PLAIN " + base64.b64encode(f"\0{USER}\0wrong".encode()).decode())
+        with contextlib.suppress(OSError, smtplib.SMTPException), smtplib.SMTP_SSL(
+                "127.0.0.1", srv.ports["submissions"], source_address=("127.1.5.1", 0), timeout=10,
+                context=srv.client_tls) as s:
+            s.ehlo("guess")
+            s.docmd("AUTH", "PLAIN " + base64.b64encode(f"\0{USER}\0wrong".encode()).decode())
         time.sleep(1)
     db.execute("ROLLBACK")
     db.close()
