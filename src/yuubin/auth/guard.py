@@ -74,7 +74,7 @@ class AuthGuard:
         # here rather than exhaust the memory of a small home server.
         self._checks = asyncio.Semaphore(config.concurrent_checks)
         self._in_flight: Counter[str] = Counter()  # checks reserved and not yet recorded, per source
-        self._unwritten: Counter[str] = Counter()  # results queued while state.db was locked
+        self._unwritten: Counter[str] = Counter()  # failures queued while state.db was locked
         self._reserving = asyncio.Lock()
 
     # ---- the login itself --------------------------------------------------------------
@@ -143,11 +143,15 @@ class AuthGuard:
         return None, self.store.auth_failures_since("source", key, self.clock() - self.config.window)
 
     async def _record(self, key: str, fn: Callable[..., object], *args: object) -> None:
-        """A failure or success into state.db now, or (locked) queued in order and counted meanwhile."""
+        """A failure or success into state.db now, or (locked) queued in order; a queued failure
+        counts towards the source's limit meanwhile."""
         if not self.store.pending_writes:
             with contextlib.suppress(StoreBusy):
                 await self.store.run(fn, *args)
                 return
+        if fn != self.failure:
+            self.store.later(fn, *args)
+            return
         self._unwritten[key] += 1
 
         def written() -> None:

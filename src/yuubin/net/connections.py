@@ -26,7 +26,8 @@ class Stoppable(Protocol):
     task: asyncio.Task | None
 
 
-TRIM_AFTER = 64  # connections closed since the peak before freed memory is handed back
+TRIM_AFTER = 16  # connections closed since the peak before freed memory is handed back
+TRIM_AFTER_BYTES = 16 << 20  # ... or message bytes in memory let go since their peak
 
 _BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
 
@@ -48,6 +49,16 @@ class Holder(Stoppable, Protocol):
     held: int
 
     def evict(self) -> None: ...
+
+
+class Yielding(Protocol):
+    """A session that can give its place up to a newcomer when its listener is full."""
+
+    client: IPAddress | None
+    pool: str
+    idle: bool
+
+    def make_room(self) -> None: ...
 
 
 class Handshaking(Protocol):
@@ -81,6 +92,7 @@ class Connections:
         # least TRIM_AFTER): the memory it took goes back to the OS (heap.give_back).
         self.give_back = give_back
         self._peak = 0
+        self._mem_peak = 0
         self.evicted = 0
         self._per_pool: Counter[str] = Counter()
         self._handshakes: dict[IPAddress, list[Handshaking]] = {}  # oldest first
@@ -104,9 +116,9 @@ class Connections:
         if self._per_ip[ip] >= self.per_ip:
             return "too many connections from the address (limits.connections_per_ip)"
         cap = self.pools.get(pool)
-        if cap is not None and self._per_pool[pool] >= cap:
+        if cap is not None and self._per_pool[pool] >= cap and not self._make_room(ip, pool):
             return "listener full (its max_connections)"
-        if self._total >= self.total:
+        if self._total >= self.total and not self._make_room(ip, None):
             return "too many connections (limits.max_connections)"
         self._per_ip[ip] += 1
         self._per_pool[pool] += 1
@@ -125,8 +137,32 @@ class Connections:
         self._total -= 1
         if self._peak - self._total >= TRIM_AFTER and self._total <= self._peak // 4:
             self._peak = self._total
-            if self.give_back is not None:
-                asyncio.get_running_loop().call_soon(self.give_back)  # after this connection's objects are gone
+            self._trim()
+
+    def _trim(self) -> None:
+        if self.give_back is not None:
+            asyncio.get_running_loop().call_soon(self.give_back)  # after the objects let go are gone
+
+    def _make_room(self, ip: IPAddress, pool: str | None) -> bool:
+        """Full: an idle session (waiting for a command, not in a transaction) of the address
+        holding the most places in `pool` (None: anywhere) gives its place up, when that address
+        holds more than this one would. Many addresses flooding a port then cost each other their
+        places, not a newcomer with one connection."""
+        mine: Counter[IPAddress] = Counter()
+        idle: dict[IPAddress, Yielding] = {}
+        for s in self.sessions:
+            y = cast(Yielding, s)
+            if not hasattr(y, "make_room") or (pool is not None and y.pool != pool) or y.client is None:
+                continue
+            mine[y.client] += 1
+            if y.idle and y.client not in idle:
+                idle[y.client] = y
+        candidates = [(n, c) for c, n in mine.items() if c in idle and n > mine[ip] + 1]
+        if not candidates:
+            return False
+        _n, victim = max(candidates, key=lambda nc: nc[0])
+        idle[victim].make_room()
+        return True
 
     def open_handshake(self, ip: IPAddress, session: Handshaking) -> str | None:
         """Count a TLS handshake about to start; None when allowed, else why not. When all places
@@ -161,6 +197,10 @@ class Connections:
         (a flood of large unfinished messages costs the flooders, not the RAM)."""
         self.in_memory += held - session.held
         session.held = held
+        self._mem_peak = max(self._mem_peak, self.in_memory)
+        if self._mem_peak - self.in_memory >= TRIM_AFTER_BYTES and self.in_memory <= self._mem_peak // 4:
+            self._mem_peak = self.in_memory
+            self._trim()
         while self.in_memory > self.data_in_memory:
             victim = max((s for s in self.sessions if isinstance(getattr(s, "held", None), int)),
                          key=lambda s: cast(Holder, s).held, default=None)

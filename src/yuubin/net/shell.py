@@ -212,6 +212,27 @@ class StreamSession(asyncio.Protocol):
             self._drain.set_result(None)
         self._drain = None
 
+    @property
+    def pool(self) -> str:
+        return self.settings.pool
+
+    def make_room(self) -> None:
+        """Called by Connections: the listener is full and this idle session's address holds the
+        most places; it gives one up (a 421, and its place is free at once)."""
+        assert self.client is not None
+        log.info('event=reject session=%s client=%s stage=command check=connections reason="listener full; '
+                 'this address holds the most of its places" reply="%s"', self.session_id, self.client,
+                 self.refusal().decode(errors="replace").strip())
+        if self._admitted:
+            self._admitted = False
+            self.connections.hold(self, 0)
+            self.connections.release(self.client, self.settings.pool)
+            self.connections.sessions.discard(self)
+        if self.transport is not None and not self.lost:
+            self.transport.write(self.refusal())
+            self.transport.close()
+        self._wake_lost()
+
     def abort_handshake(self, why: str) -> None:
         """Called by Connections: this pending handshake makes room for another address's."""
         assert self.client is not None

@@ -106,6 +106,11 @@ class SMTPSession(StreamSession):
     def eviction(self) -> bytes:
         return MEMORY_FULL.encode()
 
+    def evict(self) -> None:
+        super().evict()
+        if self.conn is not None:
+            self.conn.close(MEMORY_FULL)  # the buffered message goes at once, not when the task ends
+            self.conn.data_to_send()  # already written by the shell
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         lst = self.listener
         self.conn = SMTPServerConnection(

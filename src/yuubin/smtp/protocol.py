@@ -300,6 +300,9 @@ class SMTPServerConnection:
             self._out.append(reply.encode())
             self._state = _State.CLOSED
         self._pending = None
+        # Nothing is read after this: what was buffered goes now (an evicted session's megabytes).
+        self._in = bytearray()
+        self._msg = bytearray()
 
     def next_event(self) -> Event | _Sentinel:
         while True:
