@@ -142,6 +142,7 @@ class App:
         self.started = time.time()
         cfg = config
         _check_listeners(cfg)  # an unimplemented kind is an error, never a listener quietly missing
+        heap.return_large_blocks()
         self.store = Store(cfg.state_db, server_busy_timeout=cfg.limits.state_db_timeout)
         # data_dir: 0700, or 0750 with the [mail] group, whose reader must pass through to mail/.
         FileAccess(0o600 if cfg.mail.gid == -1 else 0o640, gid=cfg.mail.gid).set_dir(cfg.data_dir)

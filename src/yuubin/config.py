@@ -67,7 +67,7 @@ class LimitsConfig:
     data_timeout: float = 600.0
     shutdown_grace: float = 30.0
     data_min_rate: int = 1024  # bytes/s a DATA/BDAT transfer must average (after an idle_timeout grace)
-    data_in_memory: int = 268_435_456  # message bytes held by all sessions while they arrive
+    data_in_memory: int = 67_108_864  # message bytes held by all sessions while they arrive (2 × message_size + room)
     handshake_timeout: float = 10.0  # a TLS handshake (465's, or STARTTLS) must finish within this
     handshakes_per_ip: int = 5  # TLS handshakes in progress from one address
     max_handshakes: int = 100  # ... and in total
