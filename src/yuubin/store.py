@@ -196,14 +196,25 @@ class Store:
             self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="state-db")
         return self._pool
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def run(self, fn: Callable[..., T], *args: Any, wait: float | None = None) -> T:
         """`fn(*args)` (a method of this store, or a function of its methods) in a database thread;
-        StoreBusy when state.db stays locked past `server_busy_timeout` or fails."""
+        StoreBusy when state.db stays locked past `wait` seconds (default `server_busy_timeout`)
+        or fails."""
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor(), functools.partial(fn, *args))
+            return await loop.run_in_executor(self._executor(), functools.partial(self._waiting, wait, fn, *args))
         except sqlite3.Error as e:
             raise StoreBusy(str(e)) from e
+
+    def _waiting(self, wait: float | None, fn: Callable[..., T], *args: Any) -> T:
+        if wait is None:
+            return fn(*args)
+        db = self.db
+        db.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+        try:
+            return fn(*args)
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {int(self.server_busy_timeout * 1000)}")
 
     def later(self, fn: Callable[..., Any], *args: Any, done: Callable[[], None] | None = None) -> None:
         """A write that must not be lost: done in order after the ones before it, retried every

@@ -31,6 +31,7 @@ log = logging.getLogger("yuubin.auth")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 PRUNE_EVERY = 1000  # failures between deletions of rows older than the window
+RECORD_WAIT = 0.1  # seconds a login waits for a locked state.db before its result is queued instead
 
 
 def source_key(ip: IPAddress) -> str:
@@ -147,7 +148,7 @@ class AuthGuard:
         counts towards the source's limit meanwhile."""
         if not self.store.pending_writes:
             with contextlib.suppress(StoreBusy):
-                await self.store.run(fn, *args)
+                await self.store.run(fn, *args, wait=RECORD_WAIT)
                 return
         if fn != self.failure:
             self.store.later(fn, *args)
