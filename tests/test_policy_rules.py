@@ -131,15 +131,17 @@ def checks(result: StageResult) -> list[str]:
     return [d.check for d in result.trail]
 
 
-def sent(pipeline: Pipeline, clock: Clock, at: float, account: str, rcpts: list[str],
-         client: str = UNTRUSTED_IP) -> None:
-    """Count a stored submission at time `at` through the pipeline's accepted() hooks."""
+async def sent(sub: Submission, at: float, account: str, rcpts: list[str], client: str = UNTRUSTED_IP) -> None:
+    """Count a stored submission at time `at` through the pipeline's accepted() hooks (queued
+    writes: waited for)."""
+    pipeline, clock = sub.pipeline, sub.clock
     saved = clock.now
     clock.now = at
     txn = Transaction(facts(client, listener="submission", auth_user=account), sender=addr(account))
     txn.recipients = [AcceptedRecipient(rcpt_addr(r), {}, Resolution(forwards=[r])) for r in rcpts]
     pipeline.accepted(txn)
     clock.now = saved
+    assert await sub.store.flush(5) == 0
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
@@ -499,7 +501,7 @@ async def test_submission_mail_from_a_suspended_account(sub, account, by, text, 
 ])
 async def test_submission_hourly_limit(sub, ages, broken):
     for age in ages:
-        sent(sub.pipeline, sub.clock, NOW - age, ALICE, ["carol@far.test"])
+        await sent(sub, NOW - age, ALICE, ["carol@far.test"])
     session = sub.session()
     result = await sub.pipeline.mail(Transaction(session), addr(ALICE))
     if not broken:
@@ -522,7 +524,7 @@ async def test_submission_hourly_limit(sub, ages, broken):
 
 async def test_submission_hourly_limit_comes_before_ownership(sub):
     for _ in range(3):
-        sent(sub.pipeline, sub.clock, NOW - 5, ALICE, ["carol@far.test"])
+        await sent(sub, NOW - 5, ALICE, ["carol@far.test"])
     result = await sub.pipeline.mail(sub.txn(), addr(BOB))  # not owned either: the limit answers
     assert refusal(result.decision)[:4] == (Verdict.TEMPFAIL, 451, "4.7.1", "limit")
     assert checks(result) == ["limit"]
@@ -558,8 +560,8 @@ async def test_submission_rcpt(sub, rcpt, expected, trail):
 
 
 async def test_submission_daily_recipient_limit(sub):
-    sent(sub.pipeline, sub.clock, NOW - 100, ALICE, ["r1@far.test", "r2@far.test"])
-    sent(sub.pipeline, sub.clock, NOW - DAY, ALICE, ["old@far.test"])  # a day old: forgotten
+    await sent(sub, NOW - 100, ALICE, ["r1@far.test", "r2@far.test"])
+    await sent(sub, NOW - DAY, ALICE, ["old@far.test"])  # a day old: forgotten
     txn = sub.txn()
     for again in ("r1@far.test", "R2@Far.Test"):  # already seen today: not counted again
         result = await sub.pipeline.rcpt(txn, rcpt_addr(again))
@@ -582,7 +584,7 @@ async def test_submission_daily_recipient_limit(sub):
 
 
 async def test_submission_daily_limit_window(sub):
-    sent(sub.pipeline, sub.clock, NOW - DAY + 1, ALICE, ["r1@far.test", "r2@far.test"])
+    await sent(sub, NOW - DAY + 1, ALICE, ["r1@far.test", "r2@far.test"])
     assert not (await sub.pipeline.rcpt(sub.txn(), rcpt_addr("r3@far.test"))).accepted
     sub.store.set_suspended(ALICE, False)
     sub.limit_calls.clear()
@@ -608,6 +610,7 @@ async def test_submission_accepted_counts_the_message_and_its_recipients(sub):
         result = await sub.pipeline.rcpt(txn, rcpt_addr(r))
         txn.recipients.append(AcceptedRecipient(rcpt_addr(r), {}, result.route))
     sub.pipeline.accepted(txn)
+    assert await sub.store.flush(5) == 0
     assert sub.store.submissions_since(ALICE, NOW - HOUR) == 1
     assert sub.store.submission_recipients_since(ALICE, NOW - DAY) == {"carol@far.test", "bob+x@example.test"}
     assert sub.store.submission_clients_since(ALICE, NOW - DAY) == [(UNTRUSTED_IP, 1)]

@@ -590,10 +590,12 @@ def test_bdat_0_last_ends_a_chunked_message() -> None:
     assert s.messages[0].data == b"abc\r\n"
 
 
-def test_bdat_0_last_alone_is_an_empty_message() -> None:
+def test_bdat_0_last_alone_is_an_empty_message_and_refused() -> None:
     s = in_transaction()
-    assert [r.short for r in s.feed(b"BDAT 0 LAST\r\n")] == ["250 2.0.0"]
-    assert s.messages[0].data == b"" and s.messages[0].chunked
+    assert [r.short for r in s.feed(b"BDAT 0 LAST\r\n")] == ["554 5.6.0"]
+    assert s.messages == []
+    # The transaction is over; the session goes on.
+    assert [r.short for r in s.feed(b"MAIL FROM:<a@b.test>\r\n")] == ["250 2.1.0"]
 
 
 def test_bdat_message_without_final_crlf_gets_one() -> None:
@@ -1115,7 +1117,7 @@ SEQUENCE_EXPECTED: dict[str, tuple[str | tuple[str, str], ...]] = {
     "MAIL":     (HELO_FIRST,  "250 2.1.0", NESTED,      NESTED,      NESTED,      ONLY_QUIT),
     "RCPT":     (MAIL_FIRST,  MAIL_FIRST,  "250 2.1.5", "250 2.1.5", AFTER_BDAT,  ONLY_QUIT),
     "DATA":     (MAIL_FIRST,  MAIL_FIRST,  NO_RCPT,     "354",       MIXED,       ONLY_QUIT),
-    "BDAT":     (HELO_FIRST,  MAIL_FIRST,  NO_RCPT,     "250 2.0.0", "250 2.0.0", ONLY_QUIT),
+    "BDAT":     (HELO_FIRST,  MAIL_FIRST,  NO_RCPT,     "554 5.6.0", "250 2.0.0", ONLY_QUIT),  # 0 LAST alone: empty
     "RSET":     ("250 2.0.0", "250 2.0.0", "250 2.0.0", "250 2.0.0", "250 2.0.0", ONLY_QUIT),
     "NOOP":     ("250 2.0.0", "250 2.0.0", "250 2.0.0", "250 2.0.0", "250 2.0.0", ONLY_QUIT),
     "QUIT":     ("221 2.0.0", "221 2.0.0", "221 2.0.0", "221 2.0.0", "221 2.0.0", "221 2.0.0"),

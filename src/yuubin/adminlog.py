@@ -15,7 +15,7 @@ import logging
 import sqlite3
 import time
 
-from yuubin.store import AdminAction, Store
+from yuubin.store import AdminAction, Store, StoreBusy
 
 log = logging.getLogger("yuubin.admin")
 
@@ -62,15 +62,15 @@ class AdminActionLog:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        self._log_pending_safely()
+        await self._log_pending_safely()
 
     async def _run(self) -> None:
         while True:
-            self._log_pending_safely()
+            await self._log_pending_safely()
             await asyncio.sleep(self.interval)
 
-    def _log_pending_safely(self) -> None:
+    async def _log_pending_safely(self) -> None:
         try:
-            self.log_pending()
-        except sqlite3.Error as e:  # a busy or broken state.db must not stop the server; try again later
+            await self.store.run(self.log_pending)
+        except (StoreBusy, sqlite3.Error) as e:  # a busy or broken state.db must not stop the server; try again later
             log.warning('event=admin_log_failed error="%s"', _quoted(str(e)))

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from yuubin import __version__
+from yuubin import __version__, heap
 from yuubin.adminlog import AdminActionLog
 from yuubin.auth.accounts import Directory
 from yuubin.auth.guard import AuthGuard
@@ -39,7 +39,7 @@ from yuubin.intake import Intake
 from yuubin.mailauth.capture import ReportCapture
 from yuubin.mailauth.dkimsign import DkimSigner
 from yuubin.mailauth.reports import ReportLimits
-from yuubin.net.connections import Connections, session_id_prefix
+from yuubin.net.connections import Connections, listener_pools, session_id_prefix
 from yuubin.net.shell import IPAddress, ShellSettings
 from yuubin.policy.containment import AccountContainment
 from yuubin.policy.holds import AccountHolds
@@ -61,7 +61,6 @@ from yuubin.tls import server_context
 log = logging.getLogger("yuubin.server")
 
 SMTP_KINDS = ("mx", "submission", "submissions")
-HANDSHAKE_TIMEOUT = 30.0
 BACKLOG = 1024
 
 
@@ -154,7 +153,8 @@ class App:
         self.started = time.time()
         cfg = config
         _check_listeners(cfg)  # an unimplemented kind is an error, never a listener quietly missing
-        self.store = Store(cfg.state_db)
+        heap.return_large_blocks()
+        self.store = Store(cfg.state_db, server_busy_timeout=cfg.limits.state_db_timeout)
         if self.store.schema_from != SCHEMA_VERSION and self.primary:
             log.info("event=state_migrated path=%s from=%d to=%d", cfg.state_db, self.store.schema_from,
                      SCHEMA_VERSION)
@@ -191,9 +191,14 @@ class App:
         # What admins did with the CLI, into this log (the primary alone: one line per action).
         self.admin_log = AdminActionLog(self.store) if self.primary else None
         self.guard = AuthGuard(self.store, cfg.auth_guard, self.is_trusted)
+        pools = listener_pools(cfg.limits.max_connections, [lc.max_connections for lc in cfg.listeners])
         self.connections = Connections(cfg.limits.connections_per_ip, cfg.limits.max_connections,
                                        workers=cfg.workers,
-                                       id_prefix=session_id_prefix(self.started, worker if cfg.workers > 1 else None))
+                                       id_prefix=session_id_prefix(self.started, worker if cfg.workers > 1 else None),
+                                       pools={_pool(i): n for i, n in enumerate(pools)},
+                                       handshakes_per_ip=cfg.limits.handshakes_per_ip,
+                                       max_handshakes=cfg.limits.max_handshakes,
+                                       data_in_memory=cfg.limits.data_in_memory, give_back=heap.give_back)
         policies = ListenerPolicies(cfg, self.directory, self.store, self.resolver, load_geo(cfg),
                                     self.containment.limit_broken)
         tls_context = server_context(cfg.tls.cert, cfg.tls.key) if cfg.tls.cert and cfg.tls.key else None
@@ -202,10 +207,12 @@ class App:
         for index, lc in enumerate(cfg.listeners):
             submission = lc.kind in SUBMISSION_KINDS
             pipeline = policies.pipeline(lc)
-            shell = ShellSettings(lc.kind, tls_context, lc.kind == "submissions", self.is_trusted)
+            shell = ShellSettings(lc.kind, tls_context, lc.kind == "submissions", self.is_trusted, pool=_pool(index),
+                                  handshake_timeout=cfg.limits.handshake_timeout)
             self.smtp_listeners.append((index, SmtpListener(
                 shell, cfg.hostname, limits, cfg.limits.idle_timeout, cfg.limits.data_timeout, pipeline, self.intake,
-                self.login if submission else None, MECHANISMS if submission else ())))
+                self.login if submission else None, MECHANISMS if submission else (),
+                data_min_rate=cfg.limits.data_min_rate)))
         # What the server did, counted from its own log events, for `yuubin status` and /metrics.
         self.tally = EventTally()
         self.status = ServerStatus(cfg, self.tally, self.connections, self.store, self.spool, self.guard,
@@ -248,16 +255,13 @@ class App:
         bound: list[tuple[int, asyncio.base_events.Server]] = []
         for index, listener in self.smtp_listeners:
             lc = self.config.listeners[index]
-            ssl_context = listener.shell.tls_context if listener.shell.implicit_tls else None
-            handshake = HANDSHAKE_TIMEOUT if ssl_context is not None else None
+            # Implicit TLS too is accepted plain: the session counts it, then runs the handshake.
             factory = self._session_factory(listener)
             try:
                 if sockets is not None:
-                    srv = await loop.create_server(factory, sock=sockets[index], backlog=BACKLOG, ssl=ssl_context,
-                                                   ssl_handshake_timeout=handshake, start_serving=False)
+                    srv = await loop.create_server(factory, sock=sockets[index], backlog=BACKLOG, start_serving=False)
                 else:
                     srv = await loop.create_server(factory, lc.host, lc.port, reuse_address=True, backlog=BACKLOG,
-                                                   ssl=ssl_context, ssl_handshake_timeout=handshake,
                                                    start_serving=False)
             except OSError as e:
                 for _index, other in bound:
@@ -287,6 +291,8 @@ class App:
             self.outbound.start()
         if self.admin_log is not None:
             self.admin_log.start()
+        await self.holds.refresh()
+        self.holds.start()
 
     async def _start_status(self) -> None:
         """The primary answers `yuubin status` (and serves /metrics); other workers publish their tallies."""
@@ -336,6 +342,8 @@ class App:
         await self.reports.drain(timeout=grace)
         if self.admin_log is not None:
             await self.admin_log.stop()
+        await self.holds.stop()
+        await self.store.flush(timeout=grace)  # failures, lockouts, counters queued while state.db was locked
         self.editor.close()
         self.committer.shutdown()
         self.mailstore.close()
@@ -355,6 +363,11 @@ class App:
                  sessions, messages, "; ".join(words))
         logging.getLogger("yuubin").removeHandler(self.tally)
         self.stopped.set()
+
+
+def _pool(index: int) -> str:
+    """The name of listener `index`'s pool of connections."""
+    return f"listener{index}"
 
 
 def _serve(config: Config, on_ready: Callable[[App], None] | None = None, worker: int = 0,

@@ -34,6 +34,7 @@ class ListenerConfig:
     port: int
     allow_networks: tuple[IPNetwork, ...] = ()
     allow_countries: tuple[str, ...] = ()
+    max_connections: int = 0  # its own share of limits.max_connections (0: an even share of what is left)
 
     @property
     def address(self) -> str:
@@ -85,6 +86,12 @@ class LimitsConfig:
     max_errors: int = 20
     data_timeout: float = 600.0
     shutdown_grace: float = 30.0
+    data_min_rate: int = 1024  # bytes/s a DATA/BDAT transfer must average (after an idle_timeout grace)
+    data_in_memory: int = 67_108_864  # message bytes held by all sessions while they arrive (2 × message_size + room)
+    handshake_timeout: float = 10.0  # a TLS handshake (465's, or STARTTLS) must finish within this
+    handshakes_per_ip: int = 5  # TLS handshakes in progress from one address
+    max_handshakes: int = 100  # ... and in total
+    state_db_timeout: float = 2.0  # how long a command waits for a locked state.db before its 4xx
 
 
 @dataclass(frozen=True)
@@ -565,6 +572,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         kind = lt.get("kind", None, str)
         address = lt.get("address", None, str)
         allow = lt.str_list("allow", [])
+        max_conn = lt.positive_int("max_connections", 1) if "max_connections" in item else 0
         lt.finish()
         if kind is None:
             raise ConfigError(f"listener[{i}].kind: required: one of {', '.join(LISTENER_KINDS)}")
@@ -581,7 +589,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
                 nets.append(_network(a, f"listener[{i}].allow[{j}]"))
         if kind == "mx" and (nets or countries):
             raise ConfigError(f"listener[{i}].allow: not for kind \"mx\" (an MX must be reachable by all)")
-        listeners.append(ListenerConfig(kind, host, port, tuple(nets), tuple(countries)))
+        listeners.append(ListenerConfig(kind, host, port, tuple(nets), tuple(countries), max_conn))
     for i, lc in enumerate(listeners):
         for j, other in enumerate(listeners[:i]):
             if (lc.host, lc.port) == (other.host, other.port) and lc.port:
@@ -628,8 +636,20 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         data_timeout=parse_duration(lim.get("data_timeout", "10m", (int, float, str)), "limits.data_timeout"),
         shutdown_grace=parse_duration(lim.get("shutdown_grace", "30s", (int, float, str)),
                                       "limits.shutdown_grace"),
+        data_min_rate=lim.positive_int("data_min_rate", defaults.data_min_rate),
+        data_in_memory=lim.positive_int("data_in_memory", defaults.data_in_memory),
+        handshake_timeout=parse_duration(lim.get("handshake_timeout", "10s", (int, float, str)),
+                                         "limits.handshake_timeout"),
+        handshakes_per_ip=lim.positive_int("handshakes_per_ip", defaults.handshakes_per_ip),
+        max_handshakes=lim.positive_int("max_handshakes", defaults.max_handshakes),
+        state_db_timeout=parse_duration(lim.get("state_db_timeout", "2s", (int, float, str)),
+                                        "limits.state_db_timeout"),
     )
     lim.finish()
+    explicit = sum(lc.max_connections for lc in listeners)
+    if explicit > limits.max_connections:
+        raise ConfigError(f"listener[].max_connections: together {explicit}, more than limits.max_connections "
+                          f"({limits.max_connections}), the total they share")
     if limits.line_length < 512:
         raise ConfigError("limits.line_length: RFC 5321 requires at least 512 octets")
 
@@ -854,6 +874,8 @@ def describe(cfg: Config) -> str:
         allow = [str(n) for n in lc.allow_networks] + list(lc.allow_countries)
         if allow:
             lines.append(f"allow = {q(allow)}")
+        if lc.max_connections:
+            lines.append(f"max_connections = {lc.max_connections}")
     lim = cfg.limits
     lines += [
         "",
@@ -873,6 +895,12 @@ def describe(cfg: Config) -> str:
         f"max_errors = {lim.max_errors}",
         f"data_timeout = {q(f'{lim.data_timeout:g}s')}",
         f"shutdown_grace = {q(f'{lim.shutdown_grace:g}s')}",
+        f"data_min_rate = {lim.data_min_rate}",
+        f"data_in_memory = {lim.data_in_memory}",
+        f"handshake_timeout = {q(f'{lim.handshake_timeout:g}s')}",
+        f"handshakes_per_ip = {lim.handshakes_per_ip}",
+        f"max_handshakes = {lim.max_handshakes}",
+        f"state_db_timeout = {q(f'{lim.state_db_timeout:g}s')}",
         "",
         "[auth_guard]",
         f"max_failures = {cfg.auth_guard.max_failures}",

@@ -209,14 +209,14 @@ class Intake:
             auth=msg.auth, trusted=msg.trusted,
         )
         env.junk = msg.junk
-        if msg.auth and self.holds.is_held(env):
+        if msg.auth and await self.holds.is_held_now(env):
             env.held = True  # suspended while this message was in DATA
         stored = self.spool.enqueue_store(env, msg.data)
         if not env.remote:
             # Local-only: the Maildir copies ride the same group commit as the spool entry.
             self.delivery.submit(env, msg.data, stored=stored)
         await stored
-        if msg.auth and not env.held and self.holds.is_held(env):
+        if msg.auth and not env.held and await self.holds.is_held_now(env):
             await self.holds.hold(msg.auth)  # suspended while it was being written
             env.held = True
         if env.local and env.remote:
@@ -238,7 +238,7 @@ class Intake:
         if not self.directory.is_local(addr.domain):
             msg.remote.append(RemoteRecipient(to=to, params={}, rcpt=to))
         else:
-            res = self.directory.resolve(addr)
+            res = await self.directory.lookup(addr)
             if res is None:
                 return None
             msg.local.extend((mb, to) for mb in res.mailboxes)

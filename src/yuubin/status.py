@@ -114,8 +114,9 @@ class ServerStatus:
         for w in others:
             sessions.update(w.get("sessions", {}))
         queue = await asyncio.to_thread(_queue_summary, self.spool)
-        locked, attacked = self.guard.lockouts()
-        suspended = [{"account": a.address, "by": a.suspended_by} for a in self.store.accounts() if a.suspended]
+        locked, attacked = await self.store.run(self.guard.lockouts)
+        accounts = await self.store.run(self.store.accounts)
+        suspended = [{"account": a.address, "by": a.suspended_by} for a in accounts if a.suspended]
         listeners = [{"kind": kind, "address": address, "sessions": sessions.get(kind, 0)}
                      for kind, address in self.listening()]
         return {

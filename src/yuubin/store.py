@@ -10,19 +10,32 @@ files take the same mode from SQLite), and an older, more open one is tightened.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
+import functools
+import logging
 import os
 import sqlite3
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from yuubin.config import ConfigError
 from yuubin.durable import PRIVATE
 
 if TYPE_CHECKING:
     from yuubin.mailauth.reports import AggregateReport
+
+log = logging.getLogger("yuubin.store")
+
+T = TypeVar("T")
+THREADS = 4  # server-side database threads: a read never waits behind a write stuck on a lock
+RETRY_EVERY = 1.0  # seconds between tries of a write that found state.db locked
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -194,10 +207,20 @@ class AdminAction:
     detail: str
 
 
-class Store:
-    """One SQLite connection; not shared across threads."""
+class StoreBusy(Exception):
+    """state.db did not answer within its busy timeout (locked by another process, or failing)."""
 
-    def __init__(self, path: Path):
+
+class Store:
+    """SQLite state: one connection per thread that uses it.
+
+    The CLI calls the methods directly. The server never does that on its event loop: `run` does
+    the call in one of a few threads with a short busy timeout (a locked file then costs the one
+    command that needs it a 4xx, never a frozen loop), and `later` keeps a write that must not be
+    lost in an ordered queue, retried until state.db takes it.
+    """
+
+    def __init__(self, path: Path, busy_timeout: float = 10.0, server_busy_timeout: float = 2.0):
         path.parent.parent.mkdir(parents=True, exist_ok=True)  # not ours: as `mkdir -p` would
         PRIVATE.make_dirs(path.parent)  # the data directory, 0700 when it is made here
         self.path = path
@@ -206,7 +229,14 @@ class Store:
         with contextlib.suppress(FileExistsError):
             os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
         _tighten(path)
-        self.db = sqlite3.connect(path, timeout=10.0, isolation_level=None)
+        self.busy_timeout = busy_timeout  # this (the opening) thread's: the CLI's
+        self.server_busy_timeout = server_busy_timeout  # the threads of `run` and `later`
+        self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._opened_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._later: collections.deque[tuple[Callable[[], Any], Callable[[], None] | None]] = collections.deque()
+        self._writer: asyncio.Task | None = None
         self.db.execute("PRAGMA journal_mode=WAL")
         for suffix in ("-wal", "-shm"):
             _tighten(Path(f"{path}{suffix}"))
@@ -257,8 +287,98 @@ class Store:
             if "duplicate column" not in str(e):  # another process added it just now
                 raise
 
+    @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection (opened on first use)."""
+        conn: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if conn is None:
+            first = not self._opened
+            timeout = self.busy_timeout if first or self._pool is None else self.server_busy_timeout
+            conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
+            if not first:
+                conn.execute("PRAGMA synchronous=FULL")
+            self._local.db = conn
+            with self._opened_lock:
+                self._opened.append(conn)
+        return conn
+
+    # ---- off the event loop (the server) ----
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="state-db")
+        return self._pool
+
+    async def run(self, fn: Callable[..., T], *args: Any, wait: float | None = None) -> T:
+        """`fn(*args)` (a method of this store, or a function of its methods) in a database thread;
+        StoreBusy when state.db stays locked past `wait` seconds (default `server_busy_timeout`)
+        or fails."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor(), functools.partial(self._waiting, wait, fn, *args))
+        except sqlite3.Error as e:
+            raise StoreBusy(str(e)) from e
+
+    def _waiting(self, wait: float | None, fn: Callable[..., T], *args: Any) -> T:
+        if wait is None:
+            return fn(*args)
+        db = self.db
+        db.execute(f"PRAGMA busy_timeout = {int(wait * 1000)}")
+        try:
+            return fn(*args)
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {int(self.server_busy_timeout * 1000)}")
+
+    def later(self, fn: Callable[..., Any], *args: Any, done: Callable[[], None] | None = None) -> None:
+        """A write that must not be lost: done in order after the ones before it, retried every
+        RETRY_EVERY seconds while state.db is locked; `done` is called once it is in."""
+        self._later.append((functools.partial(fn, *args), done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_later())
+
+    @property
+    def pending_writes(self) -> int:
+        return len(self._later)
+
+    async def _write_later(self) -> None:
+        loop = asyncio.get_running_loop()
+        busy_since: float | None = None
+        while self._later:
+            call, done = self._later[0]
+            try:
+                await loop.run_in_executor(self._executor(), call)
+            except sqlite3.Error as e:
+                if busy_since is None:
+                    busy_since = time.monotonic()
+                    log.warning('event=state_db_busy pending=%d action=retry error="%s"', len(self._later), e)
+                await asyncio.sleep(RETRY_EVERY)
+                continue
+            self._later.popleft()
+            if busy_since is not None:
+                log.info("event=state_db_written after=%.1fs", time.monotonic() - busy_since)
+                busy_since = None
+            if done is not None:
+                done()
+
+    async def flush(self, timeout: float) -> int:
+        """Wait up to `timeout` seconds for the queued writes; returns how many are still left."""
+        if self._writer is not None and not self._writer.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._writer), timeout)
+        return len(self._later)
+
     def close(self) -> None:
-        self.db.close()
+        if self._writer is not None:
+            self._writer.cancel()
+        if self._later:
+            log.error("event=state_db_unwritten count=%d reason=\"not written before the stop\"",
+                      len(self._later))
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        with self._opened_lock:
+            for conn in self._opened:
+                conn.close()
+            self._opened.clear()
 
     def backup_to(self, dest: Path) -> None:
         """A consistent copy of the whole database while others write (SQLite online backup API),
@@ -286,6 +406,9 @@ class Store:
         row = self.db.execute("SELECT address, password_hash, created, suspended, suspended_by FROM accounts "
                               "WHERE address = ?", (address,)).fetchone()
         return AccountRow(row[0], row[1], row[2], bool(row[3]), row[4] or "") if row else None
+
+    def suspended_accounts(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT address FROM accounts WHERE suspended != 0")}
 
     def account_exists(self, address: str) -> bool:
         return self.db.execute("SELECT 1 FROM accounts WHERE address = ?", (address,)).fetchone() is not None

@@ -51,6 +51,10 @@ class Directory:
     def is_local(self, domain: str) -> bool:
         return domain in self.local_domains
 
+    async def lookup(self, address: Address) -> Resolution | None:
+        """`resolve` off the event loop (StoreBusy when state.db cannot answer now)."""
+        return await self.store.run(self.resolve, address)
+
     def resolve(self, address: Address) -> Resolution | None:
         """The mailboxes a local recipient reaches, or None when nobody by that name lives here."""
         key = address.key if address.domain else self.postmaster  # bare <postmaster>

@@ -74,6 +74,7 @@ address = "0.0.0.0:587"
 [[listener]]
 kind = "submissions"                  # port 465: implicit TLS, AUTH required
 address = "0.0.0.0:465"
+max_connections = 100                 # its own pool out of limits.max_connections: a flood on 25 never locks out 465
 
 # IMAP/POP3 listeners ("imaps", "imap", "pop3s", "pop3") come with the release that serves them.
 
@@ -86,13 +87,20 @@ source = "{data_dir}/delegated-apnic-latest"   # RIR delegated-stats file or .mm
 [limits]
 message_size = 26214400               # bytes, advertised with SIZE
 recipients = 100                      # per message
-idle_timeout = "5m"                   # a silent client is dropped with 421 after this
+idle_timeout = "5m"                   # each whole command line must arrive within this (not reset per byte), else 421
 connections_per_ip = 20               # more from one address get 421
-max_connections = 1000                # in total, all listeners
-line_length = 512                     # command line, octets incl. CRLF
+max_connections = 1000                # in total, all listeners (each its own pool: [[listener]] max_connections)
+line_length = 512                     # command line, octets incl. CRLF (RFC 5321 minimum: 512) -> 500 5.5.2
 max_errors = 20                       # errors in one session before 421
 data_timeout = "10m"                  # silence inside DATA/BDAT
 shutdown_grace = "30s"                # on SIGTERM: how long transactions in flight may take to finish
+data_min_rate = 1024                  # bytes/s a DATA/BDAT transfer must average after an idle_timeout grace, else 421
+data_in_memory = 67108864             # message bytes all sessions may hold while receiving; beyond it the session
+                                      # holding the most is closed with 421 4.3.0 (RAM stays bounded)
+handshake_timeout = "10s"             # a TLS handshake (465's at connect, or STARTTLS) must finish within this
+handshakes_per_ip = 5                 # TLS handshakes in progress from one address (more are closed at once)
+max_handshakes = 100                  # ... and in total
+state_db_timeout = "2s"               # a command waits this long for a locked state.db, then gets a 4xx
 
 [auth_guard]
 max_failures = 5                      # per source IP within `window`, then lockout

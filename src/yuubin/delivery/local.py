@@ -138,8 +138,12 @@ class LocalDelivery:
         self._delivered(env, targets)
 
     async def recover(self) -> int:
-        """Redeliver what a previous run left in the spool; returns how many entries."""
+        """Redeliver what a previous run left in the spool; returns how many entries. Maildir
+        tmp/ files a crash left behind (older than 36 hours) go first."""
         self.spool.clean_tmp()
+        cleaned = await asyncio.to_thread(self.maildirs.clean_tmp, time.time())
+        if cleaned:
+            log.info("event=maildir_tmp_cleaned files=%d older_than=36h", cleaned)
         count = 0
         for qid in self.spool.ids():
             try:

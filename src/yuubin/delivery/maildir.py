@@ -22,6 +22,7 @@ from yuubin.durable import PRIVATE, FileAccess, FileWrite, fsync_dir
 
 _counter = itertools.count()
 JUNK = "Junk"
+TMP_MAX_AGE = 36 * 3600.0  # the Maildir convention: a tmp/ file this old is a write that never finished
 
 
 class Maildirs:
@@ -74,6 +75,25 @@ class Maildirs:
     def forget(self, mailbox: str, folder: str) -> None:
         """A folder was deleted or renamed (IMAP): the next delivery to it makes it again."""
         self._ready.pop(f"{mailbox}/{folder}", None)
+
+    def clean_tmp(self, now: float, max_age: float = TMP_MAX_AGE) -> int:
+        """Remove tmp/ files older than `max_age` (writes cut off by a crash: never renamed into
+        new/, so never seen by a reader); returns how many. Run at start."""
+        removed = 0
+        for tmp in [*self.root.glob("*/*/tmp"), *self.root.glob("*/*/.*/tmp")]:
+            try:
+                entries = list(os.scandir(tmp))
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    old = entry.stat(follow_symlinks=False).st_mtime < now - max_age
+                    if old and entry.is_file(follow_symlinks=False):
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed
 
     def write(self, mailbox: str, parts: list[bytes], folder: str = "") -> FileWrite:
         """A FileWrite for one copy; call `ensure(mailbox, folder)` first."""

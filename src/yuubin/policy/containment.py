@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from yuubin.policy.holds import AccountHolds
 from yuubin.policy.pipeline import SessionFacts
 from yuubin.queue.spool import new_id
-from yuubin.store import Store
+from yuubin.store import Store, StoreBusy
 
 log = logging.getLogger("yuubin.containment")
 
@@ -40,16 +40,23 @@ class AccountContainment:
     async def contain(self, account: str, what: str, facts: SessionFacts) -> None:
         now = time.time()
         held = await self.holds.hold(account)
-        clients = self.store.submission_clients_since(account, now - 86400.0)
+        try:
+            clients, sent_hour, rcpts_day = await self.store.run(self._counts, account, now)
+        except StoreBusy as e:  # the notice still goes out, without the figures
+            log.warning('event=containment_counts_failed account=%s error="%s"', account, e)
+            clients, sent_hour, rcpts_day = [], -1, -1
         if str(facts.client) not in {c for c, _ in clients}:
             clients.append((str(facts.client), 0))
-        sent_hour = self.store.submissions_since(account, now - 3600.0)
-        rcpts_day = len(self.store.submission_recipients_since(account, now - 86400.0))
         ips = ",".join(c for c, _ in clients)
         log.warning('event=account_suspended session=%s account=%s reason="%s" messages_last_hour=%d '
                     'recipients_last_day=%d held=%d clients=%s', facts.session, account, what, sent_hour,
                     rcpts_day, held, ips)
         await self._tell_postmaster(account, what, sent_hour, rcpts_day, held, clients)
+
+    def _counts(self, account: str, now: float) -> tuple[list[tuple[str, int]], int, int]:
+        return (self.store.submission_clients_since(account, now - 86400.0),
+                self.store.submissions_since(account, now - 3600.0),
+                len(self.store.submission_recipients_since(account, now - 86400.0)))
 
     async def _tell_postmaster(self, account: str, what: str, sent_hour: int, rcpts_day: int, held: int,
                                clients: list[tuple[str, int]]) -> None:

@@ -55,12 +55,15 @@ class Greylist:
         if txn.results.get("spf") == "pass":
             return accept("greylist", "sender's SPF passes: not greylisted")
         now = self.clock()
-        network = client_network(s.client)
+        sender = txn.sender.key if txn.sender else ""
+        # One database round trip, in a database thread (a locked state.db stalls only this RCPT).
+        return await self.store.run(self._decide, client_network(s.client), sender, rcpt.key, now)
+
+    def _decide(self, network: str, sender: str, rcpt: str, now: float) -> Decision:
         until = self.store.greylist_client_until(network)
         if until is not None and until > now:
             return accept("greylist", f"{network} retried before: known until {_day(until)}")
-        sender = txn.sender.key if txn.sender else ""
-        triplet = f"{network} {sender} {rcpt.key}"
+        triplet = f"{network} {sender} {rcpt}"
         entry = self.store.greylist_entry(triplet)
         st = self.settings
         if entry is not None:

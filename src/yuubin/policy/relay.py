@@ -18,9 +18,9 @@ def routing_trick(rcpt: Address) -> Decision:
                   "relay access denied: address routes through another host")
 
 
-def local_route(directory: Directory, rcpt: Address) -> Decision:
+async def local_route(directory: Directory, rcpt: Address) -> Decision:
     """Accept a local recipient that exists (with where it goes), else 550 at RCPT time."""
-    res = directory.resolve(rcpt)
+    res = await directory.lookup(rcpt)
     if res is None:
         return reject("recipient", f"unknown local recipient {rcpt.text}", 550, "5.1.1",
                       f"no such user here: {rcpt.text}")
@@ -38,7 +38,7 @@ class MxRecipients:
         if rcpt.routing_trick and (not trusted or self.directory.is_local(rcpt.domain)):
             return routing_trick(rcpt)
         if not rcpt.domain or self.directory.is_local(rcpt.domain):
-            return local_route(self.directory, rcpt)
+            return await local_route(self.directory, rcpt)
         if trusted:
             return accept("relay", "trusted network", route=Resolution(forwards=[rcpt.text]))
         return reject("relay", f"untrusted client, remote domain {rcpt.domain}", 554, "5.7.1",
@@ -55,5 +55,5 @@ class SubmissionRecipients:
         if rcpt.routing_trick:
             return routing_trick(rcpt)
         if not rcpt.domain or self.directory.is_local(rcpt.domain):
-            return local_route(self.directory, rcpt)
+            return await local_route(self.directory, rcpt)
         return accept("relay", f"authenticated as {txn.session.auth_user}", route=Resolution(forwards=[rcpt.text]))

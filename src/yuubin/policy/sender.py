@@ -37,16 +37,16 @@ class SenderOwnership:
     def __init__(self, directory: Directory):
         self.directory = directory
 
-    def owns(self, account: str, address: Address) -> bool:
+    async def owns(self, account: str, address: Address) -> bool:
         """The account's own address, its plus-addresses, or aliases that reach only it."""
         if address.routing_trick or not self.directory.is_local(address.domain):
             return False
-        res = self.directory.resolve(address)
+        res = await self.directory.lookup(address)
         return res is not None and res.mailboxes == [account] and not res.forwards
 
     async def mail(self, txn: Transaction, sender: Address | None) -> Decision:
         account = txn.session.auth_user or ""
-        if sender is not None and not self.owns(account, sender):
+        if sender is not None and not await self.owns(account, sender):
             return reject("sender", f"{account} may not send as {sender.text}", 553, "5.7.1",
                           f"sender address <{sender.text}> is not owned by {account}")
         return accept("sender", "owned" if sender else "null sender")
@@ -68,7 +68,7 @@ class SenderOwnership:
             addr = parse_path(f"<{addrs[0][1]}>", smtputf8=True)
         except AddressError:
             addr = None
-        if addr is None or not self.owns(account, addr):
+        if addr is None or not await self.owns(account, addr):
             return reject("from", f"{account} may not write From: {addrs[0][1]}", 550, "5.7.1",
                           f"From: address <{addrs[0][1]}> is not owned by {account}")
         return accept("from", "owned")

@@ -20,11 +20,12 @@ from yuubin.auth.login import LoginExchange, Malformed
 from yuubin.auth.sasl import Challenge
 from yuubin.intake import Intake, Refused, Trace
 from yuubin.net.connections import Connections
-from yuubin.net.shell import IPAddress, ShellSettings, StreamSession
+from yuubin.net.shell import Evicted, IPAddress, SendTimeout, ShellSettings, StreamSession
 from yuubin.policy.pipeline import AcceptedRecipient, Decision, Pipeline, SessionFacts, Transaction
 from yuubin.smtp import replies as R
 from yuubin.smtp.protocol import (
     CLOSED,
+    FLUSH,
     NEED_DATA,
     PAUSED,
     AuthRequested,
@@ -41,6 +42,7 @@ from yuubin.smtp.protocol import (
     StartTLS,
 )
 from yuubin.smtp.replies import Reply
+from yuubin.store import StoreBusy
 
 log = logging.getLogger("yuubin.smtp")
 
@@ -50,6 +52,12 @@ AUTH_LOCKED = Reply(454, "4.7.0", "too many failed logins from your address; try
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "too many connections from your address; try later")
 INTERNAL_ERROR = Reply(421, "4.3.0", "internal error; closing connection")
 TLS_FAILED = Reply(421, "4.7.0", "TLS handshake failed")
+MEMORY_FULL = Reply(421, "4.3.0", "too much mail in transit; try again later")
+TOO_SLOW = Reply(421, "4.4.2", "transfer too slow; closing connection")
+STATE_BUSY = Reply(451, "4.3.0", "temporary local problem; try again later")
+AUTH_TEMPORARY = Reply(454, "4.7.0", "temporary authentication failure; try again later")
+_STAGES: dict[type, str] = {Hello: "helo", MailFrom: "mail", RcptTo: "rcpt", MessageReceived: "data",
+                            AuthRequested: "auth", AuthResponse: "auth"}
 
 
 def _quoted(text: object) -> str:
@@ -64,12 +72,13 @@ class SmtpListener:
     shell: ShellSettings
     hostname: str
     limits: Limits
-    idle_timeout: float
-    data_timeout: float
+    idle_timeout: float  # a whole command line must arrive within this (Postfix's per-record deadline)
+    data_timeout: float  # silence inside DATA/BDAT
     pipeline: Pipeline  # the listener's policy (policy/listeners.py)
     intake: Intake
     login: Callable[[IPAddress, str], LoginExchange] | None  # None: no AUTH here (port 25)
     auth_mechanisms: tuple[str, ...] = ()  # offered (after TLS) and required before MAIL
+    data_min_rate: int = 1024  # bytes/s a DATA/BDAT transfer must average after an idle_timeout grace
 
 
 class SMTPSession(StreamSession):
@@ -80,6 +89,7 @@ class SMTPSession(StreamSession):
         self.facts: SessionFacts | None = None
         self.txn: Transaction | None = None
         self._login: LoginExchange | None = None
+        self._why_deadline = "idle"  # which deadline a TimeoutError means: idle, line, silence or rate
 
     def refusal(self) -> bytes:
         return TOO_MANY_CONNECTIONS.encode()
@@ -91,6 +101,17 @@ class SMTPSession(StreamSession):
     def backlog(self) -> int:
         return self.conn.unprocessed if self.conn is not None else 0
 
+    def holding(self) -> int:
+        return self.conn.holding if self.conn is not None else 0
+
+    def eviction(self) -> bytes:
+        return MEMORY_FULL.encode()
+
+    def evict(self) -> None:
+        super().evict()
+        if self.conn is not None:
+            self.conn.close(MEMORY_FULL)  # the buffered message goes at once, not when the task ends
+            self.conn.data_to_send()  # already written by the shell
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         lst = self.listener
         self.conn = SMTPServerConnection(
@@ -119,32 +140,28 @@ class SMTPSession(StreamSession):
                     conn.start(d.reply)
             else:
                 conn.start(None)
-            while True:
-                ev = conn.next_event()
-                self._log_protocol_errors(conn.take_errors())
-                if ev is NEED_DATA:
-                    await self.send(conn.data_to_send())
-                    if self.connections.stopping and not conn.in_transaction:
-                        self._close("command", "shutdown", "server stopping", R.SHUTTING_DOWN)
-                        continue
-                    timeout = self.listener.data_timeout if conn.receiving_content else self.listener.idle_timeout
-                    idle = not conn.in_transaction and not conn.receiving_content
-                    if not await self.wait_for_data(timeout, idle):
-                        break
-                    continue
-                if ev is CLOSED:
-                    break
-                if ev is PAUSED:  # pragma: no cover - every event is answered below
-                    raise RuntimeError("core paused without a pending event")
-                assert not isinstance(ev, type(NEED_DATA))
-                await self._handle(ev)
+            await self._serve_commands(conn)
         except TimeoutError:
+            lst = self.listener
             if conn.receiving_content:
-                self._close("data", "timeout", f"no data for {self.listener.data_timeout:g}s (limits.data_timeout)",
-                            R.IDLE_TIMEOUT)
+                if self._why_deadline == "rate":
+                    self._close("data", "timeout", f"slower than {lst.data_min_rate} bytes/s "
+                                "(limits.data_min_rate)", TOO_SLOW)
+                else:
+                    self._close("data", "timeout", f"no data for {lst.data_timeout:g}s (limits.data_timeout)",
+                                R.IDLE_TIMEOUT)
+            elif self._why_deadline == "line":
+                self._close("command", "timeout", f"command line not complete within {lst.idle_timeout:g}s "
+                            "(limits.idle_timeout)", R.IDLE_TIMEOUT)
             else:
                 self._close("command", "timeout",
-                            f"no command for {self.listener.idle_timeout:g}s (limits.idle_timeout)", R.IDLE_TIMEOUT)
+                            f"no command for {lst.idle_timeout:g}s (limits.idle_timeout)", R.IDLE_TIMEOUT)
+        except SendTimeout:
+            self._close("command", "timeout", f"client not reading our replies for {self.listener.idle_timeout:g}s",
+                        R.IDLE_TIMEOUT)
+        except Evicted:
+            conn.close(MEMORY_FULL)  # said and logged by the shell already
+            conn.data_to_send()
         except asyncio.CancelledError:
             self._close("command", "shutdown", "server stopping", R.SHUTTING_DOWN)
         except Exception:
@@ -158,6 +175,67 @@ class SMTPSession(StreamSession):
                 self.close()
                 log.info("event=disconnect session=%s messages=%d errors=%d duration=%.3fs", facts.session,
                          conn.messages, conn.errors, time.monotonic() - self.started)
+
+    async def _serve_commands(self, conn: SMTPServerConnection) -> None:
+        """The command loop. Each command line has one deadline (idle_timeout from the last reply,
+        not restarted per byte); a DATA/BDAT transfer must keep data_min_rate after an idle_timeout
+        grace; replies are sent (waiting while the client does not read) and the loop yields
+        between pipelined commands, so one flooding client never stalls the others."""
+        lst = self.listener
+        loop = asyncio.get_running_loop()
+        line_deadline: float | None = None
+        content_start: tuple[float, int] | None = None
+        while True:
+            ev = conn.next_event()
+            self._log_protocol_errors(conn.take_errors())
+            if ev is FLUSH:
+                await self.send(conn.data_to_send(), lst.idle_timeout)
+                line_deadline = None
+                await asyncio.sleep(0)
+                continue
+            if ev is NEED_DATA:
+                out = conn.data_to_send()
+                if out:
+                    line_deadline = None  # a command was answered: the next line's clock starts now
+                await self.send(out, lst.idle_timeout)
+                if self.connections.stopping and not conn.in_transaction:
+                    self._close("command", "shutdown", "server stopping", R.SHUTTING_DOWN)
+                    continue
+                now = loop.time()
+                if conn.receiving_content:
+                    if content_start is None:
+                        content_start = (now, self.received)
+                    started, base = content_start
+                    rate_deadline = started + lst.idle_timeout + (self.received - base) / lst.data_min_rate
+                    silence = now + lst.data_timeout
+                    self._why_deadline = "rate" if rate_deadline < silence else "silence"
+                    until = min(rate_deadline, silence)
+                else:
+                    content_start = None
+                    if line_deadline is None:
+                        line_deadline = now + lst.idle_timeout
+                    self._why_deadline = "line" if conn.unprocessed else "idle"
+                    until = line_deadline
+                idle = not conn.in_transaction and not conn.receiving_content
+                if not await self.wait_for_data(lst.idle_timeout, idle, until=until):
+                    break
+                continue
+            if ev is CLOSED:
+                break
+            if ev is PAUSED:  # pragma: no cover - every event is answered below
+                raise RuntimeError("core paused without a pending event")
+            assert not isinstance(ev, type(NEED_DATA))
+            try:
+                await self._handle(ev)
+            except StoreBusy as e:
+                # state.db is locked by another process: this command alone waits for a retry.
+                self._login = None
+                stage = _STAGES.get(type(ev), "command")
+                self._refuse(stage, "state_db", f"state.db busy: {e}",
+                             AUTH_TEMPORARY if stage == "auth" else STATE_BUSY)
+            line_deadline = None
+            await self.send(conn.data_to_send(), lst.idle_timeout)
+            await asyncio.sleep(0)  # pipelined commands: let the other sessions run between them
 
     def _log_refusal(self, stage: str, check: str, reason: str, reply: Reply) -> None:
         assert self.facts is not None

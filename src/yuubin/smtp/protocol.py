@@ -38,11 +38,14 @@ class _Sentinel(enum.Enum):
     NEED_DATA = "NEED_DATA"  # feed more bytes
     PAUSED = "PAUSED"  # an event awaits accept()/reject()
     CLOSED = "CLOSED"  # the session is over; flush data_to_send() and close
+    FLUSH = "FLUSH"  # replies piled up (a pipelining client): send them, then call next_event() again
 
 
 NEED_DATA: Final = _Sentinel.NEED_DATA
 PAUSED: Final = _Sentinel.PAUSED
 CLOSED: Final = _Sentinel.CLOSED
+FLUSH: Final = _Sentinel.FLUSH
+FLUSH_REPLIES = 32  # answers the core queues before it asks the shell to send them (and yield)
 
 _DEFAULT_LIMITS = LimitsConfig()  # the defaults live in the config, and only there
 
@@ -278,6 +281,11 @@ class SMTPServerConnection:
         """Bytes received but not yet parsed (the shell pauses reading when this grows)."""
         return len(self._in)
 
+    @property
+    def holding(self) -> int:
+        """Bytes held in all: unparsed, and the message being received."""
+        return len(self._in) + len(self._msg)
+
     def take_errors(self) -> tuple[ProtocolError, ...]:
         """The error replies the core sent on its own since the last call, oldest first."""
         if not self._errors:
@@ -292,6 +300,9 @@ class SMTPServerConnection:
             self._out.append(reply.encode())
             self._state = _State.CLOSED
         self._pending = None
+        # Nothing is read after this: what was buffered goes now (an evicted session's megabytes).
+        self._in = bytearray()
+        self._msg = bytearray()
 
     def next_event(self) -> Event | _Sentinel:
         while True:
@@ -299,6 +310,8 @@ class SMTPServerConnection:
                 return CLOSED
             if self._pending is not None or self._state is _State.TLS:
                 return PAUSED
+            if len(self._out) >= FLUSH_REPLIES:
+                return FLUSH
             ev: Event | _Sentinel | None
             if self._state is _State.AUTH:
                 ev = self._read_auth_response()
@@ -492,10 +505,16 @@ class SMTPServerConnection:
     # -- commands --
 
     def _cmd_helo(self, arg: str, extended: bool) -> Event | None:
+        name = arg.split(" ")[0]
         if not arg:
             self._error(Reply(501, "5.5.4", f"syntax: {'EHLO' if extended else 'HELO'} hostname"))
             return None
-        return Hello(arg.split(" ")[0], extended)
+        if not name.isprintable():
+            # A CR, tab or other control character would end up inside our reply and Received:.
+            self._error(Reply(501, "5.5.4", f"syntax: {'EHLO' if extended else 'HELO'} hostname "
+                              "(no control characters)"), "control character in the HELO/EHLO name")
+            return None
+        return Hello(name, extended)
 
     def _cmd_ehlo(self, arg: str) -> Event | None:
         return self._cmd_helo(arg, True)
@@ -835,6 +854,11 @@ class SMTPServerConnection:
         content = bytes(self._msg)
         self._msg = bytearray()
         self._state = _State.READY
+        if not content:
+            # BDAT 0 LAST as the whole message: nothing to store (RFC 5322 needs at least headers).
+            self._end_transaction()
+            self._error(Reply(554, "5.6.0", "message is empty"), "empty message (BDAT 0 LAST with no data)")
+            return None
         return self._finish(content, chunked=True)
 
     def _finish(self, content: bytes, chunked: bool) -> Event | None:
