@@ -73,6 +73,14 @@ class SyntaxErr(Exception):
     """A command that breaks the grammar: answered BAD with this text."""
 
 
+class Unsupported(SyntaxErr):
+    """Well-formed but not something this server does: answered NO with a response code."""
+
+    def __init__(self, reason: str, code: str):
+        super().__init__(reason)
+        self.code = code
+
+
 # ---------------------------------------------------------------- values
 
 
@@ -707,8 +715,10 @@ class IMAPServerConnection:
                     return self._line_too_long()
                 return NEED_DATA
             if end + 2 > self.limits.line_length:
+                tag = self._tag_of(self._parts[0] if self._parts else bytes(self._in[:64]))
                 del self._in[:end + 2]
-                self._overlong_line()
+                self._parts.clear()
+                self.bad(tag, f"command line too long (over {self.limits.line_length} octets)")
                 continue
             line = bytes(self._in[:end])
             del self._in[:end + 2]
@@ -738,11 +748,6 @@ class IMAPServerConnection:
         self.bad(tag, f"command line too long (over {self.limits.line_length} octets)")
         self.bye("command line too long")
         return CLOSED
-
-    def _overlong_line(self) -> None:
-        tag = self._tag_of(self._parts[0] if self._parts else b"")
-        self._parts.clear()
-        self.bad(tag, f"command line too long (over {self.limits.line_length} octets)")
 
     @staticmethod
     def _tag_of(first: bytes) -> str:
@@ -801,6 +806,9 @@ class IMAPServerConnection:
             return None
         try:
             cmd = self._parse(tag, name, args)
+        except Unsupported as e:
+            self.refuse(tag, f"{name}: {e}", e.code)
+            return None
         except SyntaxErr as e:
             self.bad(tag, f"{name}: {e}")
             return None
@@ -1327,7 +1335,7 @@ def _search_keys(tag: str, name: str, a: list[Token], charset: str | None) -> Se
     if not a:
         raise SyntaxErr("expected search keys")
     if charset is not None and charset.upper() not in ("US-ASCII", "UTF-8"):
-        raise SyntaxErr(f"BADCHARSET {charset[:30]}")
+        raise Unsupported(f"charset {charset[:30]} is not supported", "BADCHARSET (US-ASCII UTF-8)")
     it = iter(a)
     keys = []
     for t in it:
