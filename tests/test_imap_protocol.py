@@ -12,8 +12,9 @@ from yuubin.imap import protocol as P
 from yuubin.imap.protocol import NEED_DATA, IMAPServerConnection, Limits, SeqSet, State
 
 
-def conn(state: State = State.SELECTED, *, tls: bool = True, limits: Limits = Limits(), **kw) -> IMAPServerConnection:
-    c = IMAPServerConnection(limits, tls_available=True, tls_active=tls, **kw)
+def conn(state: State = State.SELECTED, *, tls: bool = True, limits: Limits | None = None,
+         **kw) -> IMAPServerConnection:
+    c = IMAPServerConnection(limits or Limits(), tls_available=True, tls_active=tls, **kw)
     c.set_state(state)
     return c
 
@@ -178,7 +179,8 @@ def test_fetch_items_macros_sections_and_partials():
     assert ev.sequence == SeqSet(((1, P.STAR), (3, 3)))
     names = [(i.name, i.section, i.partial, i.peek) for i in ev.items]
     assert names == [("FLAGS", None, None, False), ("BODY", "HEADER.FIELDS (FROM TO)", (0, 100), True),
-                     ("BODY", "1.2.MIME", None, False), ("BINARY", "2", None, False), ("RFC822.SIZE", None, None, False)]
+                     ("BODY", "1.2.MIME", None, False), ("BINARY", "2", None, False),
+                     ("RFC822.SIZE", None, None, False)]
     assert ev.items[1].label() == "BODY[HEADER.FIELDS (FROM TO)]<0>"
     ev = one(b"a FETCH 2 ALL\r\n")
     assert [i.name for i in ev.items] == ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE"]
@@ -236,7 +238,7 @@ def test_select_qresync_and_append_multi_catenate():
     ev = one(b"a SELECT INBOX (QRESYNC (67890007 20050715194045000 41,43:211 (1,3 10,30)))\r\n", State.AUTHENTICATED)
     assert ev.mailbox == "INBOX" and ev.qresync[:2] == (67890007, 20050715194045000)
     c = conn(State.AUTHENTICATED)
-    evs, out = feed(c, b'a APPEND Sent (\\Seen) "05-Jan-2024 10:00:00 +0100" {3+}\r\nabc (\\Draft) {2+}\r\nde '
+    evs, _out = feed(c, b'a APPEND Sent (\\Seen) "05-Jan-2024 10:00:00 +0100" {3+}\r\nabc (\\Draft) {2+}\r\nde '
                        b"CATENATE (TEXT {1+}\r\nx URL \"/INBOX;UID=3\")\r\n")
     app = evs[0]
     assert [m.data for m in app.messages] == [b"abc", b"de", b""]
