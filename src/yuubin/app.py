@@ -35,6 +35,7 @@ from yuubin.delivery.maildir import Maildirs
 from yuubin.dns import Resolver
 from yuubin.durable import FileAccess, GroupCommitter
 from yuubin.geo import AccessList, GeoDatabase, GeoError
+from yuubin.imap.store import MailStore
 from yuubin.intake import Intake
 from yuubin.net.connections import Connections, session_id_prefix
 from yuubin.net.shell import IPAddress, ShellSettings
@@ -155,7 +156,9 @@ class App:
         waker: Waker = self.signal if self.primary else RemoteWake(self.spool.root)
         self.holds = AccountHolds(self.store, self.editor)
         maildirs = Maildirs(cfg.mail_dir, cfg.hostname, mail_access)
-        self.delivery = LocalDelivery(self.spool, maildirs, self.committer, self.editor, self.holds.is_held, waker)
+        self.mailstore = MailStore(maildirs, self.committer)  # IMAP's view of the Maildirs
+        self.delivery = LocalDelivery(self.spool, maildirs, self.committer, self.editor, self.holds.is_held, waker,
+                                      delivered=self.mailstore.delivered)
         self.intake = Intake(cfg.hostname, self.spool, self.delivery, self.holds, self.directory, waker.wake,
                              show_submitter=cfg.submission.received_client_ip)
         self.containment = AccountContainment(self.store, self.holds, self.intake.inject, cfg.postmaster,
@@ -279,6 +282,7 @@ class App:
             await self.admin_log.stop()
         self.editor.close()
         self.committer.shutdown()
+        self.mailstore.close()
         self.store.close()
         uptime = _duration(time.time() - self.started)
         sessions, messages = self.connections.admitted, self.intake.received

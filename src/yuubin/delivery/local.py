@@ -25,7 +25,8 @@ RETRY_MAX = 300.0
 
 class LocalDelivery:
     def __init__(self, spool: Spool, maildirs: Maildirs, committer: GroupCommitter, editor: SpoolEditor,
-                 is_held: Callable[[Envelope], bool], queue: Waker, retry_first: float = RETRY_FIRST):
+                 is_held: Callable[[Envelope], bool], queue: Waker, retry_first: float = RETRY_FIRST,
+                 delivered: Callable[[str, str], None] | None = None):
         self.spool = spool
         self.maildirs = maildirs
         self.committer = committer
@@ -33,6 +34,8 @@ class LocalDelivery:
         self.is_held = is_held  # a suspended account's mail stays held
         self.queue = queue  # told when an entry has only remote recipients left
         self.retry_first = retry_first
+        # Told (mailbox, Maildir++ folder or "") after each durable copy: IMAP IDLE announces it at once.
+        self.on_delivered = delivered
         self._tasks: set[asyncio.Task] = set()
         self.delivered = 0
 
@@ -99,6 +102,8 @@ class LocalDelivery:
         self.delivered += len(targets)
         for mailbox, rcpt in targets:
             log.info("event=delivered id=%s to=%s rcpt=%s", env.id, mailbox, rcpt)
+            if self.on_delivered is not None:
+                self.on_delivered(mailbox, JUNK if env.junk else "")
 
     async def deliver(self, env: Envelope, data: bytes) -> None:
         targets = list(env.local)

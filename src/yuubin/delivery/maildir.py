@@ -71,6 +71,10 @@ class Maildirs:
         self._ready[key] = (str(base / "tmp") + os.sep, str(base / "new") + os.sep)
         return base
 
+    def forget(self, mailbox: str, folder: str) -> None:
+        """A folder was deleted or renamed (IMAP): the next delivery to it makes it again."""
+        self._ready.pop(f"{mailbox}/{folder}", None)
+
     def write(self, mailbox: str, parts: list[bytes], folder: str = "") -> FileWrite:
         """A FileWrite for one copy; call `ensure(mailbox, folder)` first."""
         tmp, new = self._ready[f"{mailbox}/{folder}"]

@@ -1,0 +1,313 @@
+"""The IMAP mailbox store on a real Maildir: folders, UIDs, MODSEQ, flags, several views, changes
+behind the store's back, change notification, and kill -9 in the middle of writes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from yuubin.delivery.maildir import Maildirs
+from yuubin.durable import GroupCommitter
+from yuubin.imap import store as imapstore
+from yuubin.imap.store import (
+    INDEX_FILE,
+    Expunged,
+    FolderExists,
+    HasChildren,
+    MailStore,
+    NoSuchFolder,
+    ReadOnly,
+    disk_name,
+    imap_name,
+)
+
+MAILBOX = "alice@example.jp"
+MSG = b"From: a@example.jp\r\nTo: alice@example.jp\r\nSubject: hi\r\n\r\nbody\r\n"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "mail"
+
+
+@pytest.fixture
+def committer():
+    c = GroupCommitter()
+    yield c
+    c.shutdown()
+
+
+def make(root: Path, committer: GroupCommitter) -> MailStore:
+    return MailStore(Maildirs(root, "mx.example.jp"), committer)
+
+
+def maildir(root: Path) -> Path:
+    return root / "example.jp" / "alice"
+
+
+def deliver(root: Path, body: bytes = MSG, folder: str = "", name: str | None = None) -> Path:
+    """What delivery (or any other Maildir writer) does: tmp/ then new/."""
+    base = maildir(root) / (f".{folder}" if folder else "")
+    for sub in ("tmp", "new", "cur"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    name = name or f"{time.time_ns()}.P{os.getpid()}.test,S={len(body)}"
+    (base / "tmp" / name).write_bytes(body)
+    os.rename(base / "tmp" / name, base / "new" / name)
+    return base / "new" / name
+
+
+def test_names_map_to_maildir_plus_plus_and_back():
+    assert disk_name("INBOX") == "" and disk_name("inbox") == ""
+    assert disk_name("A/B") == "A.B"
+    assert disk_name("v1.2/x%y") == "v1%2E2.x%25y"
+    assert imap_name("v1%2E2.x%25y") == "v1.2/x%y"
+    assert imap_name("") == "INBOX"
+    assert imap_name("INBOX.foo") == "INBOX/foo"
+    for bad in ("A//B", "/A", "a\x01b"):
+        with pytest.raises(imapstore.InvalidName):
+            disk_name(bad)
+
+
+async def test_new_account_has_special_use_folders(root, committer):
+    acc = make(root, committer).account(MAILBOX)
+    infos = {f.name: f for f in acc.folders()}
+    assert next(iter(infos)) == "INBOX"
+    for name, use in imapstore.SPECIAL_USE:
+        assert infos[name].special_use == use and infos[name].exists and infos[name].subscribed
+        assert (maildir(root) / f".{name}" / "cur").is_dir()
+        assert (maildir(root) / f".{name}" / "maildirfolder").exists()
+    assert (maildir(root) / INDEX_FILE).exists()
+    assert oct((maildir(root) / INDEX_FILE).stat().st_mode & 0o777) == "0o600"
+
+
+async def test_delivered_mail_gets_uids_and_moves_to_cur(root, committer):
+    deliver(root)
+    deliver(root, MSG + b"second\r\n")
+    acc = make(root, committer).account(MAILBOX)
+    view = acc.open("INBOX", readonly=False)
+    assert [m.uid for m in view.messages] == [1, 2]
+    assert view.uidnext == 3 and view.uidvalidity > 0
+    assert view.recent == {1, 2}
+    assert not list((maildir(root) / "new").iterdir())
+    assert len(list((maildir(root) / "cur").iterdir())) == 2
+    assert view.read(1) == MSG
+    assert view.messages[0].size == len(MSG)
+    st = acc.status("INBOX")
+    # RECENT: what no session has announced yet (this view took both)
+    assert (st.messages, st.unseen, st.uidnext, st.recent, st.deleted) == (2, 2, 3, 0, 0)
+    deliver(root, MSG + b"third\r\n")
+    assert acc.status("INBOX").recent == 1
+    # a second session opens later: only the one nobody announced is recent for it
+    assert acc.open("INBOX", readonly=False).recent == {3}
+    assert acc.open("INBOX", readonly=False).recent == set()
+
+
+async def test_append_is_durable_with_flags_keywords_and_internaldate(root, committer):
+    acc = make(root, committer).account(MAILBOX)
+    uv, uid = await acc.append("Drafts", MSG, frozenset({"\\Draft", "\\seen", "$Label1"}), 1_700_000_000.0)
+    assert uid == 1
+    files = list((maildir(root) / ".Drafts" / "cur").iterdir())
+    assert len(files) == 1 and files[0].name.endswith(":2,DS")
+    assert files[0].stat().st_mtime == 1_700_000_000.0
+    view = acc.open("Drafts", readonly=True)
+    assert view.uidvalidity == uv
+    m = view.messages[0]
+    assert m.flags == {"\\Draft", "\\Seen", "$Label1"} and m.internaldate == 1_700_000_000.0
+    assert view.read(uid) == MSG
+    with pytest.raises(NoSuchFolder):
+        await acc.append("Nowhere", MSG, frozenset(), None)
+
+
+async def test_bare_lf_files_are_served_with_crlf(root, committer):
+    deliver(root, b"Subject: lf\n\nline\n")
+    view = make(root, committer).account(MAILBOX).open("INBOX", readonly=True)
+    assert view.read(1) == b"Subject: lf\r\n\r\nline\r\n"
+    assert view.messages[0].size == len(b"Subject: lf\r\n\r\nline\r\n")
+
+
+async def test_store_flags_in_file_name_and_modseq(root, committer):
+    deliver(root)
+    acc = make(root, committer).account(MAILBOX)
+    view = acc.open("INBOX", readonly=False)
+    before = view.highestmodseq
+    r = view.store([1], "+", frozenset({"\\Seen", "\\Flagged", "work"}), None)
+    assert r.updated[0].flags == {"\\Seen", "\\Flagged", "work"} and r.updated[0].modseq > before
+    assert [p.name.rpartition(":2,")[2] for p in (maildir(root) / "cur").iterdir()] == ["FS"]
+    r = view.store([1], "-", frozenset({"\\Flagged"}), None)
+    assert r.updated[0].flags == {"\\Seen", "work"}
+    r = view.store([1], "=", frozenset({"\\Answered"}), None)
+    assert r.updated[0].flags == {"\\Answered"}
+    assert [p.name.rpartition(":2,")[2] for p in (maildir(root) / "cur").iterdir()] == ["R"]
+    # UNCHANGEDSINCE older than the message's MODSEQ: refused, reported as MODIFIED
+    r = view.store([1], "+", frozenset({"\\Seen"}), unchangedsince=before)
+    assert r.modified == [1] and r.updated == []
+    assert view.read(1) == MSG
+    with pytest.raises(ReadOnly):
+        acc.open("INBOX", readonly=True).store([1], "+", frozenset({"\\Seen"}), None)
+
+
+async def test_expunge_reports_through_sync_and_vanished(root, committer):
+    for i in range(4):
+        deliver(root, MSG + str(i).encode())
+    acc = make(root, committer).account(MAILBOX)
+    view = acc.open("INBOX", readonly=False)
+    mark = view.highestmodseq
+    view.store([2, 4], "+", frozenset({"\\Deleted"}), None)
+    assert acc.status("INBOX").deleted == 2
+    assert view.expunge([4, 3]) == [4]  # UID EXPUNGE: only the \Deleted among the given
+    assert view.expunge() == [2]
+    ch = view.sync()
+    assert ch.expunged == [2, 4] and ch.expunged_seqs == [4, 2]
+    assert [m.uid for m in view.messages] == [1, 3]
+    assert view.vanished_since(mark) == [2, 4]
+    assert len(list((maildir(root) / "cur").iterdir())) == 2
+    with pytest.raises(Expunged):
+        view.read(2)
+
+
+async def test_two_views_see_each_others_changes(root, committer):
+    deliver(root)
+    acc = make(root, committer).account(MAILBOX)
+    a = acc.open("INBOX", readonly=False)
+    b = acc.open("INBOX", readonly=False)
+    a.store([1], "+", frozenset({"\\Seen"}), None)
+    ch = b.sync()
+    assert [m.uid for m in ch.flags] == [1] and ch.flags[0].flags == {"\\Seen"}
+    assert b.sync().flags == []  # reported once
+    _uv, uid = await b.account.append("INBOX", MSG, frozenset(), None)
+    ch = a.sync()
+    assert [m.uid for m in ch.added] == [uid] and a.messages[-1].uid == uid
+    assert uid in a.recent or uid in b.recent
+    b.store([1], "+", frozenset({"\\Deleted"}), None)
+    b.expunge()
+    assert a.sync().expunged_seqs == [1]
+    assert [m.uid for m in a.messages] == [uid]
+    assert a.sync().flags == [] and not a.sync()
+
+
+async def test_changes_behind_the_stores_back_are_noticed(root, committer, monkeypatch):
+    monkeypatch.setattr(imapstore, "MTIME_TRUST", 0.0)
+    deliver(root)
+    deliver(root, MSG + b"2")
+    acc = make(root, committer).account(MAILBOX)
+    view = acc.open("INBOX", readonly=False)
+    files = sorted((maildir(root) / "cur").iterdir())
+    time.sleep(0.01)
+    os.unlink(files[0])  # removed by hand
+    os.rename(files[1], str(files[1]).rpartition(":2,")[0] + ":2,FS")  # flagged by mutt
+    deliver(root, MSG + b"3")  # and a new one
+    ch = view.sync()
+    assert ch.expunged == [1]
+    assert [(m.uid, m.flags) for m in ch.flags] == [(2, {"\\Seen", "\\Flagged"})]
+    assert [m.uid for m in ch.added] == [3]
+
+
+async def test_uids_are_never_reused(root, committer):
+    ms = make(root, committer)
+    acc = ms.account(MAILBOX)
+    _, u1 = await acc.append("INBOX", MSG, frozenset({"\\Deleted"}), None)
+    view = acc.open("INBOX", readonly=False)
+    view.expunge()
+    ms.close()
+    acc = make(root, committer).account(MAILBOX)
+    _, u2 = await acc.append("INBOX", MSG, frozenset(), None)
+    assert u2 > u1
+
+
+async def test_copy_and_move(root, committer):
+    acc = make(root, committer).account(MAILBOX)
+    for i in range(3):
+        await acc.append("INBOX", MSG + str(i).encode(), frozenset({"\\Seen", "kw"}), 1e9 + i)
+    src = acc.open("INBOX", readonly=False)
+    r = await src.copy([1, 3], "Archive")
+    assert r.source == [1, 3] and r.dest == [1, 2] and r.uidvalidity == acc.status("Archive").uidvalidity
+    arch = acc.open("Archive", readonly=True)
+    assert [m.flags for m in arch.messages] == [{"\\Seen", "kw"}] * 2
+    assert arch.read(2) == MSG + b"2" and arch.messages[1].internaldate == 1e9 + 2
+    r = await src.move([2], "Trash")
+    assert r.source == [2] and r.dest == [1]
+    assert src.sync().expunged == [2]
+    assert acc.open("Trash", readonly=True).read(1) == MSG + b"1"
+    assert acc.status("INBOX").messages == 2
+    with pytest.raises(NoSuchFolder):
+        await src.copy([1], "Nope")
+
+
+async def test_folder_create_rename_delete_subscribe(root, committer):
+    acc = make(root, committer).account(MAILBOX)
+    acc.create("Projects/v1.2")
+    assert (maildir(root) / ".Projects.v1%2E2" / "maildirfolder").exists()
+    assert (maildir(root) / ".Projects" / "cur").is_dir()  # the parent is made too
+    with pytest.raises(FolderExists):
+        acc.create("Projects/v1.2")
+    await acc.append("Projects/v1.2", MSG, frozenset(), None)
+    uv = acc.status("Projects/v1.2").uidvalidity
+    with pytest.raises(HasChildren):
+        acc.delete("Projects")
+    acc.subscribe("Projects/v1.2", True)
+    acc.rename("Projects", "Old")
+    names = {f.name: f for f in acc.folders()}
+    assert "Old/v1.2" in names and "Projects" not in names and names["Old"].children
+    assert names["Old/v1.2"].subscribed
+    st = acc.status("Old/v1.2")
+    assert st.uidvalidity == uv and st.messages == 1
+    acc.delete("Old/v1.2")
+    with pytest.raises(NoSuchFolder):
+        acc.status("Old/v1.2")
+    acc.create("Old/v1.2")  # made again: a new UIDVALIDITY
+    assert acc.status("Old/v1.2").uidvalidity > uv
+    acc.subscribe("Gone", True)
+    gone = next(f for f in acc.folders() if f.name == "Gone")
+    assert gone.subscribed and not gone.exists
+
+
+async def test_rename_inbox_moves_its_messages(root, committer):
+    acc = make(root, committer).account(MAILBOX)
+    await acc.append("INBOX", MSG, frozenset(), None)
+    acc.rename("INBOX", "Old mail")
+    assert acc.status("INBOX").messages == 0 and acc.status("Old mail").messages == 1
+
+
+async def test_wait_change_wakes_on_delivery_hook_and_on_files_from_elsewhere(root, committer):
+    ms = make(root, committer)
+    acc = ms.account(MAILBOX)
+    view = acc.open("INBOX", readonly=False)
+    t0 = time.monotonic()
+    waiter = asyncio.create_task(view.wait_change(10))
+    await asyncio.sleep(0.05)
+    deliver(root)
+    ms.delivered(MAILBOX, "")
+    await asyncio.wait_for(waiter, 2)
+    assert time.monotonic() - t0 < 1.0
+    assert [m.uid for m in view.sync().added] == [1]
+    # another process delivers: no hook, the poll notices within a second
+    t0 = time.monotonic()
+    waiter = asyncio.create_task(view.wait_change(10))
+    await asyncio.sleep(0.05)
+    deliver(root, MSG + b"x")
+    await asyncio.wait_for(waiter, 3)
+    assert time.monotonic() - t0 < 1.6
+    assert [m.uid for m in view.sync().added] == [2]
+    # nothing happens: the timeout
+    t0 = time.monotonic()
+    await view.wait_change(0.2)
+    assert 0.15 < time.monotonic() - t0 < 1.0
+
+
+async def test_a_corrupt_index_is_rebuilt_with_a_new_uidvalidity(root, committer):
+    ms = make(root, committer)
+    acc = ms.account(MAILBOX)
+    await acc.append("INBOX", MSG, frozenset({"\\Seen"}), None)
+    uv = acc.status("INBOX").uidvalidity
+    ms.close()
+    for suffix in ("-wal", "-shm"):
+        (maildir(root) / f"{INDEX_FILE}{suffix}").unlink(missing_ok=True)
+    (maildir(root) / INDEX_FILE).write_bytes(b"garbage" * 1000)
+    acc = make(root, committer).account(MAILBOX)
+    view = acc.open("INBOX", readonly=True)
+    assert view.uidvalidity > uv
+    assert [m.flags for m in view.messages] == [{"\\Seen"}]
