@@ -35,6 +35,8 @@ from yuubin.delivery.maildir import Maildirs
 from yuubin.dns import Resolver
 from yuubin.durable import FileAccess, GroupCommitter
 from yuubin.geo import AccessList, GeoDatabase, GeoError
+from yuubin.imap import protocol as imap_protocol
+from yuubin.imap.listener import EXTENSIONS, ImapListener, IMAPSession, SessionCounts
 from yuubin.imap.store import MailStore
 from yuubin.intake import Intake
 from yuubin.net.connections import Connections, session_id_prefix
@@ -56,6 +58,7 @@ from yuubin.tls import server_context
 log = logging.getLogger("yuubin.server")
 
 SMTP_KINDS = ("mx", "submission", "submissions")
+IMAP_KINDS = ("imap", "imaps")  # 143 with STARTTLS (no login before TLS), 993 TLS from the first byte
 SUBMISSION_KINDS = ("submission", "submissions")  # AUTH mandatory; 465 is TLS from the first byte
 HANDSHAKE_TIMEOUT = 30.0
 BACKLOG = 1024
@@ -84,9 +87,9 @@ def _check_listeners(config: Config) -> None:
         raise ConfigError('listener: none configured, serve would listen on nothing: add a [[listener]] '
                           '(e.g. kind = "mx", address = "0.0.0.0:25")')
     for i, lc in enumerate(config.listeners):
-        if lc.kind not in SMTP_KINDS:
+        if lc.kind not in SMTP_KINDS + IMAP_KINDS:
             raise ConfigError(f'listener[{i}].kind: "{lc.kind}" is not implemented yet (serve runs '
-                              f'{", ".join(SMTP_KINDS)}): remove this listener for now')
+                              f'{", ".join(SMTP_KINDS + IMAP_KINDS)}): remove this listener for now')
 
 
 def _check_data_dir(path: Path) -> None:
@@ -185,7 +188,18 @@ class App:
         mx = mx_pipeline(self.directory, dnsbl)
         limits = Limits.from_config(cfg.limits)
         self.smtp_listeners: list[tuple[int, SmtpListener]] = []
+        self.imap_listeners: list[tuple[int, ImapListener]] = []
+        imap_counts = SessionCounts(-(-cfg.imap.sessions_per_account // cfg.workers),
+                                    -(-cfg.imap.sessions_per_ip // cfg.workers))
+        imap_limits = imap_protocol.Limits(cfg.imap.line_length, cfg.imap.literal_size,
+                                           cfg.imap.commands_per_second, cfg.imap.max_errors)
         for index, lc in enumerate(cfg.listeners):
+            if lc.kind in IMAP_KINDS:
+                shell = ShellSettings(lc.kind, tls_context, lc.kind == "imaps", self.is_trusted)
+                self.imap_listeners.append((index, ImapListener(
+                    shell, cfg.hostname, imap_limits, cfg.imap.idle_timeout, self.login, self.mailstore, imap_counts,
+                    (*EXTENSIONS, f"APPENDLIMIT={cfg.imap.literal_size}"))))
+                continue
             submission = lc.kind in SUBMISSION_KINDS
             access = AccessList(lc.allow_networks, lc.allow_countries, geo)
             pipeline = submission_pipeline(lc.kind, self.directory, self.store, cfg.outbound, access,
@@ -219,7 +233,8 @@ class App:
         with ListenerBindError and nothing half-run; the spool is recovered before any serves."""
         loop = asyncio.get_running_loop()
         bound: list[tuple[int, asyncio.base_events.Server]] = []
-        for index, listener in self.smtp_listeners:
+        every: list[tuple[int, SmtpListener | ImapListener]] = [*self.smtp_listeners, *self.imap_listeners]
+        for index, listener in sorted(every, key=lambda il: il[0]):
             lc = self.config.listeners[index]
             ssl_context = listener.shell.tls_context if listener.shell.implicit_tls else None
             handshake = HANDSHAKE_TIMEOUT if ssl_context is not None else None
@@ -259,9 +274,13 @@ class App:
         if self.admin_log is not None:
             self.admin_log.start()
 
-    def _session_factory(self, listener: SmtpListener) -> Callable[[], SMTPSession]:
+    def _session_factory(self, listener: SmtpListener | ImapListener) -> Callable[[], SMTPSession | IMAPSession]:
         connections = self.connections
-        return lambda: SMTPSession(listener, connections)
+        if isinstance(listener, ImapListener):
+            imap = listener
+            return lambda: IMAPSession(imap, connections)
+        smtp = listener
+        return lambda: SMTPSession(smtp, connections)
 
     async def stop(self, cause: str = "requested") -> None:
         if self.stopping:

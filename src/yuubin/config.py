@@ -582,7 +582,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     hostname = _domain(hostname_raw, "hostname")
 
     tls = TlsConfig(_path(cert), _path(key))
-    needs_tls = [lc for lc in listeners if lc.kind in ("submissions", "imaps", "pop3s", "submission")]
+    needs_tls = [lc for lc in listeners if lc.kind in ("submissions", "imaps", "pop3s", "submission", "imap", "pop3")]
     if needs_tls and tls.cert is None:
         raise ConfigError(f"tls.cert: required for listener kind \"{needs_tls[0].kind}\"")
 

@@ -12,18 +12,35 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from typing import Any
 
 from yuubin.auth.guard import LoginResult
 from yuubin.auth.login import LoginExchange, Malformed
 from yuubin.auth.sasl import Challenge
+from yuubin.imap import mime
 from yuubin.imap import protocol as P
 from yuubin.imap.protocol import CLOSED, NEED_DATA, IMAPServerConnection, State
+from yuubin.imap.store import (
+    AccountStore,
+    Changes,
+    Expunged,
+    FolderExists,
+    FolderView,
+    HasChildren,
+    InvalidName,
+    MailStore,
+    MessageInfo,
+    NoSuchFolder,
+    ReadOnly,
+    StoreError,
+)
 from yuubin.net.connections import Connections
 from yuubin.net.shell import IPAddress, ShellSettings, StreamSession
 
@@ -75,7 +92,7 @@ class ImapListener:
     limits: P.Limits
     idle_timeout: float
     login: Callable[[IPAddress, str], LoginExchange]
-    mailstore: Any  # imap.store.MailStore: account(mailbox) -> AccountStore
+    mailstore: MailStore
     counts: SessionCounts
     extensions: tuple[str, ...] = ()  # advertised after login: only what the session implements
     clock: Callable[[], float] = field(default=time.time)
@@ -87,7 +104,12 @@ class IMAPSession(StreamSession):
         self.listener = listener
         self.conn: IMAPServerConnection | None = None
         self.account: str | None = None
-        self.store: Any = None
+        self.store: AccountStore | None = None
+        self.view: FolderView | None = None
+        self.saved: list[int] = []  # SEARCH RETURN (SAVE) result, as UIDs ($)
+        self.condstore = False
+        self.qresync = False
+        self.utf8 = False
         self._login: LoginExchange | None = None
         self._auth_tag = ""
         self._counted_ip = False
@@ -189,13 +211,6 @@ class IMAPSession(StreamSession):
             self.store = None
         self._close_folder()
 
-    def _close_folder(self) -> None:
-        """Hook for the selected-state part (no folder before login)."""
-
-    async def _idle_wait(self) -> bool:
-        """Between IDLE and DONE: what the client sends, or a change to the mailbox."""
-        return await self.wait_for_data(self.listener.idle_timeout, idle=True)
-
     def _log_errors(self) -> None:
         assert self.conn is not None
         for e in self.conn.take_errors():
@@ -240,19 +255,6 @@ class IMAPSession(StreamSession):
             conn.tagged(ev.tag, "OK", "ID completed")
         else:
             await self._authenticated(ev)
-
-    async def _noop(self, ev: P.Command) -> None:
-        assert self.conn is not None
-        self.conn.tagged(ev.tag, "OK", "NOOP completed")
-
-    async def _authenticated(self, ev: P.Event) -> None:
-        """Commands after login: the mailbox part (see the store-backed session below)."""
-        assert self.conn is not None and isinstance(ev, P.Command)
-        self.conn.bad(ev.tag, f"{ev.name} is not implemented")
-
-    async def _idle_done(self, ev: P.IdleDone) -> None:
-        assert self.conn is not None
-        self.conn.tagged(ev.tag, "OK", "IDLE terminated")
 
     async def _starttls(self, ev: P.Command) -> None:
         conn = self.conn
@@ -331,3 +333,983 @@ class IMAPSession(StreamSession):
         conn.set_state(State.AUTHENTICATED)
         log.info("event=login session=%s client=%s account=%s", self.session_id, self.client, account)
         conn.tagged(tag, "OK", "logged in", "CAPABILITY " + " ".join(conn.capabilities()))
+
+    # ---- after login: folders ----
+
+    def _close_folder(self) -> None:
+        if self.view is not None:
+            self.view.close()
+            self.view = None
+        if self.conn is not None and self.conn.state is State.SELECTED:
+            self.conn.set_state(State.AUTHENTICATED)
+
+    async def _authenticated(self, ev: P.Event) -> None:
+        conn = self.conn
+        assert conn is not None and isinstance(ev, P.Command)
+        handler = getattr(self, "_cmd_" + ev.name.replace(" ", "_").lower(), None)
+        if handler is None:  # pragma: no cover - the core only passes commands of its table
+            conn.bad(ev.tag, f"{ev.name} is not implemented")
+            return
+        try:
+            await handler(ev)
+        except StoreError as e:
+            code = {NoSuchFolder: "NONEXISTENT", FolderExists: "ALREADYEXISTS", InvalidName: "CANNOT",
+                    HasChildren: "HASCHILDREN", ReadOnly: "READ-ONLY", Expunged: "EXPUNGEISSUED"}.get(type(e))
+            if isinstance(e, NoSuchFolder) and ev.name in ("APPEND", "COPY", "MOVE"):
+                code = "TRYCREATE"
+            self._no(ev.tag, ev.name.lower(), "store", str(e), code)
+        except mime.UnknownTransferEncoding as e:
+            self._no(ev.tag, ev.name.lower(), "mime", f"unknown content-transfer-encoding {e}", "UNKNOWN-CTE")
+
+    def _name(self, name: str) -> bytes:
+        return P.mailbox_name(name, utf8=self.utf8)
+
+    async def _cmd_enable(self, ev: P.Enable) -> None:
+        assert self.conn is not None
+        done = []
+        for cap in ev.capabilities:
+            if cap == "CONDSTORE" and "CONDSTORE" in self.listener.extensions:
+                self.condstore = True
+            elif cap == "QRESYNC" and "QRESYNC" in self.listener.extensions:
+                self.condstore = self.qresync = True
+            elif cap == "UTF8=ACCEPT" and "UTF8=ACCEPT" in self.listener.extensions:
+                self.utf8 = self.conn.utf8 = True
+            else:
+                continue
+            done.append(cap)
+        self.conn.untagged(b"ENABLED" + b"".join(b" " + c.encode() for c in done))
+        self.conn.tagged(ev.tag, "OK", "ENABLE completed")
+
+    async def _cmd_namespace(self, ev: P.Command) -> None:
+        assert self.conn is not None
+        self.conn.untagged(b'NAMESPACE (("" "/")) NIL NIL')
+        self.conn.tagged(ev.tag, "OK", "NAMESPACE completed")
+
+    async def _cmd_create(self, ev: P.MailboxCommand) -> None:
+        assert self.conn is not None
+        name = ev.mailbox.rstrip("/")
+        use = None
+        for u in ev.special_use:
+            if u.capitalize() not in SPECIAL_USES:
+                self._no(ev.tag, "create", "special_use", f"unknown special use {u}", "USEATTR")
+                return
+            use = u.capitalize()
+        self.account_store.create(name, use)
+        self.conn.tagged(ev.tag, "OK", "CREATE completed")
+
+    async def _cmd_delete(self, ev: P.MailboxCommand) -> None:
+        assert self.conn is not None
+        if self.view is not None and self.view.name == ev.mailbox:
+            self._no(ev.tag, "delete", "store", "the folder is selected: select another first", "INUSE")
+            return
+        self.account_store.delete(ev.mailbox)
+        self.conn.tagged(ev.tag, "OK", "DELETE completed")
+
+    async def _cmd_rename(self, ev: P.MailboxCommand) -> None:
+        assert self.conn is not None
+        self.account_store.rename(ev.mailbox, ev.new)
+        self.conn.tagged(ev.tag, "OK", "RENAME completed")
+
+    async def _cmd_subscribe(self, ev: P.MailboxCommand) -> None:
+        assert self.conn is not None
+        self.account_store.subscribe(ev.mailbox, True)
+        self.conn.tagged(ev.tag, "OK", "SUBSCRIBE completed")
+
+    async def _cmd_unsubscribe(self, ev: P.MailboxCommand) -> None:
+        assert self.conn is not None
+        self.account_store.subscribe(ev.mailbox, False)
+        self.conn.tagged(ev.tag, "OK", "UNSUBSCRIBE completed")
+
+    async def _cmd_list(self, ev: P.ListCommand) -> None:
+        conn = self.conn
+        assert conn is not None
+        if ev.patterns == ("",):
+            conn.untagged(b'LIST (\\Noselect) "/" ""' if not ev.lsub else b'LSUB (\\Noselect) "/" ""')
+            conn.tagged(ev.tag, "OK", f"{ev.name} completed")
+            return
+        regexes = [_pattern_regex(ev.reference + p) for p in ev.patterns]
+        subscribed_only = ev.lsub or "SUBSCRIBED" in ev.selection
+        show_subscribed = "SUBSCRIBED" in ev.returns or "SUBSCRIBED" in ev.selection
+        for f in self.account_store.folders():
+            if not any(r.fullmatch(f.name) for r in regexes):
+                continue
+            if subscribed_only and not f.subscribed:
+                continue
+            if "SPECIAL-USE" in ev.selection and not f.special_use:
+                continue
+            attrs = []
+            if not f.exists:
+                attrs.append("\\NonExistent" if not f.children else "\\Noselect")
+            if not ev.lsub:
+                attrs.append("\\HasChildren" if f.children else "\\HasNoChildren")
+                if f.special_use:
+                    attrs.append(f.special_use)
+                if show_subscribed and f.subscribed:
+                    attrs.append("\\Subscribed")
+            verb = b"LSUB" if ev.lsub else b"LIST"
+            conn.untagged(verb + b" (" + " ".join(attrs).encode() + b') "/" ' + self._name(f.name))
+            if ev.status and f.exists:
+                conn.untagged(self._status_line(f.name, ev.status))
+        conn.tagged(ev.tag, "OK", f"{ev.name} completed")
+
+    async def _cmd_lsub(self, ev: P.ListCommand) -> None:
+        await self._cmd_list(ev)
+
+    def _status_line(self, name: str, items: tuple[str, ...]) -> bytes:
+        st = self.account_store.status(name)
+        values = {"MESSAGES": st.messages, "RECENT": st.recent, "UIDNEXT": st.uidnext,
+                  "UIDVALIDITY": st.uidvalidity, "UNSEEN": st.unseen, "SIZE": st.size,
+                  "HIGHESTMODSEQ": st.highestmodseq, "DELETED": st.deleted,
+                  "APPENDLIMIT": self.listener.limits.literal_size}
+        body = " ".join(f"{i} {values[i]}" for i in items)
+        return b"STATUS " + self._name(name) + b" (" + body.encode() + b")"
+
+    async def _cmd_status(self, ev: P.Status) -> None:
+        assert self.conn is not None
+        if "HIGHESTMODSEQ" in ev.items:
+            self.condstore = True
+        self.conn.untagged(self._status_line(ev.mailbox, ev.items))
+        self.conn.tagged(ev.tag, "OK", "STATUS completed")
+
+    async def _cmd_append(self, ev: P.Append) -> None:
+        conn = self.conn
+        assert conn is not None
+        uids = []
+        uidvalidity = 0
+        for m in ev.messages:
+            data = m.data
+            if m.catenate:
+                pieces = []
+                for kind, value in m.catenate:
+                    if kind == "TEXT":
+                        assert isinstance(value, bytes)
+                        pieces.append(value)
+                    else:
+                        got = self._catenate_url(str(value))
+                        if got is None:
+                            self._no(ev.tag, "append", "catenate", f"cannot resolve URL {str(value)[:100]}",
+                                     "BADURL " + str(value)[:100])
+                            return
+                        pieces.append(got)
+                data = b"".join(pieces)
+            if not data:
+                self._no(ev.tag, "append", "append", "empty message")
+                return
+            if len(data) > self.listener.limits.literal_size:
+                self._no(ev.tag, "append", "limit", "message over the size limit (imap.literal_size)", "TOOBIG")
+                return
+            if b"\0" in data and not m.binary:
+                conn.bad(ev.tag, "NUL in a message: send it as a literal8 (BINARY)")
+                return
+            uidvalidity, uid = await self.account_store.append(ev.mailbox, data, frozenset(m.flags), m.internaldate)
+            uids.append(uid)
+        if self.view is not None:
+            self._report(self.view.sync())
+        conn.tagged(ev.tag, "OK", "APPEND completed",
+                    f"APPENDUID {uidvalidity} {_compress(uids)}")
+
+    def _catenate_url(self, url: str) -> bytes | None:
+        """A CATENATE URL of this account (RFC 4469 / 5092 relative form: /folder;UIDVALIDITY=n/;UID=n[/;SECTION=s])."""
+        import re
+        from urllib.parse import unquote
+        m = re.fullmatch(r"/([^;]+)(?:;UIDVALIDITY=(\d+))?/;UID=(\d+)(?:/;SECTION=(.*))?", url, re.IGNORECASE)
+        if not m:
+            return None
+        folder = unquote(m.group(1))
+        try:
+            view = self.account_store.open(folder, readonly=True)
+        except StoreError:
+            return None
+        try:
+            if m.group(2) and int(m.group(2)) != view.uidvalidity:
+                return None
+            raw = view.read(int(m.group(3)))
+        except StoreError:
+            return None
+        finally:
+            view.close()
+        if m.group(4):
+            return mime.section(mime.parse(raw), unquote(m.group(4)).upper())
+        return raw
+
+    async def _cmd_compress(self, ev: P.Compress) -> None:
+        conn = self.conn
+        assert conn is not None
+        if ev.mechanism != "DEFLATE":
+            conn.bad(ev.tag, f"unknown compression {ev.mechanism[:20]}")
+            return
+        if self._deflate is not None:
+            self._no(ev.tag, "compress", "compress", "compression is already active", "COMPRESSIONACTIVE")
+            return
+        conn.tagged(ev.tag, "OK", "DEFLATE active")
+        await self.send(conn.data_to_send())
+        self._deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+        self._inflate = zlib.decompressobj(-15)
+        pending = conn.take_input()
+        if pending:
+            self.feed(pending)
+
+    # ---- selecting ----
+
+    async def _cmd_select(self, ev: P.Select) -> None:
+        conn = self.conn
+        assert conn is not None
+        if self.view is not None:
+            self._close_folder()
+            if self.qresync:
+                conn.untagged(b"OK [CLOSED] previous folder closed")
+        if ev.condstore:
+            self.condstore = True
+        if ev.qresync is not None and not self.qresync:
+            conn.bad(ev.tag, "QRESYNC needs ENABLE QRESYNC first")
+            return
+        view = self.account_store.open(ev.mailbox, readonly=ev.name == "EXAMINE")
+        self.view = view
+        self.saved = []
+        conn.set_state(State.SELECTED)
+        keywords = sorted({f for m in view.messages for f in m.flags if not f.startswith("\\")})
+        flags = " ".join([*SYSTEM_FLAGS, *keywords])
+        conn.untagged(f"FLAGS ({flags})".encode())
+        if view.readonly:
+            conn.untagged(b"OK [PERMANENTFLAGS ()] read-only")
+        else:
+            conn.untagged(f"OK [PERMANENTFLAGS ({flags} \\*)] flags permitted".encode())
+        conn.untagged(b"%d EXISTS" % len(view.messages))
+        conn.untagged(b"%d RECENT" % len(view.recent))
+        first_unseen = next((i + 1 for i, m in enumerate(view.messages) if "\\Seen" not in m.flags), None)
+        if first_unseen:
+            conn.untagged(b"OK [UNSEEN %d] first unseen" % first_unseen)
+        conn.untagged(b"OK [UIDVALIDITY %d] UIDs valid" % view.uidvalidity)
+        conn.untagged(b"OK [UIDNEXT %d] predicted next UID" % view.uidnext)
+        conn.untagged(b"OK [HIGHESTMODSEQ %d] highest" % view.highestmodseq)
+        if ev.qresync is not None and ev.qresync[0] == view.uidvalidity:
+            _uv, modseq, known, _pairs = ev.qresync
+            largest = view.uidnext
+            gone = [u for u in view.vanished_since(modseq) if known is None or known.contains(u, largest)]
+            if gone:
+                conn.untagged(b"VANISHED (EARLIER) " + _compress(gone).encode())
+            for uid in view.changed_since(modseq):
+                if known is not None and not known.contains(uid, largest):
+                    continue
+                seq = view.seq(uid)
+                assert seq is not None
+                info = view.messages[seq - 1]
+                conn.untagged(b"%d FETCH (UID %d FLAGS %s MODSEQ (%d))" % (seq, uid, self._flags(info), info.modseq))
+        conn.tagged(ev.tag, "OK", f"{ev.name} completed", "READ-ONLY" if view.readonly else "READ-WRITE")
+
+    async def _cmd_examine(self, ev: P.Select) -> None:
+        await self._cmd_select(ev)
+
+    async def _cmd_close(self, ev: P.Command) -> None:
+        assert self.conn is not None and self.view is not None
+        if not self.view.readonly:
+            self.view.expunge()
+        self._close_folder()
+        self.conn.tagged(ev.tag, "OK", "CLOSE completed")
+
+    async def _cmd_unselect(self, ev: P.Command) -> None:
+        assert self.conn is not None
+        self._close_folder()
+        self.conn.tagged(ev.tag, "OK", "UNSELECT completed")
+
+    def _flags(self, info: MessageInfo) -> bytes:
+        flags = sorted(info.flags)
+        if self.view is not None and info.uid in self.view.recent:
+            flags.append("\\Recent")
+        return P.flag_list(flags)
+
+    def _report(self, ch: Changes) -> None:
+        """Untagged responses for what changed in the selected folder (expunges, new mail, flags)."""
+        conn, view = self.conn, self.view
+        assert conn is not None and view is not None
+        if ch.expunged:
+            if self.qresync:
+                conn.untagged(b"VANISHED " + _compress(ch.expunged).encode())
+            else:
+                for gone in ch.expunged_seqs:
+                    conn.untagged(b"%d EXPUNGE" % gone)
+        if ch.added:
+            conn.untagged(b"%d EXISTS" % len(view.messages))
+            conn.untagged(b"%d RECENT" % len(view.recent))
+        for info in ch.flags:
+            seq = view.seq(info.uid)
+            if seq is None:
+                continue
+            extra = b" UID %d" % info.uid if self.qresync or self.condstore else b""
+            if self.condstore:
+                extra += b" MODSEQ (%d)" % info.modseq
+            conn.untagged(b"%d FETCH (FLAGS %s%s)" % (seq, self._flags(info), extra))
+
+    @property
+    def account_store(self) -> AccountStore:
+        assert self.store is not None
+        return self.store
+
+    async def _noop(self, ev: P.Command) -> None:
+        assert self.conn is not None
+        if self.view is not None:
+            self._report(self.view.sync())
+        self.conn.tagged(ev.tag, "OK", f"{ev.name} completed")
+
+    async def _cmd_check(self, ev: P.Command) -> None:
+        await self._noop(ev)
+
+    # ---- IDLE ----
+
+    async def _cmd_idle(self, ev: P.Command) -> None:
+        assert self.conn is not None
+        if self.view is not None:
+            self._report(self.view.sync())
+        self.conn.start_idle(ev.tag)
+
+    async def _idle_wait(self) -> bool:
+        """Between IDLE and DONE: what the client sends, or a change to the folder (sent at once)."""
+        conn = self.conn
+        assert conn is not None
+        if self.view is None:
+            return await self.wait_for_data(self.listener.idle_timeout, idle=True)
+        reading = asyncio.ensure_future(self.wait_for_data(self.listener.idle_timeout, idle=True))
+        try:
+            while True:
+                change = asyncio.ensure_future(self.view.wait_change(IDLE_POLL))
+                done, _ = await asyncio.wait({reading, change}, return_when=asyncio.FIRST_COMPLETED)
+                if change in done:
+                    change.result()
+                    if self.view is not None:
+                        self._report(self.view.sync())
+                        await self.send(conn.data_to_send())
+                else:
+                    change.cancel()
+                if reading in done:
+                    return reading.result()
+        finally:
+            if not reading.done():
+                reading.cancel()
+
+    async def _idle_done(self, ev: P.IdleDone) -> None:
+        assert self.conn is not None
+        self.conn.tagged(ev.tag, "OK", "IDLE terminated")
+
+    # ---- messages: which ones ----
+
+    def _targets(self, ev: P.Command, seqset: P.SeqSet) -> list[tuple[int, MessageInfo]] | None:
+        """(seq, info) of the messages a set names; None (after BAD) for a sequence number that does not exist."""
+        view, conn = self.view, self.conn
+        assert view is not None and conn is not None
+        msgs = view.messages
+        if seqset.saved:
+            saved = set(self.saved)
+            return [(i + 1, m) for i, m in enumerate(msgs) if m.uid in saved]
+        if ev.uid:
+            largest = msgs[-1].uid if msgs else 0
+            return [(i + 1, m) for i, m in enumerate(msgs) if seqset.contains(m.uid, largest)]
+        n = len(msgs)
+        for a, b in seqset.ranges:
+            if (a != P.STAR and a > n) or (b != P.STAR and b > n):
+                if n == 0 and (a == P.STAR or b == P.STAR):
+                    continue
+                conn.bad(ev.tag, "invalid sequence number (no such message)")
+                return None
+        return [(s, msgs[s - 1]) for s in seqset.iterate(n)]
+
+    # ---- FETCH ----
+
+    async def _cmd_fetch(self, ev: P.Fetch) -> None:
+        conn, view = self.conn, self.view
+        assert conn is not None and view is not None
+        targets = self._targets(ev, ev.sequence)
+        if targets is None:
+            return
+        if ev.changedsince is not None:
+            self.condstore = True
+            targets = [(s, m) for s, m in targets if m.modseq > ev.changedsince]
+        if ev.vanished:
+            if not ev.uid or not self.qresync:
+                conn.bad(ev.tag, "VANISHED needs UID FETCH and ENABLE QRESYNC")
+                return
+            assert ev.changedsince is not None
+            largest = view.uidnext
+            gone = [u for u in view.vanished_since(ev.changedsince) if ev.sequence.contains(u, largest)]
+            if gone:
+                conn.untagged(b"VANISHED (EARLIER) " + _compress(gone).encode())
+        items = list(ev.items)
+        if ev.uid and not any(i.name == "UID" for i in items):
+            items.insert(0, P.FetchItem("UID"))
+        sets_seen = not view.readonly and any(
+            (i.name in ("BODY", "BINARY") and i.section is not None and not i.peek)
+            or i.name in ("RFC822", "RFC822.TEXT") for i in items)
+        missing = False
+        for seq, info in targets:
+            try:
+                out = self._fetch_one(seq, info, items, sets_seen)
+            except Expunged:
+                missing = True
+                continue
+            conn.untagged(out)
+            if len(conn._out) > 1 << 20:
+                await self.send(conn.data_to_send())
+        if missing:
+            conn.tagged(ev.tag, "NO", "some of the messages were expunged meanwhile", "EXPUNGEISSUED")
+        else:
+            conn.tagged(ev.tag, "OK", f"{'UID ' if ev.uid else ''}FETCH completed")
+        if ev.uid:
+            self._report(view.sync())
+
+    def _fetch_one(self, seq: int, info: MessageInfo, items: list[P.FetchItem], sets_seen: bool) -> bytes:
+        view = self.view
+        assert view is not None
+        msg: mime.ParsedMessage | None = None
+
+        def parsed() -> mime.ParsedMessage:
+            nonlocal msg
+            if msg is None:
+                msg = mime.parse(view.read(info.uid))
+            return msg
+
+        parts: list[bytes] = []
+        flags_changed = False
+        if sets_seen and "\\Seen" not in info.flags:
+            parsed()  # an expunged message raises before its flag is changed
+            res = view.store([info.uid], "+", frozenset({"\\Seen"}))
+            if res.updated:
+                info = res.updated[0]
+                flags_changed = True
+        for it in items:
+            name = it.name
+            if name == "UID":
+                parts.append(b"UID %d" % info.uid)
+            elif name == "FLAGS":
+                parts.append(b"FLAGS " + self._flags(info))
+            elif name == "INTERNALDATE":
+                parts.append(b"INTERNALDATE " + P.date_time(info.internaldate))
+            elif name == "RFC822.SIZE":
+                parts.append(b"RFC822.SIZE %d" % info.size)
+            elif name == "MODSEQ":
+                parts.append(b"MODSEQ (%d)" % info.modseq)
+            elif name == "ENVELOPE":
+                parts.append(b"ENVELOPE " + mime.envelope(parsed(), utf8=self.utf8))
+            elif name == "BODYSTRUCTURE":
+                parts.append(b"BODYSTRUCTURE " + mime.bodystructure(parsed(), extended=True, utf8=self.utf8))
+            elif name == "BODY" and it.section is None:
+                parts.append(b"BODY " + mime.bodystructure(parsed(), extended=False, utf8=self.utf8))
+            elif name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT"):
+                spec = {"RFC822": "", "RFC822.HEADER": "HEADER", "RFC822.TEXT": "TEXT"}[name]
+                whole = mime.section(parsed(), spec) or b""
+                parts.append(name.encode() + b" " + _literal(whole))
+            elif name == "BODY":
+                assert it.section is not None
+                sec = mime.section(parsed(), it.section)
+                parts.append(it.label().encode() + b" " + (_literal(_partial(sec, it.partial))
+                                                           if sec is not None else b'""'))
+            elif name == "BINARY":
+                assert it.section is not None
+                decoded = mime.binary(parsed(), it.section)
+                if decoded is None:
+                    parts.append(it.label().encode() + b" NIL")
+                else:
+                    data = _partial(decoded, it.partial)
+                    lit = b"~{%d}\r\n" % len(data) + data if b"\0" in data else _literal(data)
+                    parts.append(f"BINARY[{it.section}]".encode()
+                                 + (b"<%d>" % it.partial[0] if it.partial else b"") + b" " + lit)
+            elif name == "BINARY.SIZE":
+                assert it.section is not None
+                size = mime.binary_size(parsed(), it.section)
+                parts.append(f"BINARY.SIZE[{it.section}] ".encode() + (b"NIL" if size is None else b"%d" % size))
+        if flags_changed and not any(i.name == "FLAGS" for i in items):
+            parts.append(b"FLAGS " + self._flags(info))
+            if self.condstore and not any(i.name == "MODSEQ" for i in items):
+                parts.append(b"MODSEQ (%d)" % info.modseq)
+        return b"%d FETCH (" % seq + b" ".join(parts) + b")"
+
+    # ---- STORE ----
+
+    async def _cmd_store(self, ev: P.Store) -> None:
+        conn, view = self.conn, self.view
+        assert conn is not None and view is not None
+        targets = self._targets(ev, ev.sequence)
+        if targets is None:
+            return
+        if view.readonly:
+            self._no(ev.tag, "store", "store", "the folder is read-only (EXAMINE)", "READ-ONLY")
+            return
+        if ev.unchangedsince is not None:
+            self.condstore = True
+        res = view.store([m.uid for _s, m in targets], ev.mode, frozenset(ev.flags), ev.unchangedsince)
+        for info in res.updated:
+            seq = view.seq(info.uid)
+            if seq is None:
+                continue
+            if ev.silent:
+                if self.condstore:
+                    conn.untagged(b"%d FETCH (%sMODSEQ (%d))" % (seq, b"UID %d " % info.uid if ev.uid else b"",
+                                                                info.modseq))
+                continue
+            extra = b" UID %d" % info.uid if ev.uid else b""
+            if self.condstore:
+                extra += b" MODSEQ (%d)" % info.modseq
+            conn.untagged(b"%d FETCH (FLAGS %s%s)" % (seq, self._flags(info), extra))
+        if ev.uid:
+            self._report(view.sync())
+        if res.modified:
+            nums = res.modified if ev.uid else [s for u in res.modified if (s := view.seq(u)) is not None]
+            conn.tagged(ev.tag, "OK", "conditional STORE failed for some messages", f"MODIFIED {_compress(nums)}")
+        else:
+            conn.tagged(ev.tag, "OK", f"{'UID ' if ev.uid else ''}STORE completed")
+
+    # ---- COPY, MOVE, EXPUNGE ----
+
+    async def _cmd_copy(self, ev: P.CopyMove) -> None:
+        conn, view = self.conn, self.view
+        assert conn is not None and view is not None
+        targets = self._targets(ev, ev.sequence)
+        if targets is None:
+            return
+        if not targets:
+            conn.tagged(ev.tag, "OK", f"{ev.name} completed: no messages")
+            return
+        uids = [m.uid for _s, m in targets]
+        if ev.name == "MOVE":
+            res = await view.move(uids, ev.mailbox)
+            conn.untagged(f"OK [COPYUID {res.uidvalidity} {_compress(res.source, sort=False)} "
+                          f"{_compress(res.dest, sort=False)}] moved".encode())
+            self._report(view.sync())
+            conn.tagged(ev.tag, "OK", "MOVE completed")
+            return
+        res = await view.copy(uids, ev.mailbox)
+        if ev.uid:
+            self._report(view.sync())
+        conn.tagged(ev.tag, "OK", "COPY completed",
+                    f"COPYUID {res.uidvalidity} {_compress(res.source, sort=False)} {_compress(res.dest, sort=False)}")
+
+    async def _cmd_move(self, ev: P.CopyMove) -> None:
+        await self._cmd_copy(ev)
+
+    async def _cmd_expunge(self, ev: P.Expunge) -> None:
+        conn, view = self.conn, self.view
+        assert conn is not None and view is not None
+        if view.readonly:
+            self._no(ev.tag, "expunge", "store", "the folder is read-only (EXAMINE)", "READ-ONLY")
+            return
+        uids = None
+        if ev.sequence is not None:
+            targets = self._targets(ev, ev.sequence)
+            assert targets is not None  # UID sets never refer to missing numbers
+            uids = [m.uid for _s, m in targets]
+        view.expunge(uids)
+        self._report(view.sync())
+        conn.tagged(ev.tag, "OK", f"{'UID ' if ev.uid else ''}EXPUNGE completed")
+
+    # ---- SEARCH, SORT, THREAD ----
+
+    async def _cmd_search(self, ev: P.Search) -> None:
+        conn, view = self.conn, self.view
+        assert conn is not None and view is not None
+        matcher = _Matcher(view, self.saved, self.listener.clock())
+        try:
+            found = [(i + 1, m) for i, m in enumerate(view.messages) if matcher.match(ev.key, i + 1, m)]
+        except Expunged:
+            conn.tagged(ev.tag, "NO", "some of the messages were expunged meanwhile", "EXPUNGEISSUED")
+            return
+        if matcher.used_modseq:
+            self.condstore = True
+        nums = [m.uid if ev.uid else s for s, m in found]
+        if ev.name == "SORT":
+            nums = [m.uid if ev.uid else s for s, m in _sort(found, ev.sort, matcher)]
+            conn.untagged(b"SORT" + b"".join(b" %d" % n for n in nums))
+        elif ev.name == "THREAD":
+            threads = _thread(found, ev.thread, matcher)
+            conn.untagged(b"THREAD " + _thread_text(threads, lambda sm: sm[1].uid if ev.uid else sm[0]).encode())
+        elif ev.returns is None:
+            line = b"SEARCH" + b"".join(b" %d" % n for n in nums)
+            if matcher.used_modseq and found:
+                line += b" (MODSEQ %d)" % max(m.modseq for _s, m in found)
+            conn.untagged(line)
+        else:
+            ret = set(ev.returns)
+            if "SAVE" in ret:
+                self.saved = [m.uid for _s, m in found]
+                ret.discard("SAVE")
+                if not ret and ev.returns != ("SAVE",):
+                    ret = {"ALL"}
+            if ret:
+                out = f'ESEARCH (TAG "{ev.tag}")' + (" UID" if ev.uid else "")
+                if nums and "MIN" in ret:
+                    out += f" MIN {min(nums)}"
+                if nums and "MAX" in ret:
+                    out += f" MAX {max(nums)}"
+                if "COUNT" in ret:
+                    out += f" COUNT {len(nums)}"
+                if nums and "ALL" in ret:
+                    out += f" ALL {_compress(nums)}"
+                if matcher.used_modseq and found:
+                    out += f" MODSEQ {max(m.modseq for _s, m in found)}"
+                conn.untagged(out.encode())
+        if ev.uid:
+            self._report(view.sync())
+        conn.tagged(ev.tag, "OK", f"{'UID ' if ev.uid else ''}{ev.name} completed")
+
+    async def _cmd_sort(self, ev: P.Search) -> None:
+        await self._cmd_search(ev)
+
+    async def _cmd_thread(self, ev: P.Search) -> None:
+        await self._cmd_search(ev)
+
+
+# Advertised after login (with APPENDLIMIT=<imap.literal_size>): each is implemented here and tested.
+EXTENSIONS = ("UIDPLUS", "MOVE", "UNSELECT", "NAMESPACE", "SPECIAL-USE", "CREATE-SPECIAL-USE", "LIST-EXTENDED",
+              "LIST-STATUS", "CONDSTORE", "QRESYNC", "ESEARCH", "SEARCHRES", "STATUS=SIZE", "SORT", "SORT=DISPLAY",
+              "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "COMPRESS=DEFLATE", "MULTIAPPEND", "CATENATE",
+              "UTF8=ACCEPT", "BINARY", "LITERAL-")
+IDLE_POLL = 30.0  # wait_change returns at once on a change; this only bounds one wait
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+SPECIAL_USES = ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash")
+
+
+def _literal(data: bytes) -> bytes:
+    return b"{%d}\r\n" % len(data) + data
+
+
+def _partial(data: bytes, partial: tuple[int, int] | None) -> bytes:
+    if partial is None:
+        return data
+    return data[partial[0]:partial[0] + partial[1]]
+
+
+def _compress(nums: list[int], *, sort: bool = True) -> str:
+    """A sequence set for numbers: runs become a:b (in the given order when not sorting)."""
+    seq = sorted(set(nums)) if sort else list(nums)
+    out: list[str] = []
+    i = 0
+    while i < len(seq):
+        j = i
+        while j + 1 < len(seq) and seq[j + 1] == seq[j] + 1:
+            j += 1
+        out.append(str(seq[i]) if i == j else f"{seq[i]}:{seq[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """A LIST pattern: * matches anything, % anything but the hierarchy delimiter; INBOX in any case."""
+    out = []
+    for ch in pattern:
+        out.append(".*" if ch == "*" else "[^/]*" if ch == "%" else re.escape(ch))
+    rx = "".join(out)
+    if pattern[:5].upper() == "INBOX":
+        rx = "(?i:INBOX)" + "".join(out[5:])
+    return re.compile(rx, re.DOTALL)
+
+
+class _Matcher:
+    """SEARCH keys against one message at a time; the message is read and parsed only if a key needs it."""
+
+    def __init__(self, view: FolderView, saved: list[int], now: float):
+        self.view = view
+        self.saved = set(saved)
+        self.now = now
+        self.used_modseq = False
+        self._cache: dict[int, mime.ParsedMessage] = {}
+
+    def parsed(self, info: MessageInfo) -> mime.ParsedMessage:
+        msg = self._cache.get(info.uid)
+        if msg is None:
+            if len(self._cache) > 64:
+                self._cache.clear()
+            msg = self._cache[info.uid] = mime.parse(self.view.read(info.uid))
+        return msg
+
+    def header_text(self, info: MessageInfo, name: str) -> str:
+        return "\n".join(mime.header_values(self.parsed(info), name))
+
+    def match(self, key: P.Key, seq: int, info: MessageInfo) -> bool:
+        op, v = key.op, key.value
+        flags = info.flags
+        if op == "ALL":
+            return True
+        if op == "AND":
+            assert isinstance(v, tuple)
+            return all(self.match(k, seq, info) for k in v)
+        if op == "OR":
+            assert isinstance(v, tuple)
+            return self.match(v[0], seq, info) or self.match(v[1], seq, info)
+        if op == "NOT":
+            assert isinstance(v, P.Key)
+            return not self.match(v, seq, info)
+        if op in _FLAG_KEYS:
+            flag, want = _FLAG_KEYS[op]
+            return (flag in flags) == want
+        if op == "RECENT":
+            return info.uid in self.view.recent
+        if op == "NEW":
+            return info.uid in self.view.recent and "\\Seen" not in flags
+        if op == "OLD":
+            return info.uid not in self.view.recent
+        if op == "KEYWORD":
+            return str(v).lower() in {f.lower() for f in flags}
+        if op == "UNKEYWORD":
+            return str(v).lower() not in {f.lower() for f in flags}
+        if op == "SEQ":
+            assert isinstance(v, P.SeqSet)
+            if v.saved:
+                return info.uid in self.saved
+            return v.contains(seq, len(self.view.messages))
+        if op == "UID":
+            assert isinstance(v, P.SeqSet)
+            if v.saved:
+                return info.uid in self.saved
+            msgs = self.view.messages
+            return v.contains(info.uid, msgs[-1].uid if msgs else 0)
+        if op == "LARGER":
+            return info.size > int(v)  # type: ignore[call-overload]
+        if op == "SMALLER":
+            return info.size < int(v)  # type: ignore[call-overload]
+        if op == "MODSEQ":
+            self.used_modseq = True
+            return info.modseq >= int(v)  # type: ignore[call-overload]
+        if op == "YOUNGER":
+            return info.internaldate >= self.now - int(v)  # type: ignore[call-overload]
+        if op == "OLDER":
+            return info.internaldate <= self.now - int(v)  # type: ignore[call-overload]
+        if op in ("BEFORE", "ON", "SINCE"):
+            assert isinstance(v, datetime)
+            return _date_cmp(op, datetime.fromtimestamp(info.internaldate).date(), v.date())
+        if op in ("SENTBEFORE", "SENTON", "SENTSINCE"):
+            assert isinstance(v, datetime)
+            sent = mime.date_header(self.parsed(info))
+            if sent is None:
+                return False
+            return _date_cmp(op[4:], sent.date(), v.date())
+        if op in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
+            return _contains(self.header_text(info, op.capitalize()), str(v))
+        if op == "HEADER":
+            assert isinstance(v, tuple)
+            fname, value = v
+            values = mime.header_values(self.parsed(info), fname)
+            if not value:
+                return bool(values)
+            return _contains("\n".join(values), value)
+        if op == "BODY":
+            return _contains(mime.text_content(self.parsed(info), headers=False), str(v))
+        if op == "TEXT":
+            return _contains(mime.text_content(self.parsed(info), headers=True), str(v))
+        raise AssertionError(f"search key {op}")  # pragma: no cover - the core parses only these
+
+
+_FLAG_KEYS = {
+    "ANSWERED": ("\\Answered", True), "DELETED": ("\\Deleted", True), "DRAFT": ("\\Draft", True),
+    "FLAGGED": ("\\Flagged", True), "SEEN": ("\\Seen", True), "UNANSWERED": ("\\Answered", False),
+    "UNDELETED": ("\\Deleted", False), "UNDRAFT": ("\\Draft", False), "UNFLAGGED": ("\\Flagged", False),
+    "UNSEEN": ("\\Seen", False),
+}
+
+
+def _date_cmp(op: str, day: date, ref: date) -> bool:
+    if op == "BEFORE":
+        return day < ref
+    if op == "ON":
+        return day == ref
+    return day >= ref
+
+
+def _contains(haystack: str, needle: str) -> bool:
+    return needle.casefold() in " ".join(haystack.split()).casefold() or needle.casefold() in haystack.casefold()
+
+
+def _sort_value(key: str, seq: int, info: MessageInfo, matcher: _Matcher) -> Any:
+    if key == "ARRIVAL":
+        return info.internaldate
+    if key == "SIZE":
+        return info.size
+    if key == "DATE":
+        d = mime.date_header(matcher.parsed(info))
+        return d.timestamp() if d is not None else info.internaldate
+    if key == "SUBJECT":
+        subj = mime.header_values(matcher.parsed(info), "Subject")
+        return mime.base_subject(subj[0]).casefold() if subj else ""
+    name = {"FROM": "from", "TO": "to", "CC": "cc", "DISPLAYFROM": "from", "DISPLAYTO": "to"}[key]
+    raw = matcher.parsed(info).field(name)
+    addrs = mime.addresses(raw) if raw is not None else []
+    if not addrs:
+        return ""
+    name_, _adl, mailbox, host = addrs[0]
+    if key.startswith("DISPLAY"):
+        disp = mime.decode_words(name_) if name_ else ""
+        return (disp or (mailbox or b"").decode("utf-8", "replace") + "@"
+                + (host or b"").decode("utf-8", "replace")).casefold()
+    return (mailbox or b"").decode("utf-8", "replace").casefold()
+
+
+def _sort(found: list[tuple[int, MessageInfo]], criteria: tuple[str, ...], matcher: _Matcher
+          ) -> list[tuple[int, MessageInfo]]:
+    out = list(found)  # sequence order is the final tie-break (RFC 5256 3)
+    for crit in reversed(criteria):
+        reverse = crit.startswith("REVERSE ")
+        key = crit.removeprefix("REVERSE ")
+        out.sort(key=lambda sm, k=key: _sort_value(k, sm[0], sm[1], matcher), reverse=reverse)  # type: ignore[misc]
+    return out
+
+
+Thread = tuple[tuple[int, MessageInfo], list["Thread"]]
+
+
+def _thread(found: list[tuple[int, MessageInfo]], algorithm: str, matcher: _Matcher) -> list[Thread]:
+    def sent(sm: tuple[int, MessageInfo]) -> tuple[float, int]:
+        d = mime.date_header(matcher.parsed(sm[1]))
+        return (d.timestamp() if d is not None else sm[1].internaldate, sm[0])
+
+    def subject(sm: tuple[int, MessageInfo]) -> str:
+        s = mime.header_values(matcher.parsed(sm[1]), "Subject")
+        return mime.base_subject(s[0]) if s else ""
+
+    if algorithm == "ORDEREDSUBJECT":
+        groups: dict[str, list[tuple[int, MessageInfo]]] = {}
+        for sm in sorted(found, key=sent):
+            groups.setdefault(subject(sm), []).append(sm)
+        threads: list[Thread] = [(g[0], [(x, []) for x in g[1:]]) for g in groups.values()]
+        threads.sort(key=lambda t: sent(t[0]))
+        return threads
+    return _references(found, matcher, sent, subject)
+
+
+def _references(found: list[tuple[int, MessageInfo]], matcher: _Matcher, sent: Callable[..., tuple[float, int]],
+                subject: Callable[..., str]) -> list[Thread]:
+    """RFC 5256 REFERENCES, steps 1-6 (subject grouping of roots included)."""
+    import re as _re
+
+    ids_re = _re.compile(r"<[^<>\s]+>")
+
+    class Node:
+        __slots__ = ("children", "msg", "parent")
+
+        def __init__(self) -> None:
+            self.msg: tuple[int, MessageInfo] | None = None
+            self.parent: Node | None = None
+            self.children: list[Node] = []
+
+    table: dict[str, Node] = {}
+
+    def node(mid: str) -> Node:
+        n = table.get(mid)
+        if n is None:
+            n = table[mid] = Node()
+        return n
+
+    def ancestor(a: Node, b: Node) -> bool:
+        while b is not None:
+            if b is a:
+                return True
+            b = b.parent  # type: ignore[assignment]
+        return False
+
+    def link(parent: Node, child: Node) -> None:
+        if child.parent is not None or ancestor(child, parent) or parent is child:
+            return
+        child.parent = parent
+        parent.children.append(child)
+
+    for n_, sm in enumerate(found):
+        msg = matcher.parsed(sm[1])
+        mids = ids_re.findall("".join(mime.header_values(msg, "Message-ID")))
+        mid = mids[0] if mids and (mids[0] not in table or table[mids[0]].msg is None) else f"<dup{n_}@>"
+        this = node(mid)
+        this.msg = sm
+        refs = ids_re.findall(" ".join(mime.header_values(msg, "References")))
+        if not refs:
+            refs = ids_re.findall(" ".join(mime.header_values(msg, "In-Reply-To")))[:1]
+        prev: Node | None = None
+        for r in refs:
+            cur = node(r)
+            if prev is not None and cur.parent is None:
+                link(prev, cur)
+            prev = cur
+        if prev is not None and prev is not this:
+            if this.parent is not None:
+                this.parent.children.remove(this)
+                this.parent = None
+            link(prev, this)
+    roots = [n for n in table.values() if n.parent is None]
+
+    def prune(n: Node) -> list[Node]:
+        """Drop empty containers, promoting their children (not to the root unless only one)."""
+        kids: list[Node] = []
+        for c in n.children:
+            kids.extend(prune(c))
+        n.children = kids
+        for c in kids:
+            c.parent = n
+        if n.msg is None:
+            if n.parent is None and len(kids) > 1:
+                return [n]
+            return kids
+        return [n]
+
+    top: list[Node] = []
+    for r in roots:
+        top.extend(prune(r))
+    for n in top:
+        n.parent = None
+
+    def first_msg(n: Node) -> tuple[int, MessageInfo]:
+        if n.msg is not None:
+            return n.msg
+        return min((first_msg(c) for c in n.children), key=sent)
+
+    def is_reply(sm: tuple[int, MessageInfo]) -> bool:
+        subj = mime.header_values(matcher.parsed(sm[1]), "Subject")
+        return bool(subj) and (bool(_REPLY.match(subj[0])) or subj[0].rstrip().lower().endswith("(fwd)"))
+
+    by_subject: dict[str, Node] = {}
+    result: list[Node] = []
+    for n in sorted(top, key=lambda n: sent(first_msg(n))):
+        subj = subject(first_msg(n))
+        other = by_subject.get(subj) if subj else None
+        if other is None:
+            by_subject[subj] = n
+            result.append(n)
+            continue
+        if other.msg is None and n.msg is None:
+            other.children.extend(n.children)
+        elif other.msg is None:
+            other.children.append(n)
+        elif n.msg is None:
+            n.children.append(other)
+            result[result.index(other)] = n
+            by_subject[subj] = n
+        elif is_reply(n.msg) and not is_reply(other.msg):
+            other.children.append(n)
+        elif is_reply(other.msg) and not is_reply(n.msg):
+            n.children.append(other)
+            result[result.index(other)] = n
+            by_subject[subj] = n
+        else:
+            holder = Node()
+            holder.children = [other, n]
+            result[result.index(other)] = holder
+            by_subject[subj] = holder
+
+    def build(n: Node) -> list[Thread]:
+        kids = sorted(n.children, key=lambda c: sent(first_msg(c)))
+        sub = [t for c in kids for t in build(c)]
+        if n.msg is None:
+            return [((0, None), sub)] if len(sub) > 1 else sub  # type: ignore[list-item]
+        return [(n.msg, sub)]
+
+    return [t for n in result for t in build(n)]
+
+
+_REPLY = re.compile(r"\s*(?:\[[^\]]*\]\s*)*(?:re|fwd?)\s*(?:\[[^\]]*\])?\s*:", re.IGNORECASE)
+
+
+def _thread_text(threads: list[Thread], number: Callable[[tuple[int, MessageInfo]], int]) -> str:
+    def one(t: Thread, top: bool) -> str:
+        (sm, kids) = t
+        head = "" if sm[1] is None else str(number(sm))
+        if not kids:
+            return f"({head})" if top else head
+        if len(kids) == 1:
+            rest = one(kids[0], False)
+            inner = f"{head} {rest}".strip() if head else rest
+        else:
+            inner = (head + " " if head else "") + "".join(f"({one(k, False)})" for k in kids)
+        return f"({inner})" if top else inner
+    return "".join(one(t, True) for t in threads)

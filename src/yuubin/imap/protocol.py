@@ -602,6 +602,12 @@ class IMAPServerConnection:
     def unprocessed(self) -> int:
         return len(self._in)
 
+    def take_input(self) -> bytes:
+        """The bytes received but not parsed (COMPRESS: they were compressed; the session inflates them)."""
+        data = bytes(self._in)
+        self._in.clear()
+        return data
+
     def data_to_send(self) -> bytes:
         out = bytes(self._out)
         self._out.clear()

@@ -1,0 +1,315 @@
+"""IMAP end to end over real sockets and real TLS: imaplib and imapclient against the server.
+
+Each test starts a server in-process (make_server) with an `imaps` and an `imap` listener on
+loopback; mail arrives by SMTP on the mx listener, as it would in life.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import smtplib
+import socket
+import sqlite3
+import ssl
+import threading
+import time
+
+import pytest
+from imapclient import IMAPClient
+
+from tests.harness import ACCOUNTS
+
+ALICE = "alice@example.test"
+PASSWORD = ACCOUNTS[ALICE]
+
+LISTENERS = [{"kind": "mx", "address": "127.0.0.1:0"}, {"kind": "imaps", "address": "127.0.0.1:0"},
+             {"kind": "imap", "address": "127.0.0.1:0"}]
+
+MESSAGE = (b"From: Bob Example <bob@example.test>\r\nTo: alice@example.test\r\nSubject: =?UTF-8?Q?caf=C3=A9?= plans\r\n"
+           b"Date: Mon, 01 Jan 2024 10:00:00 +0000\r\nMessage-ID: <m1@example.test>\r\n"
+           b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n\r\n"
+           b"--XX\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nlet us meet at noon\r\n"
+           b"--XX\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+           b"AQIDBA==\r\n--XX--\r\n")
+
+
+@pytest.fixture
+def server(make_server):
+    return make_server(listener=LISTENERS)
+
+
+def imaps(server, client_tls) -> imaplib.IMAP4_SSL:
+    return imaplib.IMAP4_SSL("127.0.0.1", server.port("imaps"), ssl_context=client_tls, timeout=10)
+
+
+def deliver(server, body: bytes = MESSAGE, to: str = ALICE) -> None:
+    with smtplib.SMTP("127.0.0.1", server.port("mx"), timeout=10) as s:
+        s.sendmail("bob@example.test", [to], body)
+
+
+def test_starttls_listener_refuses_login_before_tls_then_logs_in(server, client_tls):
+    c = imaplib.IMAP4("127.0.0.1", server.port("imap"), timeout=10)
+    assert "LOGINDISABLED" in c.capabilities and "STARTTLS" in c.capabilities
+    with pytest.raises(imaplib.IMAP4.error, match="PRIVACYREQUIRED"):
+        c.login(ALICE, PASSWORD)
+    c.starttls(ssl_context=client_tls)
+    caps = c.capability()[1][0].split()
+    assert b"AUTH=PLAIN" in caps and b"LOGINDISABLED" not in caps
+    assert c.login(ALICE, PASSWORD)[0] == "OK"
+    assert c.logout()[0] == "BYE"
+
+
+def test_wrong_password_is_no_and_counts_in_the_guard(server, client_tls):
+    c = imaps(server, client_tls)
+    with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+        c.login(ALICE, "wrong")
+    assert c.login(ALICE, PASSWORD)[0] == "OK"
+    c.logout()
+    db = sqlite3.connect(server.config.state_db)
+    failures = db.execute("SELECT count(*) FROM auth_failures WHERE source='127.0.0.1'").fetchone()[0]
+    db.close()
+    assert failures >= 1
+
+
+def test_authenticate_plain_with_sasl_ir(server, client_tls):
+    c = imaps(server, client_tls)
+    typ, _ = c.authenticate("PLAIN", lambda _: f"\0{ALICE}\0{PASSWORD}".encode())
+    assert typ == "OK"
+    c.logout()
+
+
+def test_special_use_folders_list_and_select(server, client_tls):
+    with IMAPClient("127.0.0.1", server.port("imaps"), ssl_context=client_tls, timeout=10) as c:
+        c.login(ALICE, PASSWORD)
+        names = {name: flags for flags, _d, name in c.list_folders()}
+        assert {"INBOX", "Sent", "Drafts", "Trash", "Junk", "Archive"} <= set(names)
+        assert b"\\Sent" in names["Sent"] and b"\\Trash" in names["Trash"]
+        info = c.select_folder("INBOX")
+        assert info[b"EXISTS"] == 0 and info[b"UIDVALIDITY"] > 0 and b"HIGHESTMODSEQ" in info
+
+
+def test_delivered_mail_fetch_envelope_structure_and_body(server, client_tls):
+    deliver(server)
+    server.wait_delivered(ALICE, 1)
+    with IMAPClient("127.0.0.1", server.port("imaps"), ssl_context=client_tls, timeout=10) as c:
+        c.login(ALICE, PASSWORD)
+        c.select_folder("INBOX")
+        uids = c.search(["SUBJECT", "café"], charset="UTF-8")
+        assert len(uids) == 1
+        uid = uids[0]
+        data = c.fetch([uid], ["FLAGS", "ENVELOPE", "BODYSTRUCTURE", "RFC822.SIZE", "INTERNALDATE",
+                              "BODY.PEEK[1]", "BINARY.PEEK[2]", "BODY.PEEK[HEADER.FIELDS (FROM)]"])[uid]
+        env = data[b"ENVELOPE"]
+        assert env.subject == b"=?UTF-8?Q?caf=C3=A9?= plans" and env.from_[0].mailbox == b"bob"
+        assert data[b"BODY[1]"] == b"let us meet at noon"
+        assert data[b"BINARY[2]"] == b"\x01\x02\x03\x04"
+        assert data[b"BODY[HEADER.FIELDS (FROM)]"].startswith(b"From: Bob Example")
+        assert b"\\Seen" not in data[b"FLAGS"]
+        assert data[b"BODYSTRUCTURE"].is_multipart
+        full = c.fetch([uid], ["BODY[]"])[uid]
+        assert full[b"BODY[]"].endswith(b"--XX--\r\n") and len(full[b"BODY[]"]) == data[b"RFC822.SIZE"]
+        assert b"\\Seen" in c.get_flags([uid])[uid]
+        assert c.search(["BODY", "NOON"]) == [uid] and c.search(["UNSEEN"]) == []
+
+
+def test_store_expunge_copy_move_with_uidplus(server, client_tls):
+    with IMAPClient("127.0.0.1", server.port("imaps"), ssl_context=client_tls, timeout=10) as c:
+        c.login(ALICE, PASSWORD)
+        for i in range(3):
+            c.append("INBOX", MESSAGE.replace(b"plans", b"plans %d" % i), flags=[b"$Label1"] if i == 0 else [])
+        c.select_folder("INBOX")
+        uids = c.search()
+        assert len(uids) == 3
+        assert set(c.get_flags([uids[0]])[uids[0]]) == {b"$Label1", b"\\Recent"}
+        c.add_flags([uids[1]], [b"\\Flagged"])
+        assert c.search(["FLAGGED"]) == [uids[1]]
+        typ, _data = c._imap.uid("COPY", str(uids[0]), "Archive")
+        copyuid = c._imap.untagged_responses.pop("COPYUID")[0].split()  # imaplib keeps response codes here
+        assert typ == "OK" and copyuid[1] == str(uids[0]).encode()
+        c.move([uids[2]], "Trash")
+        assert c.search() == uids[:2]
+        c.delete_messages([uids[0]])
+        assert c.expunge()
+        assert c.search() == [uids[1]]
+        st = c.folder_status("Archive", ["MESSAGES", "SIZE", "UIDNEXT"])
+        assert st[b"MESSAGES"] == 1 and st[b"SIZE"] > 0
+        assert c.folder_status("Trash", ["MESSAGES"])[b"MESSAGES"] == 1
+
+
+def test_append_returns_appenduid_and_literal_plus(server, client_tls):
+    c = imaps(server, client_tls)
+    c.login(ALICE, PASSWORD)
+    typ, data = c.append("Drafts", "(\\Draft)", imaplib.Time2Internaldate(time.time()), MESSAGE)
+    assert typ == "OK" and b"APPENDUID" in data[0]
+    c.logout()
+
+
+def test_idle_announces_delivery_within_a_second(server, client_tls):
+    with IMAPClient("127.0.0.1", server.port("imaps"), ssl_context=client_tls, timeout=10) as c:
+        c.login(ALICE, PASSWORD)
+        c.select_folder("INBOX")
+        c.idle()
+        sent = threading.Event()
+        t0 = [0.0]
+
+        def send() -> None:
+            time.sleep(0.3)
+            t0[0] = time.monotonic()
+            deliver(server)
+            sent.set()
+
+        threading.Thread(target=send, daemon=True).start()
+        responses = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(r[1] == b"EXISTS" for r in responses):
+            responses += c.idle_check(timeout=1)
+        latency = time.monotonic() - t0[0]
+        c.idle_done()
+        assert any(r[1] == b"EXISTS" for r in responses)
+        assert sent.is_set() and latency < 1.0, latency
+
+
+def test_two_sessions_see_each_others_flags_and_expunges(server, client_tls):
+    deliver(server)
+    deliver(server)
+    server.wait_delivered(ALICE, 2)
+    with IMAPClient("127.0.0.1", server.port("imaps"), ssl_context=client_tls, timeout=10) as a, \
+            IMAPClient("127.0.0.1", server.port("imaps"), ssl_context=client_tls, timeout=10) as b:
+        a.login(ALICE, PASSWORD)
+        b.login(ALICE, PASSWORD)
+        a.select_folder("INBOX")
+        b.select_folder("INBOX")
+        uids = a.search()
+        a.add_flags([uids[0]], [b"\\Flagged"])
+        got = b.noop()[1]
+        assert any(r[1] == b"FETCH" and b"\\Flagged" in r[2][r[2].index(b"FLAGS") + 1] for r in got), got
+        a.delete_messages([uids[1]])
+        a.expunge()
+        got = b.noop()[1]
+        assert (2, b"EXPUNGE") in got, got
+
+
+class Raw:
+    """A line-level IMAP client over TLS, for exact responses (imaplib hides some of them)."""
+
+    def __init__(self, server, client_tls):
+        raw = socket.create_connection(("127.0.0.1", server.port("imaps")), timeout=10)
+        self.sock = client_tls.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.file.readline()
+        self.n = 0
+
+    def cmd(self, text: str | bytes) -> list[bytes]:
+        """Send one command; every line up to and including its tagged reply."""
+        self.n += 1
+        tag = b"t%d" % self.n
+        data = text.encode() if isinstance(text, str) else text
+        self.sock.sendall(tag + b" " + data + b"\r\n")
+        lines = []
+        while True:
+            line = self.file.readline()
+            assert line, lines
+            lines.append(line)
+            if line.startswith(tag + b" "):
+                return lines
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_condstore_qresync_vanished(server, client_tls):
+    deliver(server)
+    deliver(server)
+    server.wait_delivered(ALICE, 2)
+    c = Raw(server, client_tls)
+    c.cmd(f'LOGIN {ALICE} "{PASSWORD}"')
+    assert c.cmd("ENABLE QRESYNC")[0] == b"* ENABLED QRESYNC\r\n"
+    sel = c.cmd("SELECT INBOX")
+    uidvalidity = int(next(x for x in sel if b"UIDVALIDITY" in x).split()[3].rstrip(b"]"))
+    hms = int(next(x for x in sel if b"HIGHESTMODSEQ" in x).split()[3].rstrip(b"]"))
+    store = c.cmd("UID STORE 1 +FLAGS (\\Answered)")
+    assert store[0].startswith(b"* 1 FETCH (FLAGS (\\Answered") and b"UID 1" in store[0] and b"MODSEQ (" in store[0]
+    assert c.cmd(f"UID STORE 1 (UNCHANGEDSINCE {hms}) +FLAGS (\\Flagged)")[-1].startswith(b"t5 OK [MODIFIED 1]")
+    fetch = c.cmd(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {hms})")
+    assert len(fetch) == 2 and b"UID 1 " in fetch[0] and b"MODSEQ" in fetch[0]
+    assert any(b"SEARCH 1 (MODSEQ " in x for x in c.cmd(f"SEARCH MODSEQ {hms + 1}"))
+    c.cmd("UID STORE 2 +FLAGS.SILENT (\\Deleted)")
+    assert b"* VANISHED 2\r\n" in c.cmd("EXPUNGE")
+    vanished = c.cmd(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {hms} VANISHED)")
+    assert vanished[0] == b"* VANISHED (EARLIER) 2\r\n"
+    c.cmd("UNSELECT")
+    resync = c.cmd(f"SELECT INBOX (QRESYNC ({uidvalidity} {hms}))")
+    assert b"* VANISHED (EARLIER) 2\r\n" in resync
+    assert any(x.startswith(b"* 1 FETCH (UID 1 FLAGS (\\Answered") for x in resync)
+    c.close()
+
+
+def test_esearch_sort_thread(server, client_tls):
+    with IMAPClient("127.0.0.1", server.port("imaps"), ssl_context=client_tls, timeout=10) as c:
+        c.login(ALICE, PASSWORD)
+        subjects = [b"b topic", b"Re: a topic", b"a topic"]
+        for i, s in enumerate(subjects):
+            msg = (b"From: x@example.test\r\nSubject: " + s + b"\r\nDate: Mon, 0%d Jan 2024 10:00:00 +0000\r\n"
+                   b"Message-ID: <t%d@x>\r\n\r\nbody\r\n") % (3 - i, i)
+            c.append("INBOX", msg)
+        c.select_folder("INBOX")
+        assert c.sort(["SUBJECT"]) == [2, 3, 1]
+        assert c.sort(["REVERSE", "DATE"]) == [1, 2, 3]
+        threads = c.thread("ORDEREDSUBJECT")
+        assert sorted(tuple(t) for t in threads) == [(1,), (3, 2)]
+    r = Raw(server, client_tls)
+    r.cmd(f'LOGIN {ALICE} "{PASSWORD}"')
+    r.cmd("SELECT INBOX")
+    assert r.cmd("UID SEARCH RETURN (MIN MAX COUNT) ALL")[0] == b'* ESEARCH (TAG "t3") UID MIN 1 MAX 3 COUNT 3\r\n'
+    assert r.cmd("SEARCH RETURN (SAVE) SUBJECT topic NOT SUBJECT re")[0].startswith(b"t4 OK")
+    assert r.cmd("FETCH $ (UID)")[:2] == [b"* 1 FETCH (UID 1)\r\n", b"* 3 FETCH (UID 3)\r\n"]
+    assert r.cmd("THREAD REFERENCES UTF-8 ALL")[0] == b"* THREAD (3 2)(1)\r\n"
+    r.close()
+
+
+def test_bad_syntax_never_kills_the_session(server, client_tls):
+    raw = socket.create_connection(("127.0.0.1", server.port("imaps")), timeout=10)
+    s = client_tls.wrap_socket(raw, server_hostname="127.0.0.1")
+    f = s.makefile("rb")
+    assert f.readline().startswith(b"* OK")
+    s.sendall(b"a1 FETCH (\r\nx\r\n\r\na2 LOGIN {3}\r\n")
+    lines = [f.readline() for _ in range(4)]
+    assert lines[0].startswith(b"a1 BAD") and lines[-1] == b"+ Ready for literal data\r\n"
+    s.sendall(b"abc " + f'"{PASSWORD}"'.encode() + b"\r\n")
+    assert f.readline().startswith(b"a2 NO [AUTHENTICATIONFAILED]")
+    s.sendall(b"a3 LOGOUT\r\n")
+    assert f.readline().startswith(b"* BYE")
+    s.close()
+
+
+def test_compress_deflate(server, client_tls):
+    import zlib
+    raw = socket.create_connection(("127.0.0.1", server.port("imaps")), timeout=10)
+    s = client_tls.wrap_socket(raw, server_hostname="127.0.0.1")
+    f = s.makefile("rb")
+    f.readline()
+    s.sendall(f'a LOGIN {ALICE} "{PASSWORD}"\r\nb COMPRESS DEFLATE\r\n'.encode())
+    assert f.readline().startswith(b"a OK") and f.readline().startswith(b"b OK")
+    comp, decomp = zlib.compressobj(6, zlib.DEFLATED, -15), zlib.decompressobj(-15)
+    s.sendall(comp.compress(b"c NOOP\r\n") + comp.flush(zlib.Z_SYNC_FLUSH))
+    got = b""
+    while b"c OK" not in got:
+        got += decomp.decompress(s.recv(4096))
+    s.close()
+
+
+def test_session_limit_per_account(make_server, client_tls):
+    server = make_server(listener=LISTENERS, imap={"sessions_per_account": 1})
+    a = imaps(server, client_tls)
+    a.login(ALICE, PASSWORD)
+    b = imaps(server, client_tls)
+    with pytest.raises(imaplib.IMAP4.error, match="LIMIT"):
+        b.login(ALICE, PASSWORD)
+    a.logout()
+    b.logout()
+
+
+def test_ssl_required_context_is_real(server):
+    ctx = ssl.create_default_context()  # not trusting the test CA: the certificate is checked
+    with pytest.raises(ssl.SSLError):
+        imaplib.IMAP4_SSL("127.0.0.1", server.port("imaps"), ssl_context=ctx, timeout=10)
