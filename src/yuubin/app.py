@@ -178,7 +178,7 @@ class App:
                                        workers=cfg.workers,
                                        id_prefix=session_id_prefix(self.started, worker if cfg.workers > 1 else None))
         geo: GeoDatabase | None = None
-        if any(lc.allow_countries for lc in cfg.listeners if lc.kind in SUBMISSION_KINDS):
+        if any(lc.allow_countries for lc in cfg.listeners if lc.kind in SUBMISSION_KINDS + IMAP_KINDS):
             try:  # a country in `allow` without its data would be an open door: refuse to start
                 geo = GeoDatabase.load(cfg.geo_source)
             except GeoError as e:
@@ -198,7 +198,8 @@ class App:
                 shell = ShellSettings(lc.kind, tls_context, lc.kind == "imaps", self.is_trusted)
                 self.imap_listeners.append((index, ImapListener(
                     shell, cfg.hostname, imap_limits, cfg.imap.idle_timeout, self.login, self.mailstore, imap_counts,
-                    (*EXTENSIONS, f"APPENDLIMIT={cfg.imap.literal_size}"))))
+                    (*EXTENSIONS, f"APPENDLIMIT={cfg.imap.literal_size}"),
+                    AccessList(lc.allow_networks, lc.allow_countries, geo))))
                 continue
             submission = lc.kind in SUBMISSION_KINDS
             access = AccessList(lc.allow_networks, lc.allow_countries, geo)

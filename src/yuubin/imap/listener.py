@@ -24,6 +24,7 @@ from typing import Any
 from yuubin.auth.guard import LoginResult
 from yuubin.auth.login import LoginExchange, Malformed
 from yuubin.auth.sasl import Challenge
+from yuubin.geo import AccessList
 from yuubin.imap import mime
 from yuubin.imap import protocol as P
 from yuubin.imap.protocol import CLOSED, NEED_DATA, IMAPServerConnection, State
@@ -95,6 +96,7 @@ class ImapListener:
     mailstore: MailStore
     counts: SessionCounts
     extensions: tuple[str, ...] = ()  # advertised after login: only what the session implements
+    access: AccessList | None = None  # the listener's `allow` list (None: everyone)
     clock: Callable[[], float] = field(default=time.time)
 
 
@@ -158,6 +160,12 @@ class IMAPSession(StreamSession):
         log.info("event=connect session=%s listener=%s client=%s tls=%s", self.session_id, self.settings.kind,
                  self.client, self.tls is not None)
         try:
+            if self.listener.access is not None:
+                allowed, why = self.listener.access.allows(self.client)
+                if not allowed:
+                    self._reject("connect", "allow_list", why)
+                    conn.bye("access from your address is not allowed")
+                    return
             if not self.listener.counts.enter_ip(self.client):
                 self._reject("connect", "limit", "too many IMAP sessions from this address (imap.sessions_per_ip)")
                 conn.bye("too many IMAP sessions from your address")
