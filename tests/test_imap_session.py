@@ -13,6 +13,7 @@ import sqlite3
 import ssl
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from imapclient import IMAPClient
@@ -313,3 +314,67 @@ def test_ssl_required_context_is_real(server):
     ctx = ssl.create_default_context()  # not trusting the test CA: the certificate is checked
     with pytest.raises(ssl.SSLError):
         imaplib.IMAP4_SSL("127.0.0.1", server.port("imaps"), ssl_context=ctx, timeout=10)
+
+
+CORPUS = sorted((Path(__file__).parent / "data" / "mime").glob("*.eml"))
+
+
+def test_hostile_and_broken_mime_never_breaks_a_session(server, client_tls):
+    """Every corpus message (missing boundaries, 8-bit headers, deep nesting, empty parts), plus
+    garbage, fetched with every item: each command gets a tagged reply and the session goes on."""
+    c = Raw(server, client_tls)
+    c.cmd(f'LOGIN {ALICE} "{PASSWORD}"')
+    bodies = [p.read_bytes() for p in CORPUS] + [b"\r\n", b"no header at all", b"Content-Type: multipart/mixed\r\n\r\n",
+                                                  b"X: " + bytes(range(1, 256)) + b"\r\n\r\n\xff\xfe"]
+    for body in bodies:
+        assert c.cmd(b"APPEND INBOX {%d+}\r\n" % len(body) + body)[-1].split()[1] == b"OK"
+    c.cmd("SELECT INBOX")
+    items = ("(FLAGS ENVELOPE BODYSTRUCTURE BODY RFC822.SIZE BODY.PEEK[] BODY.PEEK[1] BODY.PEEK[1.MIME] "
+             "BODY.PEEK[2.1.HEADER] BODY.PEEK[TEXT]<3.10> BINARY.SIZE[1] BINARY.PEEK[1])")
+    for n in range(1, len(bodies) + 1):
+        reply = c.cmd(f"FETCH {n} {items}")
+        status = reply[-1].split()[1]
+        assert status in (b"OK", b"NO"), reply[-1]  # NO only for [UNKNOWN-CTE]
+        if status == b"NO":
+            assert b"UNKNOWN-CTE" in reply[-1]
+        assert c.cmd(f"FETCH {n} (ENVELOPE BODYSTRUCTURE)")[-1].split()[1] == b"OK"
+    for key in ("TEXT nothing", "FROM x", "HEADER X y", "SENTSINCE 1-Jan-2000", "BODY z"):
+        assert c.cmd(f"SEARCH {key}")[-1].split()[1] == b"OK"
+    assert c.cmd("SORT (SUBJECT DATE FROM) UTF-8 ALL")[-1].split()[1] == b"OK"
+    assert c.cmd("THREAD REFERENCES UTF-8 ALL")[-1].split()[1] == b"OK"
+    assert c.cmd("NOOP")[-1].split()[1] == b"OK"
+    c.close()
+
+
+def test_localserve_demo_account_reads_mail_over_2993_and_2143(tmp_path):
+    """The README's "point a mail client at 2993/2143" works out of the box."""
+    import re
+
+    from tests.harness import LocalServe, port_2525
+    with port_2525():
+        for port in (2143, 2993):
+            try:
+                socket.create_server(("127.0.0.1", port)).close()
+            except OSError:
+                pytest.skip(f"127.0.0.1:{port} is in use")
+        ls = LocalServe(tmp_path / "ls")
+        try:
+            text = ls.banner()
+            assert re.search(r"imaps\s+127\.0\.0\.1:2993\b", text) and re.search(r"imap\s+127\.0\.0\.1:2143\b", text)
+            assert "mail client  IMAP 127.0.0.1:2993 (TLS), 127.0.0.1:2143 (STARTTLS)" in text, text
+            password = re.search(r"demo@localhost\.test\s+password:\s*(\S+)", text).group(1)
+            ctx = ssl.create_default_context(cafile=str(tmp_path / "ls" / "tls" / "cert.pem"))
+            ctx.check_hostname = False
+            with smtplib.SMTP("127.0.0.1", 2525, timeout=10) as s:
+                s.sendmail("friend@remote.example", ["demo@localhost.test"], MESSAGE)
+            ls.wait_delivered("demo@localhost.test", 1)
+            c = imaplib.IMAP4_SSL("127.0.0.1", 2993, ssl_context=ctx, timeout=10)
+            c.login("demo@localhost.test", password)
+            assert c.select("INBOX") == ("OK", [b"1"])
+            c.logout()
+            c = imaplib.IMAP4("127.0.0.1", 2143, timeout=10)
+            c.starttls(ssl_context=ctx)
+            c.login("demo@localhost.test", password)
+            c.logout()
+        finally:
+            assert ls.interrupt() == 0, ls.log_text()
