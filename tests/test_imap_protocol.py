@@ -350,3 +350,32 @@ def _split_literal(wire: bytes) -> list:
 def test_date_time_round_trip():
     ts = P.parse_date_time("05-Jan-2024 10:00:00 +0100")
     assert P.date_time(ts, 60) == b'" 5-Jan-2024 10:00:00 +0100"'
+
+
+def test_literal_of_a_command_not_allowed_here_is_refused_before_the_continuation():
+    c = conn(State.NOT_AUTHENTICATED)
+    _evs, out = feed(c, b"a APPEND INBOX {100}\r\n")
+    assert out == b"a BAD APPEND is not allowed in the not-authenticated state\r\n"
+    _evs, out = feed(c, b"b FROB {5}\r\n")
+    assert out == b"b BAD unknown command FROB\r\n"
+
+
+def test_before_login_literals_are_small():
+    c = conn(State.NOT_AUTHENTICATED)
+    _evs, out = feed(c, b"a LOGIN {9000}\r\n")
+    assert out == b"a NO [TOOBIG] literal of 9000 octets is over the limit of 8192\r\n"
+    evs, out = feed(c, b"b LOGIN {3}\r\n")
+    assert out == b"+ Ready for literal data\r\n"
+
+
+def test_literals_of_one_command_together_are_capped():
+    c = conn(State.AUTHENTICATED, limits=Limits(literal_size=5000, line_length=8192))
+    m = b"x" * 5000
+    evs, out = feed(c, b"a APPEND INBOX {5000+}\r\n" + m + b" {5000+}\r\n" + m + b" {5000+}\r\n" + m + b"\r\nb NOOP\r\n")
+    assert out.startswith(b"a NO [TOOBIG] the literals of one command")
+    assert [e.tag for e in evs] == ["b"]
+
+
+def test_append_utf8_literal8():
+    ev = one(b"a APPEND INBOX UTF8 (~{3+}\r\n\xc3\xa9!)\r\n", State.AUTHENTICATED)
+    assert ev.messages[0].data == b"\xc3\xa9!" and ev.messages[0].binary

@@ -201,7 +201,7 @@ class Raw:
         self.n = 0
 
     def cmd(self, text: str | bytes) -> list[bytes]:
-        """Send one command; every line up to and including its tagged reply."""
+        """Send one command; every line up to its tagged reply, which comes last without its tag."""
         self.n += 1
         tag = b"t%d" % self.n
         data = text.encode() if isinstance(text, str) else text
@@ -212,6 +212,7 @@ class Raw:
             assert line, lines
             lines.append(line)
             if line.startswith(tag + b" "):
+                lines[-1] = line[len(tag) + 1:]
                 return lines
 
     def close(self) -> None:
@@ -230,7 +231,7 @@ def test_condstore_qresync_vanished(server, client_tls):
     hms = int(next(x for x in sel if b"HIGHESTMODSEQ" in x).split()[3].rstrip(b"]"))
     store = c.cmd("UID STORE 1 +FLAGS (\\Answered)")
     assert store[0].startswith(b"* 1 FETCH (FLAGS (\\Answered") and b"UID 1" in store[0] and b"MODSEQ (" in store[0]
-    assert c.cmd(f"UID STORE 1 (UNCHANGEDSINCE {hms}) +FLAGS (\\Flagged)")[-1].startswith(b"t5 OK [MODIFIED 1]")
+    assert c.cmd(f"UID STORE 1 (UNCHANGEDSINCE {hms}) +FLAGS (\\Flagged)")[-1].startswith(b"OK [MODIFIED 1]")
     fetch = c.cmd(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {hms})")
     assert len(fetch) == 2 and b"UID 1 " in fetch[0] and b"MODSEQ" in fetch[0]
     assert any(b"SEARCH 1 (MODSEQ " in x for x in c.cmd(f"SEARCH MODSEQ {hms + 1}"))
@@ -262,7 +263,7 @@ def test_esearch_sort_thread(server, client_tls):
     r.cmd(f'LOGIN {ALICE} "{PASSWORD}"')
     r.cmd("SELECT INBOX")
     assert r.cmd("UID SEARCH RETURN (MIN MAX COUNT) ALL")[0] == b'* ESEARCH (TAG "t3") UID MIN 1 MAX 3 COUNT 3\r\n'
-    assert r.cmd("SEARCH RETURN (SAVE) SUBJECT topic NOT SUBJECT re")[0].startswith(b"t4 OK")
+    assert r.cmd("SEARCH RETURN (SAVE) SUBJECT topic NOT SUBJECT re")[0].startswith(b"OK")
     assert r.cmd("FETCH $ (UID)")[:2] == [b"* 1 FETCH (UID 1)\r\n", b"* 3 FETCH (UID 3)\r\n"]
     assert r.cmd("THREAD REFERENCES UTF-8 ALL")[0] == b"* THREAD (3 2)(1)\r\n"
     r.close()
@@ -327,22 +328,22 @@ def test_hostile_and_broken_mime_never_breaks_a_session(server, client_tls):
     bodies = [p.read_bytes() for p in CORPUS] + [b"\r\n", b"no header at all", b"Content-Type: multipart/mixed\r\n\r\n",
                                                   b"X: " + bytes(range(1, 256)) + b"\r\n\r\n\xff\xfe"]
     for body in bodies:
-        assert c.cmd(b"APPEND INBOX {%d+}\r\n" % len(body) + body)[-1].split()[1] == b"OK"
+        assert c.cmd(b"APPEND INBOX {%d+}\r\n" % len(body) + body)[-1].split()[0] == b"OK"
     c.cmd("SELECT INBOX")
     items = ("(FLAGS ENVELOPE BODYSTRUCTURE BODY RFC822.SIZE BODY.PEEK[] BODY.PEEK[1] BODY.PEEK[1.MIME] "
              "BODY.PEEK[2.1.HEADER] BODY.PEEK[TEXT]<3.10> BINARY.SIZE[1] BINARY.PEEK[1])")
     for n in range(1, len(bodies) + 1):
         reply = c.cmd(f"FETCH {n} {items}")
-        status = reply[-1].split()[1]
+        status = reply[-1].split()[0]
         assert status in (b"OK", b"NO"), reply[-1]  # NO only for [UNKNOWN-CTE]
         if status == b"NO":
             assert b"UNKNOWN-CTE" in reply[-1]
-        assert c.cmd(f"FETCH {n} (ENVELOPE BODYSTRUCTURE)")[-1].split()[1] == b"OK"
+        assert c.cmd(f"FETCH {n} (ENVELOPE BODYSTRUCTURE)")[-1].split()[0] == b"OK"
     for key in ("TEXT nothing", "FROM x", "HEADER X y", "SENTSINCE 1-Jan-2000", "BODY z"):
-        assert c.cmd(f"SEARCH {key}")[-1].split()[1] == b"OK"
-    assert c.cmd("SORT (SUBJECT DATE FROM) UTF-8 ALL")[-1].split()[1] == b"OK"
-    assert c.cmd("THREAD REFERENCES UTF-8 ALL")[-1].split()[1] == b"OK"
-    assert c.cmd("NOOP")[-1].split()[1] == b"OK"
+        assert c.cmd(f"SEARCH {key}")[-1].split()[0] == b"OK"
+    assert c.cmd("SORT (SUBJECT DATE FROM) UTF-8 ALL")[-1].split()[0] == b"OK"
+    assert c.cmd("THREAD REFERENCES UTF-8 ALL")[-1].split()[0] == b"OK"
+    assert c.cmd("NOOP")[-1].split()[0] == b"OK"
     c.close()
 
 
@@ -378,3 +379,94 @@ def test_localserve_demo_account_reads_mail_over_2993_and_2143(tmp_path):
             c.logout()
         finally:
             assert ls.interrupt() == 0, ls.log_text()
+
+
+def _login(server, client_tls) -> Raw:
+    c = Raw(server, client_tls)
+    assert c.cmd(f'LOGIN {ALICE} "{PASSWORD}"')[-1].startswith(b"OK [CAPABILITY ")
+    return c
+
+
+def test_folder_commands_list_extended_status_and_namespace(server, client_tls):
+    c = _login(server, client_tls)
+    assert c.cmd("NAMESPACE")[0] == b'* NAMESPACE (("" "/")) NIL NIL\r\n'
+    assert c.cmd('ID ("name" "test")')[0] == b'* ID ("name" "yuubin")\r\n'
+    assert c.cmd("CREATE Projekte/Entw&APw-rfe")[-1].split()[0] == b"OK"
+    assert c.cmd("CREATE Projekte/Entw&APw-rfe")[-1].startswith(b"NO [ALREADYEXISTS]")
+    assert c.cmd("CREATE Stuff (USE (\\Flagged))")[-1].split()[0] == b"OK"
+    assert c.cmd("CREATE Bad (USE (\\Nope))")[-1].startswith(b"NO [USEATTR]")
+    lines = c.cmd('LIST "" "Projekte/%"')
+    assert lines[0] == b'* LIST (\\HasNoChildren) "/" "Projekte/Entw&APw-rfe"\r\n'
+    assert c.cmd('LIST "" Projekte')[0] == b'* LIST (\\HasChildren) "/" "Projekte"\r\n'
+    special = c.cmd('LIST (SPECIAL-USE) "" "*"')
+    assert {b"\\Sent", b"\\Drafts", b"\\Trash", b"\\Junk", b"\\Archive", b"\\Flagged"} <= {
+        w.strip(b"()") for line in special[:-1] for w in line.split()}
+    assert not any(b"INBOX" in line for line in special)
+    c.cmd(b"APPEND Sent {%d+}\r\n" % len(MESSAGE) + MESSAGE)
+    ls = c.cmd('LIST "" "Sent" RETURN (STATUS (MESSAGES UNSEEN SIZE) SUBSCRIBED)')
+    assert ls[0].startswith(b'* LIST (\\HasNoChildren \\Sent') and b'"/" "Sent"' in ls[0]
+    assert ls[1] == b'* STATUS "Sent" (MESSAGES 1 UNSEEN 1 SIZE %d)\r\n' % len(MESSAGE)
+    assert c.cmd("SUBSCRIBE Stuff")[-1].split()[0] == b"OK"
+    assert b'* LSUB () "/" "Stuff"\r\n' in c.cmd('LSUB "" "*"')
+    assert b'* LIST (\\HasNoChildren \\Flagged \\Subscribed) "/" "Stuff"\r\n' in c.cmd('LIST (SUBSCRIBED) "" "*"')
+    assert c.cmd("RENAME Stuff Things")[-1].split()[0] == b"OK"
+    assert c.cmd("DELETE Projekte")[-1].startswith(b"NO [HASCHILDREN]")
+    assert c.cmd("DELETE Things")[-1].split()[0] == b"OK"
+    assert c.cmd("SELECT Things")[-1].startswith(b"NO [NONEXISTENT]")
+    assert c.cmd('STATUS INBOX (MESSAGES UIDNEXT UIDVALIDITY HIGHESTMODSEQ APPENDLIMIT)')[0].startswith(
+        b'* STATUS INBOX (MESSAGES 0 UIDNEXT 1 UIDVALIDITY ')
+    c.close()
+
+
+def test_examine_is_read_only_and_unselect_keeps_deleted(server, client_tls):
+    c = _login(server, client_tls)
+    c.cmd(b"APPEND INBOX (\\Deleted) {%d+}\r\n" % len(MESSAGE) + MESSAGE)
+    ex = c.cmd("EXAMINE INBOX")
+    assert ex[-1].startswith(b"OK [READ-ONLY]") and b"* OK [PERMANENTFLAGS ()] read-only\r\n" in ex
+    assert c.cmd("STORE 1 +FLAGS (\\Seen)")[-1].startswith(b"NO [READ-ONLY]")
+    assert c.cmd("FETCH 1 (BODY[TEXT])")[0].startswith(b"* 1 FETCH (BODY[TEXT] {")
+    assert b"\\Seen" not in b"".join(c.cmd("FETCH 1 (FLAGS)"))  # EXAMINE never sets \Seen
+    sel = c.cmd("SELECT INBOX")
+    assert sel[-1].startswith(b"OK [READ-WRITE]")
+    assert c.cmd("UNSELECT")[-1].split()[0] == b"OK"
+    assert c.cmd("STATUS INBOX (MESSAGES DELETED)")[0] == b"* STATUS INBOX (MESSAGES 1 DELETED 1)\r\n"
+    c.cmd("SELECT INBOX")
+    assert c.cmd("CLOSE")[-1].split()[0] == b"OK"  # CLOSE expunges, silently
+    assert c.cmd("STATUS INBOX (MESSAGES)")[0] == b"* STATUS INBOX (MESSAGES 0)\r\n"
+    assert c.cmd("FETCH 1 FLAGS")[-1].split()[0] == b"BAD"  # not selected any more
+    c.close()
+
+
+def test_multiappend_catenate_binary_and_utf8_accept(server, client_tls):
+    c = _login(server, client_tls)
+    two = c.cmd(b"APPEND INBOX {%d+}\r\n" % len(MESSAGE) + MESSAGE + b" (\\Seen) {%d+}\r\n" % len(MESSAGE) + MESSAGE)
+    assert two[-1].startswith(b"OK [APPENDUID ") and two[-1].split()[3] == b"1:2]"
+    cat = c.cmd(b'APPEND Drafts CATENATE (TEXT {26+}\r\nSubject: forward\r\nX: y\r\n\r\n URL "/INBOX/;UID=1/;SECTION=1")')
+    assert cat[-1].startswith(b"OK [APPENDUID ")
+    bad = c.cmd(b'APPEND Drafts CATENATE (URL "/INBOX/;UID=99")')
+    assert bad[-1].startswith(b"NO [BADURL ")
+    nul = b"Subject: nul\r\n\r\na\x00b\r\n"
+    assert c.cmd(b"APPEND Drafts ~{%d+}\r\n" % len(nul) + nul)[-1].split()[0] == b"OK"
+    c.cmd("SELECT Drafts")
+    assert c.cmd("FETCH 1 (BODY.PEEK[TEXT])")[:2] == [b"* 1 FETCH (BODY[TEXT] {19}\r\n",
+                                                        b"let us meet at noon)\r\n"]
+    binary = c.cmd("FETCH 2 (BINARY.PEEK[1] BINARY.SIZE[1])")
+    assert b"".join(binary[:-1]) == b"* 2 FETCH (BINARY[1] ~{5}\r\na\x00b\r\n BINARY.SIZE[1] 5)\r\n"
+    assert c.cmd("ENABLE UTF8=ACCEPT")[0] == b"* ENABLED UTF8=ACCEPT\r\n"
+    assert c.cmd('CREATE "Übersicht"')[-1].split()[0] == b"OK"
+    assert c.cmd('LIST "" "Ü*"')[0] == '* LIST (\\HasNoChildren) "/" "Übersicht"\r\n'.encode()
+    c.close()
+
+
+def test_pipelined_commands_are_answered_in_order(server, client_tls):
+    c = _login(server, client_tls)
+    c.sock.sendall(b"p1 SELECT INBOX\r\np2 NOOP\r\np3 SEARCH ALL\r\np4 LOGOUT\r\n")
+    tags = []
+    while True:
+        line = c.file.readline()
+        if not line:
+            break
+        if not line.startswith(b"*"):
+            tags.append(line.split()[0])
+    assert tags == [b"p1", b"p2", b"p3", b"p4"]
+    c.close()

@@ -398,10 +398,11 @@ class IMAPSession(StreamSession):
         name = ev.mailbox.rstrip("/")
         use = None
         for u in ev.special_use:
-            if u.capitalize() not in SPECIAL_USES:
+            canonical = "\\" + u[1:].capitalize()
+            if canonical not in SPECIAL_USES:
                 self._no(ev.tag, "create", "special_use", f"unknown special use {u}", "USEATTR")
                 return
-            use = u.capitalize()
+            use = canonical
         self.account_store.create(name, use)
         self.conn.tagged(ev.tag, "OK", "CREATE completed")
 
@@ -482,9 +483,8 @@ class IMAPSession(StreamSession):
     async def _cmd_append(self, ev: P.Append) -> None:
         conn = self.conn
         assert conn is not None
-        uids = []
-        uidvalidity = 0
-        for m in ev.messages:
+        ready: list[tuple[bytes, P.AppendMessage]] = []
+        for m in ev.messages:  # every message is checked before any is stored (MULTIAPPEND is all or none)
             data = m.data
             if m.catenate:
                 pieces = []
@@ -509,12 +509,15 @@ class IMAPSession(StreamSession):
             if b"\0" in data and not m.binary:
                 conn.bad(ev.tag, "NUL in a message: send it as a literal8 (BINARY)")
                 return
+            ready.append((data, m))
+        uids = []
+        uidvalidity = 0
+        for data, m in ready:
             uidvalidity, uid = await self.account_store.append(ev.mailbox, data, frozenset(m.flags), m.internaldate)
             uids.append(uid)
         if self.view is not None:
             self._report(self.view.sync())
-        conn.tagged(ev.tag, "OK", "APPEND completed",
-                    f"APPENDUID {uidvalidity} {_compress(uids)}")
+        conn.tagged(ev.tag, "OK", "APPEND completed", f"APPENDUID {uidvalidity} {_compress(uids, sort=False)}")
 
     def _catenate_url(self, url: str) -> bytes | None:
         """A CATENATE URL of this account (RFC 4469 / 5092 relative form: /folder;UIDVALIDITY=n/;UID=n[/;SECTION=s])."""
@@ -713,9 +716,9 @@ class IMAPSession(StreamSession):
             return [(i + 1, m) for i, m in enumerate(msgs) if seqset.contains(m.uid, largest)]
         n = len(msgs)
         for a, b in seqset.ranges:
-            if (a != P.STAR and a > n) or (b != P.STAR and b > n):
-                if n == 0 and (a == P.STAR or b == P.STAR):
-                    continue
+            if P.STAR in (a, b):
+                continue  # "5:*" with 3 messages is 3:5, which names message 3
+            if a > n or b > n:
                 conn.bad(ev.tag, "invalid sequence number (no such message)")
                 return None
         return [(s, msgs[s - 1]) for s in seqset.iterate(n)]
@@ -754,7 +757,7 @@ class IMAPSession(StreamSession):
                 missing = True
                 continue
             conn.untagged(out)
-            if len(conn._out) > 1 << 20:
+            if conn.pending_output > 1 << 20:
                 await self.send(conn.data_to_send())
         if missing:
             conn.tagged(ev.tag, "NO", "some of the messages were expunged meanwhile", "EXPUNGEISSUED")

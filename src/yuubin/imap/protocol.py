@@ -57,6 +57,8 @@ _LEGAL: dict[str, frozenset[State]] = {
     "STORE": _SEL, "COPY": _SEL, "MOVE": _SEL, "UID": _SEL, "SORT": _SEL, "THREAD": _SEL,
 }
 
+PRE_AUTH_LITERAL = 8192  # before login a literal is a user name or password
+
 # Sent to every client before login (and in the greeting).
 BASE_CAPABILITIES = ("IMAP4rev1", "SASL-IR", "LITERAL+", "ID", "ENABLE", "IDLE")
 
@@ -589,6 +591,7 @@ class IMAPServerConnection:
         self._need_literal: int | None = None
         self._discard = 0  # bytes of an over-large non-synchronising literal still to skip
         self._skip_line = False
+        self._command_size = 0  # literal octets of the command being framed
         self._bucket = limits.commands_per_second
         self._bucket_time: float | None = None
         self.closed = False
@@ -601,6 +604,10 @@ class IMAPServerConnection:
     @property
     def unprocessed(self) -> int:
         return len(self._in)
+
+    @property
+    def pending_output(self) -> int:
+        return len(self._out)
 
     def take_input(self) -> bytes:
         """The bytes received but not parsed (COMPRESS: they were compressed; the session inflates them)."""
@@ -765,24 +772,48 @@ class IMAPServerConnection:
         if m:
             n = int(m.group(2))
             sync = m.group(3) is None
+            first = not self._parts
             self._parts.append(line[:m.start()] + (b"~" if m.group(1) else b""))
             tag = self._tag_of(self._parts[0])
-            if n > self.limits.literal_size:
+            refusal = self._literal_refusal(n, first)
+            if refusal is not None:
                 self._parts.clear()
-                reason = f"literal of {n} octets is over the limit of {self.limits.literal_size}"
-                self.refuse(tag, reason, "TOOBIG")
+                reason, code, kind = refusal
+                if kind == "BAD":
+                    self.bad(tag, reason)
+                else:
+                    self.refuse(tag, reason, code)
                 if not sync:  # it is coming anyway: read it away with the rest of the command
                     self._discard = n
-                    if n == 0:
-                        self._skip_line = True
                 return None
+            self._command_size += n
             self._need_literal = n
             if sync:
                 self.continuation(b"Ready for literal data")
             return None
         self._parts.append(line)
         parts, self._parts = self._parts, []
+        self._command_size = 0
         return self._command(parts, now)
+
+    def _literal_refusal(self, n: int, first: bool) -> tuple[str, str | None, str] | None:
+        """Why a literal must not be read: the command cannot run here, or it is too big (before
+        login, a literal can only be a user name or password: 8 KiB at most)."""
+        if first:
+            words = self._parts[0].split(b" ", 2)
+            name = words[1].decode("ascii", "replace").upper() if len(words) > 1 else ""
+            legal = _LEGAL.get(name)
+            if legal is None:
+                return f"unknown command {name[:30]}", None, "BAD"
+            if self.state not in legal:
+                return f"{name} is not allowed in the {self.state.value} state", None, "BAD"
+        limit = self.limits.literal_size if self.state is not State.NOT_AUTHENTICATED else PRE_AUTH_LITERAL
+        if n > limit:
+            return f"literal of {n} octets is over the limit of {limit}", "TOOBIG", "NO"
+        if self._command_size + n > self.limits.literal_size + self.limits.line_length:
+            return (f"the literals of one command are over the limit of {self.limits.literal_size} octets",
+                    "TOOBIG", "NO")
+        return None
 
     def _command(self, parts: list[bytes], now: float) -> Event | None:
         tag = self._tag_of(parts[0])
@@ -1082,6 +1113,13 @@ class IMAPServerConnection:
             if isinstance(t, Str) and t.literal:
                 cmd.messages.append(AppendMessage(flags, date, t.data, binary=t.binary))
                 i += 1
+            elif isinstance(t, Atom) and t.text.upper() == "UTF8" and i + 1 < len(a) and isinstance(a[i + 1], list):
+                inner = a[i + 1]
+                assert isinstance(inner, list)
+                if len(inner) != 1 or not isinstance(inner[0], Str) or not inner[0].binary:
+                    raise SyntaxErr("UTF8 takes (literal8)")
+                cmd.messages.append(AppendMessage(flags, date, inner[0].data, binary=True))
+                i += 2
             elif isinstance(t, Atom) and t.text.upper() == "CATENATE" and i + 1 < len(a) \
                     and isinstance(a[i + 1], list):
                 cat = a[i + 1]
