@@ -364,14 +364,15 @@ def test_before_login_literals_are_small():
     c = conn(State.NOT_AUTHENTICATED)
     _evs, out = feed(c, b"a LOGIN {9000}\r\n")
     assert out == b"a NO [TOOBIG] literal of 9000 octets is over the limit of 8192\r\n"
-    evs, out = feed(c, b"b LOGIN {3}\r\n")
+    _evs, out = feed(c, b"b LOGIN {3}\r\n")
     assert out == b"+ Ready for literal data\r\n"
 
 
 def test_literals_of_one_command_together_are_capped():
     c = conn(State.AUTHENTICATED, limits=Limits(literal_size=5000, line_length=8192))
     m = b"x" * 5000
-    evs, out = feed(c, b"a APPEND INBOX {5000+}\r\n" + m + b" {5000+}\r\n" + m + b" {5000+}\r\n" + m + b"\r\nb NOOP\r\n")
+    evs, out = feed(c, b"a APPEND INBOX {5000+}\r\n" + m + b" {5000+}\r\n" + m + b" {5000+}\r\n" + m
+                    + b"\r\nb NOOP\r\n")
     assert out.startswith(b"a NO [TOOBIG] the literals of one command")
     assert [e.tag for e in evs] == ["b"]
 

@@ -441,7 +441,8 @@ def test_multiappend_catenate_binary_and_utf8_accept(server, client_tls):
     c = _login(server, client_tls)
     two = c.cmd(b"APPEND INBOX {%d+}\r\n" % len(MESSAGE) + MESSAGE + b" (\\Seen) {%d+}\r\n" % len(MESSAGE) + MESSAGE)
     assert two[-1].startswith(b"OK [APPENDUID ") and two[-1].split()[3] == b"1:2]"
-    cat = c.cmd(b'APPEND Drafts CATENATE (TEXT {26+}\r\nSubject: forward\r\nX: y\r\n\r\n URL "/INBOX/;UID=1/;SECTION=1")')
+    cat = c.cmd(b'APPEND Drafts CATENATE (TEXT {26+}\r\nSubject: forward\r\nX: y\r\n\r\n '
+                b'URL "/INBOX/;UID=1/;SECTION=1")')
     assert cat[-1].startswith(b"OK [APPENDUID ")
     bad = c.cmd(b'APPEND Drafts CATENATE (URL "/INBOX/;UID=99")')
     assert bad[-1].startswith(b"NO [BADURL ")
