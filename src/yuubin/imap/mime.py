@@ -27,7 +27,8 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import unquote_to_bytes
 
 MAX_DEPTH = 100
-"""Nesting of multipart/message parts beyond this is not parsed (a leaf of its own)."""
+"""Levels of multipart/message nesting parsed, the top level counted; a multipart or message on
+the last level is an opaque leaf (application/octet-stream, as Dovecot shows it)."""
 MAX_PARTS = 10_000
 """Parts in one message beyond this are not parsed (the rest of the body is a leaf)."""
 DEFAULT_CTYPE = ("text", "plain")
@@ -56,35 +57,35 @@ def _body_start(raw: bytes, start: int, end: int) -> int:
     return b + 2
 
 
+_FIELD = re.compile(rb"^([^: \t\r\n][^:\r\n]*):(.*(?:\r?\n[ \t].*)*)", re.MULTILINE)
+
+
+_NAMES: dict[bytes, str] = {}
+_NAMES_MAX = 4096  # field names seen are few; a message full of odd names does not grow this
+
+
 def _fields(block: bytes) -> list[tuple[str, bytes]]:
-    """(lower-case name, raw value with its folding) for each header field, in order."""
+    """(lower-case name, raw value with its folding) for each header field, in order; lines that
+    are not fields are skipped. One regex pass over the header only (never a body)."""
     out: list[tuple[str, bytes]] = []
-    name: str | None = None
-    value: list[bytes] = []
-    for line in block.split(b"\n"):
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t"):
-            if name is not None:
-                value.append(line)
-            continue
-        if name is not None:
-            out.append((name, b"\r\n".join(value)))
-        colon = line.find(b":")
-        if colon <= 0:
-            name = None
-            continue
-        name = line[:colon].strip().decode("latin-1").lower()
-        value = [line[colon + 1:]]
-    if name is not None:
-        out.append((name, b"\r\n".join(value)))
+    names = _NAMES
+    for raw_name, value in _FIELD.findall(block):
+        name = names.get(raw_name)
+        if name is None:
+            name = raw_name.rstrip(b" \t").decode("latin-1").lower()
+            if len(names) < _NAMES_MAX:
+                names[raw_name] = name
+        out.append((name, value[:-1] if value.endswith(b"\r") else value))
     return out
 
 
 def _unfold(value: bytes) -> bytes:
-    return value.replace(b"\r\n", b"").replace(b"\n", b"").strip(b" \t")
+    return _unfold_raw(value).strip(b" \t")
+
+
+def _unfold_raw(value: bytes) -> bytes:
+    """Folding removed; a fold's tab becomes a space (as Dovecot shows it in ENVELOPE)."""
+    return value.replace(b"\r\n\t", b" ").replace(b"\n\t", b" ").replace(b"\r\n", b"").replace(b"\n", b"")
 
 
 # --------------------------------------------------------------------------- structured headers
@@ -118,29 +119,31 @@ def _skip_cfws(s: bytes, i: int) -> int:
     return i
 
 
+_TOKEN = re.compile(rb'[^\x00-\x20()<>@,;:\\"/\[\]?=\x7f]*')
+
+
 def _token(s: bytes, i: int) -> tuple[bytes, int]:
-    j = i
-    while j < len(s) and s[j] > 0x20 and s[j] not in _TSPECIALS and s[j] != 0x7F:
-        j += 1
-    return s[i:j], j
+    m = _TOKEN.match(s, i)
+    assert m is not None  # the pattern matches the empty string
+    return m.group(), m.end()
+
+
+_QUOTED = re.compile(rb'"((?:[^"\\]|\\.)*)("?)', re.DOTALL)
+_QUOTED_PAIR = re.compile(rb"\\(.)", re.DOTALL)
 
 
 def _quoted(s: bytes, i: int) -> tuple[bytes, int]:
-    """The content of the quoted string whose opening quote is at `i`, and the offset after it."""
-    out = bytearray()
-    i += 1
-    while i < len(s):
-        c = s[i]
-        if c == 0x5C and i + 1 < len(s):
-            out.append(s[i + 1])
-            i += 2
-            continue
-        if c == 0x22:
-            return bytes(out), i + 1
-        if c not in b"\r\n":
-            out.append(c)
-        i += 1
-    return bytes(out), i
+    """The content of the quoted string whose opening quote is at `i`, and the offset after it
+    (an unclosed one runs to the end)."""
+    m = _QUOTED.match(s, i)
+    if m is None:
+        return b"", len(s)
+    text = m.group(1)
+    if b"\\" in text:
+        text = _QUOTED_PAIR.sub(rb"\1", text)
+    if b"\n" in text or b"\r" in text:
+        text = text.replace(b"\r", b"").replace(b"\n", b"")
+    return text, m.end()
 
 
 def _parse_params(s: bytes, i: int) -> list[tuple[str, bytes]]:
@@ -165,7 +168,7 @@ def _parse_params(s: bytes, i: int) -> list[tuple[str, bytes]]:
             value, i = _quoted(s, i)
         else:
             value, i = _token(s, i)
-        params.append((name.decode("latin-1").lower(), value))
+        params.append((name.decode("latin-1"), value))
     return params
 
 
@@ -181,10 +184,10 @@ def _rfc2231(params: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
         if star and (rest in ("", "*") or rest.rstrip("*").isdigit()):
             ext = name.endswith("*")
             num = int(rest.rstrip("*")) if rest.rstrip("*") else 0
-            if base not in groups:
-                groups[base] = []
+            if base.lower() not in groups:
+                groups[base.lower()] = []
                 out.append((base, None))  # the joined value goes here
-            groups[base].append((num, ext, value))
+            groups[base.lower()].append((num, ext, value))
         else:
             out.append((name, value.decode("utf-8", "surrogateescape")))
     result: list[tuple[str, str]] = []
@@ -192,7 +195,7 @@ def _rfc2231(params: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
         if joined is not None:
             result.append((key, joined))
             continue
-        segs = sorted(groups[key], key=lambda t: t[0])
+        segs = sorted(groups[key.lower()], key=lambda t: t[0])
         if any(ext for _, ext, _ in segs):
             pieces: list[str] = []
             for idx, (_num, ext, v) in enumerate(segs):
@@ -215,7 +218,9 @@ def _pct(v: bytes) -> str:
 
 def decoded_param(params: tuple[tuple[str, str], ...], name: str) -> str | None:
     """The text of parameter `name`, RFC 2231 charset decoding applied (for filenames, charsets)."""
+    name = name.lower()
     for key, value in params:
+        key = key.lower()
         if key == name:
             return value
         if key == name + "*":
@@ -237,7 +242,7 @@ def _content_type(value: bytes | None) -> tuple[str, str, list[tuple[str, bytes]
     sub, i = _token(value, i)
     if not sub:
         return None
-    return main.decode("latin-1").lower(), sub.decode("latin-1").lower(), _parse_params(value, i)
+    return main.decode("latin-1"), sub.decode("latin-1"), _parse_params(value, i)
 
 
 # --------------------------------------------------------------------------- the part tree
@@ -253,19 +258,18 @@ class Part:
     end: int            # one past the last octet of the body
     depth: int
     in_digest: bool = False
-    type: str = "text"
+    type: str = "text"        # lower case, for decisions
     subtype: str = "plain"
+    shown: tuple[str, str] = ("text", "plain")   # as the header spells them, for BODYSTRUCTURE
     params: tuple[tuple[str, str], ...] = DEFAULT_PARAMS
     fields: list[tuple[str, bytes]] = field(default_factory=list)
     children: list[Part] = field(default_factory=list)
     message: Part | None = None   # the encapsulated message of a message/rfc822 part
     opaque: bool = False          # not parsed further (depth or part limit)
+    first: dict[str, bytes] = field(default_factory=dict)  # name -> its first value
 
     def field(self, name: str) -> bytes | None:
-        for key, value in self.fields:
-            if key == name:
-                return value
-        return None
+        return self.first.get(name)
 
     @property
     def header(self) -> bytes:
@@ -281,7 +285,7 @@ class Part:
 
     @property
     def is_message(self) -> bool:
-        return self.type == "message" and self.subtype in ("rfc822", "global") and self.message is not None
+        return self.type == "message" and self.subtype == "rfc822" and self.message is not None
 
     def encoding(self) -> str:
         value = self.field("content-transfer-encoding")
@@ -299,25 +303,26 @@ class _Budget:
 
 
 def _build(raw: bytes, start: int, end: int, depth: int, budget: _Budget, *, in_digest: bool = False,
-           body_start: int | None = None) -> Part:
+           body_start: int | None = None, fields: list[tuple[str, bytes]] | None = None) -> Part:
     """Parse the entity at [start, end): its header, type, and children."""
     budget.parts += 1
     bs = _body_start(raw, start, end) if body_start is None else body_start
     part = Part(raw, start, bs, end, depth, in_digest)
-    part.fields = _fields(raw[start:bs])
+    part.fields = _fields(raw[start:bs]) if fields is None else fields
+    part.first = dict(reversed(part.fields))
     ctype = _content_type(part.field("content-type"))
     if ctype is None:
         if in_digest:
             part.type, part.subtype, part.params = "message", "rfc822", ()
+            part.shown = ("message", "rfc822")
     else:
-        part.type, part.subtype = ctype[0], ctype[1]
+        part.shown = (ctype[0], ctype[1])
+        part.type, part.subtype = ctype[0].lower(), ctype[1].lower()
         part.params = tuple(_rfc2231(ctype[2]))
     boundary = decoded_param(part.params, "boundary") if part.type == "multipart" else None
     if part.type == "multipart" and not boundary:
-        # no boundary: nothing can be cut; show it as the text it is (as Dovecot does)
-        part.type, part.subtype, part.params = "text", "plain", DEFAULT_PARAMS
-        return part
-    if depth >= MAX_DEPTH or budget.parts >= MAX_PARTS:
+        return part  # nothing can be cut: a multipart without parts (shown with one empty part)
+    if depth + 1 >= MAX_DEPTH or budget.parts >= MAX_PARTS:
         if part.type in ("multipart", "message"):
             part.opaque = True
         return part
@@ -327,7 +332,9 @@ def _build(raw: bytes, start: int, end: int, depth: int, budget: _Budget, *, in_
             if budget.parts >= MAX_PARTS:
                 break
             part.children.append(_build(raw, cs, ce, depth + 1, budget, in_digest=digest))
-    elif part.type == "message" and part.subtype in ("rfc822", "global"):
+    elif part.type == "message" and part.subtype == "rfc822":
+        # message/global stays a leaf: IMAP4rev1 (RFC 3501) has no envelope for it, most clients
+        # speak rev1, and Dovecot shows it so too
         part.message = _build(raw, bs, end, depth + 1, budget)
     return part
 
@@ -373,12 +380,13 @@ def _split(raw: bytes, start: int, end: int, boundary: bytes) -> list[tuple[int,
 class ParsedMessage:
     """A message as IMAP sees it; the MIME tree is built on first use."""
 
-    __slots__ = ("_root", "_top_fields", "body_start", "raw")
+    __slots__ = ("_first", "_root", "_top_fields", "body_start", "raw")
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
         self.body_start = _body_start(raw, 0, len(raw))
         self._top_fields: list[tuple[str, bytes]] | None = None
+        self._first: dict[str, bytes] | None = None
         self._root: Part | None = None
 
     @property
@@ -390,15 +398,15 @@ class ParsedMessage:
         return self._top_fields
 
     def field(self, name: str) -> bytes | None:
-        for key, value in self.fields:
-            if key == name:
-                return value
-        return None
+        if self._first is None:
+            self._first = dict(reversed(self.fields))
+        return self._first.get(name)
 
     @property
     def root(self) -> Part:
         if self._root is None:
-            self._root = _build(self.raw, 0, len(self.raw), 0, _Budget(), body_start=self.body_start)
+            self._root = _build(self.raw, 0, len(self.raw), 0, _Budget(), body_start=self.body_start,
+                                fields=self._top_fields)
         return self._root
 
 
@@ -411,7 +419,7 @@ def parse(raw: bytes) -> ParsedMessage:
 
 
 def _safe_quoted(b: bytes, utf8: bool) -> bool:
-    if len(b) > 1024 or b"\r" in b or b"\n" in b or b"\0" in b:
+    if b"\r" in b or b"\n" in b or b"\0" in b:
         return False
     if b.isascii():
         return True
@@ -424,6 +432,9 @@ def _safe_quoted(b: bytes, utf8: bool) -> bool:
     return True
 
 
+_PLAIN = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+
+
 def quote(s: str | bytes | None, *, utf8: bool = False) -> bytes:
     """An IMAP string: quoted when safe, else a literal `{n}\\r\\n...`; NIL for None.
 
@@ -432,6 +443,8 @@ def quote(s: str | bytes | None, *, utf8: bool = False) -> bytes:
     if s is None:
         return b"NIL"
     b = s.encode("utf-8", "surrogateescape") if isinstance(s, str) else bytes(s)
+    if not b.translate(None, _PLAIN):
+        return b'"' + b + b'"'
     if b"\0" in b:
         b = b.replace(b"\0", b"")
     if _safe_quoted(b, utf8):
@@ -448,36 +461,37 @@ def _nstring(value: bytes | None, utf8: bool) -> bytes:
 _ADDR_SPECIALS = b'()<>@,;:\\".[]'
 
 
+_ADDR_TOKEN = re.compile(rb'[ \t\r\n]+|(")|(\()|(\[[^\]]*\]?)|([<>@,;:.\\\]])|([^ \t\r\n()<>@,;:\\".\[\]]+)')
+
+
 def _addr_tokens(s: bytes) -> list[tuple[str, bytes]]:
-    """RFC 5322 tokens: ('a', atom), ('q', quoted text), ('c', comment), ('s', special)."""
+    """RFC 5322 tokens: ('a', atom), ('q', quoted text), ('c', comment), ('s', special),
+    ('w', whitespace: kept so a display name keeps the spacing it was written with)."""
     out: list[tuple[str, bytes]] = []
     i, n = 0, len(s)
+    match = _ADDR_TOKEN.match
     while i < n:
-        c = s[i]
-        if c in b" \t\r\n":
-            i += 1
-        elif c == 0x22:
+        m = match(s, i)
+        if m is None:  # cannot happen: every byte is one of the alternatives
+            break
+        kind = m.lastindex
+        if kind is None:
+            out.append(("w", b" "))
+            i = m.end()
+        elif kind == 1:
             text, i = _quoted(s, i)
             out.append(("q", text))
-        elif c == 0x28:
+        elif kind == 2:
             j = _skip_cfws(s, i)
             inner = s[i + 1:j - 1] if j - 1 > i and s[j - 1] == 0x29 else s[i + 1:j]
             out.append(("c", inner.strip()))
             i = j
-        elif c == 0x5B:  # domain literal
-            j = s.find(b"]", i)
-            j = n if j < 0 else j + 1
-            out.append(("a", s[i:j]))
-            i = j
-        elif c in _ADDR_SPECIALS:
-            out.append(("s", bytes([c])))
-            i += 1
+        elif kind == 4:
+            out.append(("s", m.group()))
+            i = m.end()
         else:
-            j = i
-            while j < n and s[j] not in b" \t\r\n" and s[j] not in _ADDR_SPECIALS:
-                j += 1
-            out.append(("a", s[i:j]))
-            i = j
+            out.append(("a", m.group()))
+            i = m.end()
     return out
 
 
@@ -485,19 +499,19 @@ Address = tuple[bytes | None, bytes | None, bytes | None, bytes | None]
 
 
 def _phrase(tokens: list[tuple[str, bytes]]) -> bytes | None:
-    words = [v for k, v in tokens if k in ("a", "q") or (k == "s" and v == b".")]
-    if not words:
-        return None
+    """A display name: its words (quoted ones unquoted) with one space where the header had
+    whitespace, tabs as spaces, trimmed (as Dovecot shows it)."""
     out = b""
+    space = False
     for k, v in tokens:
-        if k == "c":
-            continue
-        if k == "s" and v == b".":
-            out += b"."
-            continue
-        if k in ("a", "q"):
-            out += (b" " if out and not out.endswith(b".") else b"") + v
-    return out
+        if k == "w":
+            space = True
+        elif k in ("a", "q") or (k == "s" and v == b"."):
+            if out and space:
+                out += b" "
+            out += v
+            space = False
+    return out.replace(b"\t", b" ").strip(b" ") or None
 
 
 def _addr_spec(tokens: list[tuple[str, bytes]]) -> tuple[bytes | None, bytes | None, bytes | None]:
@@ -505,46 +519,70 @@ def _addr_spec(tokens: list[tuple[str, bytes]]) -> tuple[bytes | None, bytes | N
     adl = None
     colon = next((i for i, (k, v) in enumerate(tokens) if k == "s" and v == b":"), -1)
     if colon >= 0:
-        adl = b"".join(v for k, v in tokens[:colon] if k != "c") or None
+        adl = b"".join(v for k, v in tokens[:colon] if k not in ("c", "w")) or None
         tokens = tokens[colon + 1:]
     at = max((i for i, (k, v) in enumerate(tokens) if k == "s" and v == b"@"), default=-1)
     local_tokens = tokens if at < 0 else tokens[:at]
-    local = b"".join(_local_word(k, v) for k, v in local_tokens if k != "c")
-    host = None if at < 0 else b"".join(v for k, v in tokens[at + 1:] if k != "c")
+    local = b"".join(v for k, v in local_tokens if k not in ("c", "w"))  # quoted local part unquoted, as Dovecot
+    host = None if at < 0 else b"".join(v for k, v in tokens[at + 1:] if k not in ("c", "w"))
     return adl, local or None, host or None
 
 
-def _local_word(kind: str, value: bytes) -> bytes:
-    if kind != "q":
-        return value
-    if value and all(c > 0x20 and c not in _ADDR_SPECIALS for c in value):
-        return value
-    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-
-
 def _mailbox(tokens: list[tuple[str, bytes]]) -> Address | None:
-    if not any(k != "c" for k, _ in tokens):
+    """One mailbox; what cannot be read is named as Dovecot names it (MISSING_MAILBOX,
+    MISSING_DOMAIN, SYNTAX_ERROR for an unclosed <), so clients see the same thing from both."""
+    if not any(k not in ("c", "w") for k, _ in tokens):
         return None
     lt = next((i for i, (k, v) in enumerate(tokens) if k == "s" and v == b"<"), -1)
     if lt >= 0:
-        gt = next((i for i, (k, v) in enumerate(tokens) if i > lt and k == "s" and v == b">"), len(tokens))
+        gt = next((i for i, (k, v) in enumerate(tokens) if i > lt and k == "s" and v == b">"), -1)
         name = _phrase(tokens[:lt])
-        adl, mbox, host = _addr_spec(tokens[lt + 1:gt])
-        if name is None:
+        adl, mbox, host = _addr_spec(tokens[lt + 1:] if gt < 0 else tokens[lt + 1:gt])
+        if gt < 0:
+            host = b"SYNTAX_ERROR"
+        elif name is None:
             comments = [v for k, v in tokens[gt:] if k == "c"]
             name = comments[0] if comments else None
     else:
         adl, mbox, host = _addr_spec(tokens)
         comments = [v for k, v in tokens if k == "c"]
         name = comments[-1] if comments else None
-    if mbox is None and host is None and name is None:
-        return None
-    return (name, adl, mbox if mbox is not None else b"MISSING_MAILBOX",
+    return (name or None, adl, mbox if mbox is not None else b"MISSING_MAILBOX",
             host if host is not None else b"MISSING_DOMAIN")
+
+
+_ATEXT = rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
+_DOMAIN = rb"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+_SIMPLE_ADDR = re.compile(
+    rb'[ \t]*(?:(?:([A-Za-z0-9]+(?: [A-Za-z0-9]+)*)|"([^"\\\r\n\t ](?:[^"\\\r\n\t]*[^"\\\r\n\t ])?)")[ \t]*)?'
+    rb"(<)?(" + _ATEXT + rb")@(" + _DOMAIN + rb")(>)?[ \t]*")
 
 
 def addresses(value: bytes) -> list[Address]:
     """The address list of a header as ENVELOPE wants it, groups as start/end markers."""
+    simple = _simple_address(value)
+    if simple is not None:
+        return [simple]
+    if b"," in value and not _NOT_SIMPLE.search(value):
+        # a list of plain "Name <a@b>" / "a@b" with no quotes, comments or groups to split wrongly
+        found = [_simple_address(item) for item in value.split(b",")]
+        if all(found):
+            return [a for a in found if a is not None]
+    return _tokenized_addresses(value)
+
+
+_NOT_SIMPLE = re.compile(rb'["(:;\\\r\n]')
+
+
+def _simple_address(value: bytes) -> Address | None:
+    """The common single "Name <a@b>" / "a@b" without the tokenizer; None for anything else."""
+    m = _SIMPLE_ADDR.fullmatch(value)
+    if m and (m.group(3) is not None) == (m.group(6) is not None) and (m.group(3) or not (m[1] or m[2])):
+        return (m.group(1) or m.group(2), None, m.group(4), m.group(5))
+    return None
+
+
+def _tokenized_addresses(value: bytes) -> list[Address]:
     tokens = _addr_tokens(value)
     out: list[Address] = []
     item: list[tuple[str, bytes]] = []
@@ -594,8 +632,7 @@ def _address_list(value: bytes | None, utf8: bool) -> bytes:
 def _envelope_string(value: bytes | None, utf8: bool) -> bytes:
     if value is None:
         return b"NIL"
-    text = _unfold(value)
-    return quote(text, utf8=utf8) if text else b"NIL"
+    return quote(_unfold_raw(value).lstrip(b" \t"), utf8=utf8)
 
 
 def _envelope_of(fields_of: Part | ParsedMessage, utf8: bool) -> bytes:
@@ -607,12 +644,13 @@ def _envelope_of(fields_of: Part | ParsedMessage, utf8: bool) -> bytes:
         sender = from_
     if reply_to is None or not _unfold(reply_to):
         reply_to = from_
+    from_list = _address_list(from_, utf8)
     items = [
         _envelope_string(get("date"), utf8),
         _envelope_string(get("subject"), utf8),
-        _address_list(from_, utf8),
-        _address_list(sender, utf8),
-        _address_list(reply_to, utf8),
+        from_list,
+        from_list if sender is from_ else _address_list(sender, utf8),
+        from_list if reply_to is from_ else _address_list(reply_to, utf8),
         _address_list(get("to"), utf8),
         _address_list(get("cc"), utf8),
         _address_list(get("bcc"), utf8),
@@ -663,8 +701,6 @@ def _language(part: Part, utf8: bool) -> bytes:
     langs = [t for t in (x.strip(b" \t\r\n") for x in re.sub(rb"\([^)]*\)", b"", value).split(b",")) if t]
     if not langs:
         return b"NIL"
-    if len(langs) == 1:
-        return quote(langs[0], utf8=utf8)
     return b"(" + b" ".join(quote(x, utf8=utf8) for x in langs) + b")"
 
 
@@ -686,7 +722,7 @@ def _structure(part: Part, extended: bool, utf8: bool) -> bytes:
             inner += b" NIL NIL NIL NIL)" if extended else b")"
         else:
             inner = b"".join(_structure(c, extended, utf8) for c in children)
-        out = inner + b" " + quote(part.subtype, utf8=utf8)
+        out = inner + b" " + quote(part.shown[1], utf8=utf8)
         if extended:
             params = tuple(p for p in part.params)
             out += b" " + _params_list(params, utf8) + b" " + _ext_tail(part, utf8)
@@ -694,9 +730,9 @@ def _structure(part: Part, extended: bool, utf8: bool) -> bytes:
     if part.opaque:
         main, sub, params = "application", "octet-stream", part.params
     else:
-        main, sub, params = part.type, part.subtype, part.params
-    if main == "text" and not params:
-        params = DEFAULT_PARAMS
+        (main, sub), params = part.shown, part.params
+    if part.type == "text" and not part.opaque and decoded_param(params, "charset") is None:
+        params = (*params, *DEFAULT_PARAMS)  # RFC 2045 5.2 default, spelled out as Dovecot does
     items = [quote(main, utf8=utf8), quote(sub, utf8=utf8), _params_list(params, utf8),
              _nstring(_field_text(part, "content-id"), utf8),
              _nstring(_field_text(part, "content-description"), utf8),
@@ -706,7 +742,7 @@ def _structure(part: Part, extended: bool, utf8: bool) -> bytes:
         items.append(_envelope_of(part.message, utf8))
         items.append(_structure(part.message, extended, utf8))
         items.append(b"%d" % _count_lines(part))
-    elif main == "text":
+    elif part.type == "text" and not part.opaque:
         items.append(b"%d" % _count_lines(part))
     if extended:
         items.append(_nstring(_field_text(part, "content-md5"), utf8))
@@ -737,6 +773,7 @@ def _resolve(root: Part, numbers: list[int]) -> Part | None:
     the parts of its multipart body; a message that is not multipart has only part 1, its body."""
     part = root
     in_message = True
+    child = False
     for n in numbers:
         if n < 1:
             return None
@@ -747,9 +784,14 @@ def _resolve(root: Part, numbers: list[int]) -> Part | None:
             if n > len(part.children):
                 return None
             part = part.children[n - 1]
-        elif not in_message or n != 1:
+            child = True
+            in_message = False
+            continue
+        # a message that is not multipart has only part 1; so has a leaf of a multipart
+        # (Dovecot answers BODY[2.1] with part 2)
+        if n != 1 or not (in_message or child):
             return None
-        in_message = False
+        in_message = child = False
     return part
 
 
@@ -769,7 +811,8 @@ def _header_fields(header: bytes, names: set[str], negate: bool) -> bytes:
         keep = name is not None and ((name in names) != negate)
         if keep:
             out += line + (b"\n" if line.endswith(b"\r") else b"\r\n")
-    out += b"\r\n"
+    if not negate or header.endswith(b"\n\r\n") or header.endswith(b"\n\n") or header in (b"\r\n", b"\n"):
+        out += b"\r\n"  # HEADER.FIELDS always ends with the blank line; .NOT keeps the header's own
     return bytes(out)
 
 
@@ -859,8 +902,8 @@ def binary(msg: ParsedMessage, part: str) -> bytes | None:
     if p is None:
         return None
     data = msg.raw[p.body_start:p.end]
-    if p.multipart or p.is_message:
-        return data
+    if p.multipart:
+        return data  # a multipart has no transfer encoding of its own (RFC 2045 6.4)
     return _decode_cte(data, p.encoding())
 
 
@@ -894,7 +937,7 @@ def _decode_bytes(data: bytes, charset: str) -> str:
         return data.decode("latin-1")
 
 
-def _decode_word(m: re.Match[bytes]) -> bytes:
+def _decode_word(m: re.Match[bytes]) -> str:
     charset = m.group(1).decode("latin-1")
     enc = m.group(2).upper()
     text = m.group(3)
@@ -903,19 +946,27 @@ def _decode_word(m: re.Match[bytes]) -> bytes:
         try:
             data = base64.b64decode(text)
         except (binascii.Error, ValueError):
-            return m.group(0)
+            return _decode_bytes(m.group(0), "utf-8")
     else:
         data = quopri.decodestring(text.replace(b"_", b" "), header=True)
-    return _decode_bytes(data, charset).encode("utf-8", "surrogateescape")
+    return _decode_bytes(data, charset)
 
 
 def decode_words(value: bytes) -> str:
-    """Unfold a header value and decode its RFC 2047 encoded words (unknown charsets best effort)."""
-    value = value.replace(b"\r\n", b"").replace(b"\n", b"").strip(b" \t")
-    if b"=?" in value:
-        value = _BETWEEN_WORDS.sub(rb"\1", value)
-        value = _ENCODED_WORD.sub(_decode_word, value)
-    return _decode_bytes(value, "utf-8")
+    """Unfold a header value and decode its RFC 2047 encoded words (unknown charsets best effort);
+    text between encoded words is UTF-8, or Latin-1 where it is not valid UTF-8."""
+    value = _unfold(value)
+    if b"=?" not in value:
+        return _decode_bytes(value, "utf-8")
+    value = _BETWEEN_WORDS.sub(rb"\1", value)
+    out: list[str] = []
+    pos = 0
+    for m in _ENCODED_WORD.finditer(value):
+        out.append(_decode_bytes(value[pos:m.start()], "utf-8"))
+        out.append(_decode_word(m))
+        pos = m.end()
+    out.append(_decode_bytes(value[pos:], "utf-8"))
+    return "".join(out)
 
 
 def header_values(msg: ParsedMessage, name: str) -> list[str]:
@@ -924,15 +975,15 @@ def header_values(msg: ParsedMessage, name: str) -> list[str]:
     return [decode_words(v) for k, v in msg.fields if k == key]
 
 
-def _part_text(part: Part, out: list[str], headers: bool) -> None:
-    if headers:
+def _part_text(part: Part, out: list[str], own_header: bool, mime_headers: bool) -> None:
+    if own_header:
         out.append("\n".join(f"{k}: {decode_words(v)}" for k, v in part.fields))
     if part.multipart:
         for child in part.children:
-            _part_text(child, out, False)
+            _part_text(child, out, mime_headers, mime_headers)
         return
     if part.is_message and part.message is not None:
-        _part_text(part.message, out, True)
+        _part_text(part.message, out, True, mime_headers)  # an encapsulated header is body text
         return
     if part.type != "text" or part.opaque:
         return
@@ -944,10 +995,11 @@ def _part_text(part: Part, out: list[str], headers: bool) -> None:
 
 
 def text_content(msg: ParsedMessage, *, headers: bool) -> str:
-    """The message's text for SEARCH BODY (headers=False) or TEXT (True): text/* parts with their
-    transfer encoding and charset decoded, encapsulated messages included."""
+    """The message's text for SEARCH BODY (headers=False) or TEXT (True, with the header and the
+    MIME header fields of the parts, RFC 9051 6.4.4): text/* parts with their transfer encoding and
+    charset decoded, encapsulated messages (their header too) included."""
     out: list[str] = []
-    _part_text(msg.root, out, headers)
+    _part_text(msg.root, out, headers, headers)
     return "\n".join(out)
 
 
@@ -968,29 +1020,39 @@ def date_header(msg: ParsedMessage) -> datetime | None:
 # --------------------------------------------------------------------------- base subject
 
 _WS = re.compile(r"[ \t\r\n]+")
-_TRAILER = re.compile(r"(?:\s|\(fwd\))+$", re.IGNORECASE)
-_BLOB = r"\[[^\[\]]*\]\s*"
-_LEADER = re.compile(rf"^(?:(?:{_BLOB})*(?:re|fwd?)\s*(?:{_BLOB})?:|\s+)", re.IGNORECASE)
-_LEADING_BLOB = re.compile(rf"^{_BLOB}")
+_BLOB = r"\[[^\[\]]*\] *"
+_LEADER = re.compile(rf"(?:(?:{_BLOB})*(?:re|fwd?) *(?:{_BLOB})?:| +)", re.IGNORECASE)
+_LEADING_BLOB = re.compile(_BLOB)
 
 
 def base_subject(subject: str) -> str:
-    """The base subject of RFC 5256 section 2.1 (used by SORT SUBJECT and THREAD)."""
+    """The base subject of RFC 5256 section 2.1 (used by SORT SUBJECT and THREAD).
+
+    Works on two offsets into the string, never re-slicing it, so a hostile subject of many
+    "re:" or "[fwd:" layers costs linear time."""
     if "=?" in subject:
         subject = decode_words(subject.encode("utf-8", "surrogateescape"))
     s = _WS.sub(" ", subject)                                     # (1)
+    low = s.lower()
+    lo, hi = 0, len(s)
     while True:
-        s = _TRAILER.sub("", s)                                   # (2)
+        while True:                                               # (2)
+            while hi > lo and s[hi - 1] == " ":
+                hi -= 1
+            if hi - lo >= 5 and low.endswith("(fwd)", lo, hi):
+                hi -= 5
+                continue
+            break
         while True:
-            before = s
-            while (m := _LEADER.match(s)) and m.end() > 0:        # (3)
-                s = s[m.end():]
-            m = _LEADING_BLOB.match(s)                            # (4)
-            if m and s[m.end():]:
-                s = s[m.end():]
-            if s == before:                                       # (5)
+            before = lo
+            while (m := _LEADER.match(s, lo, hi)) and m.end() > lo:  # (3)
+                lo = m.end()
+            m = _LEADING_BLOB.match(s, lo, hi)                    # (4)
+            if m and m.end() < hi:
+                lo = m.end()
+            if lo == before:                                      # (5)
                 break
-        if s[:5].lower() == "[fwd:" and s.endswith("]"):          # (6)
-            s = s[5:-1]
+        if hi - lo >= 6 and low.startswith("[fwd:", lo, hi) and s[hi - 1] == "]":  # (6)
+            lo, hi = lo + 5, hi - 1
             continue
-        return s
+        return s[lo:hi]
