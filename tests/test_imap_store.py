@@ -67,6 +67,8 @@ def test_names_map_to_maildir_plus_plus_and_back():
     assert imap_name("v1%2E2.x%25y") == "v1.2/x%y"
     assert imap_name("") == "INBOX"
     assert imap_name("INBOX.foo") == "INBOX/foo"
+    for tricky in ("%2E", "%.", "a%2eb", "%25", "..", "日本/v1.2"):
+        assert imap_name(disk_name(tricky)) == tricky
     for bad in ("A//B", "/A", "a\x01b"):
         with pytest.raises(imapstore.InvalidName):
             disk_name(bad)
@@ -206,6 +208,56 @@ async def test_changes_behind_the_stores_back_are_noticed(root, committer, monke
     assert [m.uid for m in ch.added] == [3]
 
 
+async def test_expunge_finds_a_file_renamed_behind_its_back(root, committer):
+    acc = make(root, committer).account(MAILBOX)
+    await acc.append("INBOX", MSG, frozenset({"\\Deleted"}), None)
+    view = acc.open("INBOX", readonly=False)
+    (f,) = (maildir(root) / "cur").iterdir()
+    os.rename(f, str(f).rpartition(":2,")[0] + ":2,ST")  # mutt marks it seen meanwhile
+    assert view.expunge() == [1]
+    assert not list((maildir(root) / "cur").iterdir())  # gone, not resurrected with a new UID
+    assert acc.status("INBOX").messages == 0
+
+
+async def test_a_flag_change_by_another_view_wakes_a_waiting_one(root, committer, monkeypatch):
+    monkeypatch.setattr(imapstore, "POLL_INTERVAL", 60.0)
+    acc = make(root, committer).account(MAILBOX)
+    await acc.append("INBOX", MSG, frozenset(), None)
+    a, b = acc.open("INBOX", readonly=False), acc.open("INBOX", readonly=False)
+    a.sync()
+    waiter = asyncio.create_task(a.wait_change(10))
+    await asyncio.sleep(0.05)
+    b.store([1], "+", frozenset({"\\Flagged"}), None)
+    await asyncio.wait_for(waiter, 2)
+    assert [m.flags for m in a.sync().flags] == [{"\\Flagged"}]
+
+
+async def test_fetch_cache_is_shared_kept_and_dropped_with_the_message(root, committer):
+    ms = make(root, committer)
+    acc = ms.account(MAILBOX)
+    for _ in range(3):
+        await acc.append("INBOX", MSG, frozenset(), None)
+    a = acc.open("INBOX", readonly=False)
+    a.remember(1, "ENVELOPE/1", b"(env one)")
+    a.remember(2, "ENVELOPE/1", b"(env two)")
+    assert a.cached([1, 2, 3], "ENVELOPE/1") == {1: b"(env one)", 2: b"(env two)"}  # before it is written
+    a.sync()
+    b = acc.open("INBOX", readonly=True)
+    assert b.cached([1, 2, 3], "ENVELOPE/1") == {1: b"(env one)", 2: b"(env two)"}
+    assert b.cached(range(1, 100), "ENVELOPE/1") == {1: b"(env one)", 2: b"(env two)"}  # the bulk path
+    assert b.cached([1], "BODYSTRUCTURE/1") == {}
+    a.store([1], "+", frozenset({"\\Deleted"}), None)
+    a.expunge()
+    b.remember(1, "BODYSTRUCTURE/1", b"(late)")  # for a message expunged meanwhile: never written
+    b.close()
+    a.close()
+    ms.close()
+    acc = make(root, committer).account(MAILBOX)
+    c = acc.open("INBOX", readonly=True)
+    assert c.cached([1, 2, 3], "ENVELOPE/1") == {2: b"(env two)"}
+    assert c.cached([1], "BODYSTRUCTURE/1") == {}
+
+
 async def test_uids_are_never_reused(root, committer):
     ms = make(root, committer)
     acc = ms.account(MAILBOX)
@@ -311,3 +363,183 @@ async def test_a_corrupt_index_is_rebuilt_with_a_new_uidvalidity(root, committer
     view = acc.open("INBOX", readonly=True)
     assert view.uidvalidity > uv
     assert [m.flags for m in view.messages] == [{"\\Seen"}]
+
+
+CHILD = r"""
+import asyncio, random, sys
+from pathlib import Path
+from yuubin.delivery.maildir import Maildirs
+from yuubin.durable import GroupCommitter
+from yuubin.imap.store import MailStore
+
+root, start = Path(sys.argv[1]), int(sys.argv[2])
+
+def say(*words):
+    print(*words, flush=True)
+
+async def main():
+    acc = MailStore(Maildirs(root, "mx.example.jp"), GroupCommitter()).account("alice@example.jp")
+    inbox = acc.open("INBOX", readonly=False)
+    n = start
+    while True:
+        n += 1
+        marker = f"msg-{n}"
+        uv, uid = await acc.append("INBOX", b"Subject: %s\r\n\r\n%s\r\n" % (marker.encode(), marker.encode()),
+                                   frozenset(), None)
+        say("appended", "INBOX", uv, uid, marker)
+        inbox.sync()
+        r = random.random()
+        if r < 0.3 and inbox.messages:
+            m = random.choice(inbox.messages)
+            res = await inbox.move([m.uid], "Archive")
+            if res.dest:
+                say("moved", "Archive", res.uidvalidity, res.dest[0], m.uid)
+        elif r < 0.5 and inbox.messages:
+            m = random.choice(inbox.messages)
+            say("expunging", m.uid)
+            inbox.store([m.uid], "+", frozenset({"\\Deleted"}), None)
+            inbox.expunge([m.uid])
+        elif r < 0.7 and inbox.messages:
+            inbox.store([random.choice(inbox.messages).uid], "+", frozenset({"\\Seen", "kw"}), None)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+async def test_kill_9_during_append_move_expunge_loses_nothing_and_reuses_no_uid(root, committer, capsys):
+    import random
+    import signal
+    import subprocess
+    import sys
+    make(root, committer).account(MAILBOX).close()  # folders exist before the first child
+    acked: dict[str, tuple[int, int]] = {}  # marker -> (uidvalidity, uid) in INBOX, as acknowledged
+    uids_given: dict[tuple[str, int], str] = {}  # (folder, uid) -> marker
+    may_be_gone: set[str] = set()
+    n = 0
+    for _round in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(root), str(n)], stdout=subprocess.PIPE, text=True)
+        await asyncio.sleep(random.uniform(0.4, 1.2))
+        proc.send_signal(signal.SIGKILL)
+        out, _ = proc.communicate()
+        by_uid = {uid: m for m, (_uv, uid) in acked.items()}
+        for line in out.splitlines():
+            w = line.split()
+            if w[0] == "appended":
+                acked[w[4]] = (int(w[2]), int(w[3]))
+                assert ("INBOX", int(w[3])) not in uids_given, "a UID given twice"
+                uids_given[("INBOX", int(w[3]))] = w[4]
+                by_uid[int(w[3])] = w[4]
+                n = max(n, int(w[4].split("-")[1]))
+            # (a message may also be one whose APPEND was cut off, numbered later by reconciliation)
+            elif w[0] == "moved":
+                assert ("Archive", int(w[3])) not in uids_given, "a UID given twice"
+                if int(w[4]) in by_uid:
+                    uids_given[("Archive", int(w[3]))] = by_uid[int(w[4])]
+            elif w[0] == "expunging" and int(w[1]) in by_uid:
+                may_be_gone.add(by_uid[int(w[1])])
+        n += 10  # markers of appends cut off before their reply are never reused either
+    assert len(acked) > 20, "the child did too little to prove anything"
+    ms = make(root, committer)
+    acc = ms.account(MAILBOX)
+    seen: dict[str, list[tuple[str, int]]] = {}
+    for folder in ("INBOX", "Archive"):
+        view = acc.open(folder, readonly=True)
+        on_disk = [p for sub in ("new", "cur") for p in (maildir(root) / (f".{folder}" if folder != "INBOX" else "")
+                                                         / sub).iterdir()]
+        assert len(view.messages) == len(on_disk), folder  # the index agrees with the files
+        assert len({m.uid for m in view.messages}) == len(view.messages)
+        for m in view.messages:
+            marker = view.read(m.uid).split(b"\r\n")[-2].decode()
+            seen.setdefault(marker, []).append((folder, m.uid))
+            given = uids_given.get((folder, m.uid))
+            assert given in (None, marker), f"{folder} UID {m.uid} was {given}, now {marker}"
+    for marker in acked:
+        if marker not in may_be_gone:
+            assert marker in seen, f"{marker} lost"
+    assert all(len(places) == 1 for places in seen.values()), "a message in two places"
+    with capsys.disabled():
+        moved = sum(1 for f, _u in uids_given if f == "Archive")
+        print(f"\nkill -9: 6 rounds, {len(acked)} APPENDs acknowledged, {moved} MOVEs, {len(may_be_gone)} EXPUNGEs "
+              f"begun, {sum(len(p) for p in seen.values())} messages after reopening, none lost or doubled")
+    # the UIDs go on after everything handed out
+    top = max(u for (f, u) in uids_given if f == "INBOX")
+    _, uid = await acc.append("INBOX", MSG, frozenset(), None)
+    assert uid > top
+
+
+@pytest.mark.slow
+async def test_speed_of_a_10000_message_folder(root, committer, capsys):
+    """Timings only (printed, never asserted): the machine is shared."""
+    base = maildir(root)
+    for sub in ("tmp", "new", "cur"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(10_000):
+        body = MSG + b"%d\r\n" % i * (i % 50)
+        (base / "new" / f"1700000000.M{i}P1.test,S={len(body)}").write_bytes(body)
+    ms = make(root, committer)
+    t = time.perf_counter()
+    acc = ms.account(MAILBOX)
+    view = acc.open("INBOX", readonly=False)
+    first = time.perf_counter() - t
+    assert len(view.messages) == 10_000
+    ms.close()
+    ms = make(root, committer)
+    acc = ms.account(MAILBOX)
+    t = time.perf_counter()
+    view = acc.open("INBOX", readonly=False)
+    again = time.perf_counter() - t
+    t = time.perf_counter()
+    view.sync()
+    idle_sync = time.perf_counter() - t
+    deliver(root)
+    t = time.perf_counter()
+    ch = view.sync()
+    new_sync = time.perf_counter() - t
+    assert len(ch.added) == 1
+    t = time.perf_counter()
+    view.store([m.uid for m in view.messages[:1000]], "+", frozenset({"\\Seen"}), None)
+    store_1000 = time.perf_counter() - t
+    other = acc.open("INBOX", readonly=False)
+    view.store([m.uid for m in view.messages[:1000]], "+", frozenset({"$Important"}), None)
+    t = time.perf_counter()
+    assert len(other.sync().flags) == 1000
+    flag_sync = time.perf_counter() - t
+    with capsys.disabled():
+        print(f"\n10,000 messages: first open (numbering, reading sizes) {first:.2f}s, open {again*1000:.0f}ms, "
+              f"sync with no change {idle_sync*1000:.1f}ms, sync with one new {new_sync*1000:.0f}ms, "
+              f"STORE +\\Seen on 1,000 {store_1000*1000:.0f}ms, another view's sync of 1,000 flag changes "
+              f"{flag_sync*1000:.0f}ms")
+
+
+def test_mail_delivered_by_the_server_wakes_a_waiting_view_at_once(make_server, monkeypatch):
+    """The wiring in app.py: LocalDelivery tells the MailStore, which wakes IDLE without polling."""
+    import smtplib
+    monkeypatch.setattr(imapstore, "POLL_INTERVAL", 60.0)  # only the hook can wake it in time
+    srv = make_server()
+    app = srv.server
+    box = "alice@example.test"
+
+    async def open_view():
+        return app.mailstore.account(box).open("INBOX", readonly=False)
+
+    view = srv.call(open_view)
+
+    async def wait_for_mail() -> float:
+        t0 = time.monotonic()
+        await view.wait_change(10)
+        return time.monotonic() - t0
+
+    fut = asyncio.run_coroutine_threadsafe(wait_for_mail(), srv.loop)
+    time.sleep(0.1)
+    with smtplib.SMTP("127.0.0.1", srv.port("mx"), local_hostname="client.example", timeout=10) as s:
+        t0 = time.monotonic()
+        s.sendmail("someone@remote.example", [box], b"Subject: idle\r\n\r\nhello\r\n")
+    fut.result(5)
+    assert time.monotonic() - t0 < 1.0
+
+    async def sync():
+        return view.sync()
+
+    ch = srv.call(sync)
+    assert len(ch.added) == 1 and b"hello" in view.read(ch.added[0].uid)

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from yuubin import __version__
-from yuubin.cli import accounts, aliases, queue, security, serve
+from yuubin.cli import accounts, aliases, mailbox, queue, security, serve
 from yuubin.cli.common import EXIT_USAGE, CliError, Parser, add_commands, add_config_option
 from yuubin.config import ConfigError
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     security.register(sub)  # auth lockouts, unlock; firewall nftables
     aliases.register(sub)  # alias add, list, remove
     queue.register(sub)  # queue list, show, flush, hold, release, delete (outbound queue)
+    mailbox.register(sub)  # mailbox import, export (Dovecot Maildir)
     return p
 
 

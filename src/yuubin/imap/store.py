@@ -54,6 +54,7 @@ import bisect
 import contextlib
 import itertools
 import logging
+import operator
 import os
 import re
 import shutil
@@ -62,6 +63,8 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import NamedTuple
 
 from yuubin.delivery.maildir import Maildirs
 from yuubin.durable import FileWrite, GroupCommitter, fsync_dir
@@ -80,8 +83,11 @@ _LETTER_FLAG = {v: k for k, v in SYSTEM_FLAGS.items()}
 _CANONICAL = {k.lower(): k for k in SYSTEM_FLAGS}
 MTIME_TRUST = 2.0  # seconds: a directory mtime younger than this may hide a change in the same tick
 POLL_INTERVAL = 1.0  # while someone waits, another process's change is noticed this often
+RESCAN_GAP = 0.25  # seconds between two listings of a folder whose mtime is too recent to trust
 _counter = itertools.count()
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+_ESCAPED = re.compile(r"%(25|2[Ee])")
+_uid_of = operator.attrgetter("uid")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -121,7 +127,15 @@ CREATE INDEX IF NOT EXISTS expunged_modseq ON expunged(folder, modseq);
 CREATE TABLE IF NOT EXISTS subscriptions (
     name TEXT PRIMARY KEY
 );
+CREATE TABLE IF NOT EXISTS fetch_cache (  -- what FETCH computed once (ENVELOPE, BODYSTRUCTURE wire bytes)
+    folder INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    item TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (folder, uid, item)
+) WITHOUT ROWID;
 """
+CACHE_FLUSH = 500  # remembered FETCH items written to the index in one transaction
 
 
 class StoreError(Exception):
@@ -173,8 +187,9 @@ class FolderStatus:
     deleted: int
 
 
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
+class MessageInfo(NamedTuple):
+    """One message as a view knows it; a tuple, cheap to make by the ten thousand."""
+
     uid: int
     flags: frozenset[str]  # system flags ("\\Seen" ...) and keywords; never \\Recent
     modseq: int
@@ -239,7 +254,7 @@ def imap_name(disk: str) -> str:
     """The inverse of disk_name: "A.v1%2E2" -> "A/v1.2"."""
     if not disk:
         return INBOX
-    return normalize(DELIMITER.join(p.replace("%2E", ".").replace("%2e", ".").replace("%25", "%")
+    return normalize(DELIMITER.join(_ESCAPED.sub(lambda m: "%" if m[1] == "25" else ".", p)
                                     for p in disk.split(".")))
 
 
@@ -260,7 +275,9 @@ def _split(name: str) -> tuple[str, str]:
     return key, ""
 
 
+@lru_cache(maxsize=4096)
 def _flags(letters: str, keywords: str) -> frozenset[str]:
+    """Cached: a folder has few distinct flag sets, and views share the frozensets."""
     out = {_LETTER_FLAG[c] for c in letters if c in _LETTER_FLAG}
     if keywords:
         out.update(keywords.split(" "))
@@ -352,6 +369,10 @@ class AccountStore:
         self.root = maildirs.ensure(mailbox)
         self._lock = threading.RLock()
         self._dirs: dict[str, _Folder] = {}
+        # The MessageInfo of each message, shared by every open view of its folder (ten views of a
+        # 10,000-message INBOX hold one set of tuples); dropped when the folder's last view closes.
+        self._infos: dict[int, dict[int, MessageInfo]] = {}
+        self._views: dict[int, int] = {}
         self.db = self._open_index()
         self._clean_deleting()
         self._special_use()
@@ -419,7 +440,7 @@ class AccountStore:
     def _folder_row(self, name: str, *, create: bool = True) -> tuple[int, int, int, int, int, str | None]:
         """(id, uidvalidity, uidnext, highestmodseq, recent_uid, special_use) of an existing folder."""
         name = normalize(name)
-        path = self._path(name)
+        path = self.folder_path(name)
         if not os.path.isdir(os.path.join(path, "cur")):
             raise NoSuchFolder(f"no folder {name!r}")
         with self._lock:
@@ -438,12 +459,13 @@ class AccountStore:
                 raise NoSuchFolder(f"no folder {name!r}")
             return row
 
-    def _path(self, name: str) -> str:
+    def folder_path(self, name: str) -> str:
+        """The folder's Maildir directory."""
         d = disk_name(name)
         return str(self.root / f".{d}") if d else str(self.root)
 
     def _dir(self, name: str) -> _Folder:
-        path = self._path(name)
+        path = self.folder_path(name)
         f = self._dirs.get(path)
         if f is None:
             f = self._dirs[path] = _Folder(path)
@@ -466,7 +488,9 @@ class AccountStore:
                 raise NoSuchFolder(f"no folder {name!r}") from None
             now = time.time()
             trusted = d.scanned_at - max(mt) / 1e9 > MTIME_TRUST
-            if not force and mt == d.seen_mtimes and trusted:
+            # An untrusted listing is redone, but not by every one of fifty sessions that sync at
+            # once after a delivery: a change it may hide is found by the next sync or the poll.
+            if not force and mt == d.seen_mtimes and (trusted or now - d.scanned_at < RESCAN_GAP):
                 return fid
             if self._reconcile(fid, d.path):
                 mt = self._mtimes(d.path)  # our own new/ -> cur/ moves are no news
@@ -480,9 +504,9 @@ class AccountStore:
         for sub in ("new", "cur"):
             with os.scandir(os.path.join(path, sub)) as it:
                 for e in it:
-                    if e.name.startswith("."):
-                        continue
-                    files[_split(e.name)[0]] = f"{sub}/{e.name}"
+                    name = e.name
+                    if name[0] != ".":
+                        files[name.partition(":")[0]] = f"{sub}/{name}"
         return files
 
     def _reconcile(self, fid: int, path: str) -> bool:
@@ -529,6 +553,7 @@ class AccountStore:
                     db.execute("UPDATE messages SET file=? WHERE folder=? AND uid=?", (file, fid, uid))
             for uid in expunged:
                 db.execute("DELETE FROM messages WHERE folder=? AND uid=?", (fid, uid))
+                db.execute("DELETE FROM fetch_cache WHERE folder=? AND uid=?", (fid, uid))
                 db.execute("INSERT OR REPLACE INTO expunged(folder, uid, modseq) VALUES (?, ?, ?)", (fid, uid, modseq))
             for mtime, key, file, size in added:
                 if key in known:
@@ -611,7 +636,7 @@ class AccountStore:
     def create(self, name: str, special_use: str | None = None) -> None:
         name = normalize(name)
         d = disk_name(name)
-        if name == INBOX or os.path.isdir(os.path.join(self._path(name), "cur")):
+        if name == INBOX or os.path.isdir(os.path.join(self.folder_path(name), "cur")):
             raise FolderExists(f"folder {name!r} exists")
         parts = name.split(DELIMITER)
         for i in range(1, len(parts) + 1):  # RFC 9051: superior names are created as needed
@@ -628,7 +653,7 @@ class AccountStore:
         name = normalize(name)
         if name == INBOX:
             raise InvalidName("INBOX cannot be deleted")
-        path = self._path(name)
+        path = self.folder_path(name)
         if not os.path.isdir(os.path.join(path, "cur")):
             raise NoSuchFolder(f"no folder {name!r}")
         if any(n.startswith(name + DELIMITER) for n in self._disk_folders()):
@@ -641,6 +666,7 @@ class AccountStore:
             if row:
                 db.execute("DELETE FROM messages WHERE folder=?", row)
                 db.execute("DELETE FROM expunged WHERE folder=?", row)
+                db.execute("DELETE FROM fetch_cache WHERE folder=?", row)
                 db.execute("DELETE FROM folders WHERE id=?", row)
         self._dirs.pop(path, None)
         self.maildirs.forget(self.mailbox, disk_name(name))
@@ -653,10 +679,10 @@ class AccountStore:
         if old == INBOX:
             self._rename_inbox(new)
             return
-        src = self._path(old)
+        src = self.folder_path(old)
         if not os.path.isdir(os.path.join(src, "cur")):
             raise NoSuchFolder(f"no folder {old!r}")
-        if new == INBOX or os.path.isdir(os.path.join(self._path(new), "cur")):
+        if new == INBOX or os.path.isdir(os.path.join(self.folder_path(new), "cur")):
             raise FolderExists(f"folder {new!r} exists")
         if new.startswith(old + DELIMITER):
             raise InvalidName("a folder cannot become its own child")
@@ -669,14 +695,14 @@ class AccountStore:
                  if n == old or n.startswith(old + DELIMITER)]
         with self._write() as db:
             for a, b in moves:
-                os.rename(self._path(a), self._path(b))
+                os.rename(self.folder_path(a), self.folder_path(b))
                 db.execute("UPDATE folders SET name=? WHERE name=?", (b, a))
                 if db.execute("SELECT 1 FROM subscriptions WHERE name=?", (a,)).fetchone():
                     db.execute("DELETE FROM subscriptions WHERE name=?", (a,))
                     db.execute("INSERT OR IGNORE INTO subscriptions(name) VALUES (?)", (b,))
             fsync_dir(self.root)
         for a, _b in moves:
-            self._dirs.pop(self._path(a), None)
+            self._dirs.pop(self.folder_path(a), None)
             self.maildirs.forget(self.mailbox, disk_name(a))
         log.info("event=imap_folder_rename mailbox=%s from=%s to=%s", self.mailbox, old, new)
 
@@ -740,7 +766,7 @@ class AccountStore:
         """Store a message; (uidvalidity, uid) once the file and its UID are durable."""
         name = normalize(name)
         fid, uv = self._folder_row(name)[:2]
-        path = self._path(name)
+        path = self.folder_path(name)
         flags = canonical_flags(flags)
         key = self._new_key(len(data))
         letters = letters_of(flags)
@@ -761,7 +787,7 @@ class AccountStore:
         return uv, uid
 
     def _copy_sync(self, fid: int, src: str, uids: list[int], dest_fid: int, dest: str, *, move: bool) -> CopyResult:
-        src_path, dest_path = self._path(src), self._path(dest)
+        src_path, dest_path = self.folder_path(src), self.folder_path(dest)
         with self._lock:
             rows = [self.db.execute("SELECT uid, file, letters, keywords, size, internaldate FROM messages "
                                     "WHERE folder=? AND uid=?", (fid, u)).fetchone() for u in uids]
@@ -818,11 +844,78 @@ class AccountStore:
         modseq = db.execute("SELECT highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()[0] + 1
         for uid in uids:
             db.execute("DELETE FROM messages WHERE folder=? AND uid=?", (fid, uid))
+            db.execute("DELETE FROM fetch_cache WHERE folder=? AND uid=?", (fid, uid))
             db.execute("INSERT OR REPLACE INTO expunged(folder, uid, modseq) VALUES (?, ?, ?)", (fid, uid, modseq))
         db.execute("UPDATE folders SET highestmodseq=? WHERE id=?", (modseq, fid))
 
+    def import_folder(self, name: str, uidvalidity: int, uidnext: int,
+                      entries: list[tuple[str, str, str, int | None, int, float]]) -> bool:
+        """Number files already written durably into a folder with UIDs another server gave them.
+
+        entries: (key, file "cur/<name>", keywords, uid or None, size, internaldate). When the
+        folder holds no message and has never expunged one, it takes `uidvalidity` and the given
+        UIDs (clients keep their caches); otherwise the files get new UIDs. Returns which.
+        """
+        name = normalize(name)
+        fid = self._folder_row(name)[0]
+        with self._write() as db:
+            used = db.execute("SELECT (SELECT count(*) FROM messages WHERE folder=?) + "
+                              "(SELECT count(*) FROM expunged WHERE folder=?)", (fid, fid)).fetchone()[0]
+            keep = used == 0 and uidvalidity > 0
+            if keep:
+                top = max((u for *_r, u, _s, _d in entries if u), default=0)
+                free = max(uidnext, top + 1)
+                modseq = db.execute("SELECT highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()[0] + 1
+                for key, file, keywords, uid, size, internaldate in sorted(entries, key=lambda e: e[3] or 1 << 62):
+                    if not uid:
+                        uid, free = free, free + 1
+                    db.execute("INSERT INTO messages(folder, uid, key, file, letters, keywords, modseq, size, "
+                               "internaldate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               (fid, uid, key, file, _split(file)[1], keywords, modseq, size, internaldate))
+                db.execute("UPDATE folders SET uidvalidity=?, uidnext=?, highestmodseq=?, recent_uid=? WHERE id=?",
+                           (uidvalidity, free, modseq, free, fid))
+                row = db.execute("SELECT value FROM meta WHERE key='uidvalidity'").fetchone()
+                if not row or row[0] < uidvalidity:
+                    db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('uidvalidity', ?)", (uidvalidity,))
+            else:
+                ordered = sorted(entries, key=lambda e: (e[3] or 1 << 62, e[5]))
+                self._insert(db, fid, [(k, f, _split(f)[1], kw, size, d) for k, f, kw, _u, size, d in ordered])
+        self.poke(disk_name(name))
+        return keep
+
+    def messages(self, name: str) -> list[tuple[MessageInfo, str]]:
+        """Every message of a folder with its file ("cur/<name>"), ascending UID (for export)."""
+        fid = self.refresh(name)
+        with self._lock:
+            return [(MessageInfo(uid, _flags(letters, kw), modseq, size, idate, key), file)
+                    for uid, key, file, letters, kw, modseq, size, idate in self.db.execute(
+                        "SELECT uid, key, file, letters, keywords, modseq, size, internaldate FROM messages "
+                        "WHERE folder=? ORDER BY uid", (fid,))]
+
     def open(self, name: str, *, readonly: bool) -> FolderView:
         return FolderView(self, normalize(name), readonly)
+
+    def _info(self, fid: int, uid: int, letters: str, kw: str, modseq: int, size: int, idate: float, key: str
+              ) -> MessageInfo:
+        d = self._infos.get(fid)
+        if d is None:
+            return MessageInfo(uid, _flags(letters, kw), modseq, size, idate, key)
+        m = d.get(uid)
+        if m is None or m.modseq != modseq:
+            m = d[uid] = MessageInfo(uid, _flags(letters, kw), modseq, size, idate, key)
+        return m
+
+    def _opened(self, fid: int) -> None:
+        self._views[fid] = self._views.get(fid, 0) + 1
+        self._infos.setdefault(fid, {})
+
+    def _closed(self, fid: int) -> None:
+        n = self._views.get(fid, 0) - 1
+        if n > 0:
+            self._views[fid] = n
+        else:
+            self._views.pop(fid, None)
+            self._infos.pop(fid, None)
 
     # -- change notification ---------------------------------------------------------------
 
@@ -847,7 +940,7 @@ class AccountStore:
         event = d.event
         d.waiters += 1
         if d.poller is None:
-            d.poller = asyncio.get_running_loop().create_task(self._poll(d, fid))
+            d.poller = asyncio.get_running_loop().create_task(self._poll(d, name, fid))
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), timeout)
@@ -859,7 +952,7 @@ class AccountStore:
             row = self.db.execute("SELECT highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()
         return row[0] if row else -1
 
-    async def _poll(self, d: _Folder, fid: int) -> None:
+    async def _poll(self, d: _Folder, name: str, fid: int) -> None:
         """While someone waits: another process's delivery or change, seen within POLL_INTERVAL."""
         try:
             mt = d.seen_mtimes
@@ -867,8 +960,10 @@ class AccountStore:
             while d.waiters > 0:
                 await asyncio.sleep(POLL_INTERVAL)
                 try:
+                    if d.scanned_at - max(d.seen_mtimes) / 1e9 <= MTIME_TRUST:
+                        self.refresh(name)  # the last listing was too soon after a change: look again
                     now_mt, now_hms = self._mtimes(d.path), self._highestmodseq(fid)
-                except FileNotFoundError:
+                except (FileNotFoundError, NoSuchFolder):
                     now_mt, now_hms = (0, 0), -1
                 if now_mt != mt or now_hms != hms:
                     mt, hms = now_mt, now_hms
@@ -897,30 +992,33 @@ class FolderView:
         fid = account.refresh(name)
         self.fid = fid
         acc = account
+        acc._opened(fid)
+        info = acc._info
         with acc._lock if readonly else acc._write():
             db = acc.db
             self.uidvalidity, self.uidnext, self.highestmodseq, recent_uid = db.execute(
                 "SELECT uidvalidity, uidnext, highestmodseq, recent_uid FROM folders WHERE id=?", (fid,)).fetchone()
             self.messages: list[MessageInfo] = [
-                MessageInfo(uid, _flags(letters, kw), modseq, size, idate, key)
+                info(fid, uid, letters, kw, modseq, size, idate, key)
                 for uid, key, letters, kw, modseq, size, idate in db.execute(
                     "SELECT uid, key, letters, keywords, modseq, size, internaldate FROM messages "
                     "WHERE folder=? ORDER BY uid", (fid,))]
             if not readonly:  # this session is the first to hear of these: \Recent is its own
                 db.execute("UPDATE folders SET recent_uid=? WHERE id=?", (self.uidnext, fid))
-        self._uids = [m.uid for m in self.messages]
         self.recent: set[int] = {m.uid for m in self.messages if m.uid >= recent_uid}
         self.closed = False
+        self._pending: dict[tuple[int, str], bytes] = {}
 
     # -- looking up ------------------------------------------------------------------------
 
     def seq(self, uid: int) -> int | None:
         """The sequence number of a UID in this view, or None."""
-        i = bisect.bisect_left(self._uids, uid)
-        return i + 1 if i < len(self._uids) and self._uids[i] == uid else None
+        msgs = self.messages  # ascending UID: bisect on it (no second list per session)
+        i = bisect.bisect_left(msgs, uid, key=_uid_of)
+        return i + 1 if i < len(msgs) and msgs[i].uid == uid else None
 
     def uids(self) -> list[int]:
-        return list(self._uids)
+        return [m.uid for m in self.messages]
 
     def read(self, uid: int) -> bytes:
         """The raw message with CRLF line ends; Expunged if it is gone."""
@@ -931,7 +1029,7 @@ class FolderView:
             if row is None:
                 raise Expunged(f"message UID {uid} has been expunged")
             try:
-                with open(os.path.join(self.account._path(self.name), row[0]), "rb") as f:
+                with open(os.path.join(self.account.folder_path(self.name), row[0]), "rb") as f:
                     data = f.read()
             except FileNotFoundError:
                 if attempt == 2:
@@ -943,10 +1041,48 @@ class FolderView:
             return data
         raise AssertionError("unreachable")
 
+    # -- the FETCH cache ---------------------------------------------------------------------
+
+    def cached(self, uids: Iterable[int], item: str) -> dict[int, bytes]:
+        """What `remember` kept for these UIDs under `item` (e.g. "ENVELOPE/1"), those that have it.
+
+        A message's file never changes, so neither does what was computed from it; put a version
+        in `item` when the way it is computed changes.
+        """
+        want = set(uids)
+        out = {u: v for (u, i), v in self._pending.items() if i == item and u in want}
+        with self.account._lock:
+            rows = self.account.db.execute("SELECT uid, value FROM fetch_cache WHERE folder=? AND item=?",
+                                           (self.fid, item)) if len(want) > 64 else (
+                r for u in want for r in self.account.db.execute(
+                    "SELECT uid, value FROM fetch_cache WHERE folder=? AND uid=? AND item=?", (self.fid, u, item)))
+            for u, v in rows:
+                if u in want:
+                    out[u] = v
+        return out
+
+    def remember(self, uid: int, item: str, value: bytes) -> None:
+        """Keep a computed FETCH item; written to the index in batches (at sync(), close(), or when many)."""
+        self._pending[(uid, item)] = value
+        if len(self._pending) >= CACHE_FLUSH:
+            self.flush_cache()
+
+    def flush_cache(self) -> None:
+        if not self._pending:
+            return
+        rows = [(self.fid, u, i, v) for (u, i), v in self._pending.items()]
+        self._pending = {}
+        with self.account._write() as db:
+            # Only for messages still there: an expunged one's rows must not come back.
+            db.executemany("INSERT OR REPLACE INTO fetch_cache(folder, uid, item, value) SELECT ?, ?, ?, ? "
+                           "WHERE EXISTS (SELECT 1 FROM messages WHERE folder=? AND uid=?)",
+                           [(*r, r[0], r[1]) for r in rows])
+
     # -- syncing ---------------------------------------------------------------------------
 
     def sync(self) -> Changes:
         """Pick up what others (sessions, delivery, other tools) changed since the last sync."""
+        self.flush_cache()
         acc = self.account
         ch = Changes()
         try:
@@ -972,7 +1108,7 @@ class FolderView:
                     db.execute("UPDATE folders SET recent_uid=max(recent_uid, ?) WHERE id=?", (uidnext, self.fid))
         self._apply_expunged(gone, ch)
         for uid, key, letters, kw, modseq, size, idate in rows:
-            info = MessageInfo(uid, _flags(letters, kw), modseq, size, idate, key)
+            info = acc._info(self.fid, uid, letters, kw, modseq, size, idate, key)
             i = self.seq(uid)
             if i is not None:
                 if self.messages[i - 1].modseq != modseq:
@@ -983,7 +1119,6 @@ class FolderView:
                 if uid >= recent_uid:
                     self.recent.add(uid)
         self.messages.extend(ch.added)
-        self._uids.extend(m.uid for m in ch.added)
         self.uidnext = max(self.uidnext, uidnext)
         self.highestmodseq = hms
         return ch
@@ -996,13 +1131,12 @@ class FolderView:
         ch.expunged = [u for _s, u in here]
         ch.expunged_seqs = [s for s, _u in sorted(here, reverse=True)]  # highest first: each stays valid
         self.messages = [m for m in self.messages if m.uid not in drop]
-        self._uids = [m.uid for m in self.messages]
         self.recent -= drop
 
     def _gone(self) -> Changes:
         """The folder was deleted or renamed away: every message is expunged for this view."""
         ch = Changes()
-        self._apply_expunged(list(self._uids), ch)
+        self._apply_expunged(self.uids(), ch)
         return ch
 
     # -- changing --------------------------------------------------------------------------
@@ -1019,7 +1153,7 @@ class FolderView:
             raise ValueError(f"bad STORE mode {mode!r}")
         flags = canonical_flags(flags)
         acc = self.account
-        path = acc._path(self.name)
+        path = acc.folder_path(self.name)
         wanted = sorted(set(uids))
         updated: list[MessageInfo] = []
         modified: list[int] = []
@@ -1040,11 +1174,8 @@ class FolderView:
                         continue
                     new_letters = _with_letters(letters, flags, mode, letters)
                     new_kw = _with_keywords(kw, flags, mode)
-                    if new_letters == letters and new_kw == kw:
-                        if unchangedsince is not None:
-                            # RFC 7162 3.1.3: still a successful store; its MODSEQ stays
-                            pass
-                        updated.append(MessageInfo(uid, _flags(letters, kw), mseq, size, idate, key))
+                    if new_letters == letters and new_kw == kw:  # no change: its MODSEQ stays (RFC 7162)
+                        updated.append(acc._info(self.fid, uid, letters, kw, mseq, size, idate, key))
                         continue
                     new_file = file
                     if new_letters != letters:
@@ -1057,7 +1188,7 @@ class FolderView:
                     db.execute("UPDATE messages SET file=?, letters=?, keywords=?, modseq=? WHERE folder=? AND uid=?",
                                (new_file, new_letters, new_kw, modseq, self.fid, uid))
                     changed = True
-                    updated.append(MessageInfo(uid, _flags(new_letters, new_kw), modseq, size, idate, key))
+                    updated.append(acc._info(self.fid, uid, new_letters, new_kw, modseq, size, idate, key))
                 if changed:
                     db.execute("UPDATE folders SET highestmodseq=? WHERE id=?", (modseq, self.fid))
             if not retry or attempt == 2:
@@ -1077,7 +1208,7 @@ class FolderView:
         """
         self._writable()
         acc = self.account
-        path = acc._path(self.name)
+        path = acc.folder_path(self.name)
         only = set(uids) if uids is not None else None
         with acc._lock:
             rows = [(u, f) for u, f in acc.db.execute(
@@ -1086,8 +1217,15 @@ class FolderView:
             if not rows:
                 return []
             for _u, f in rows:
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.unlink(os.path.join(path, f))
+                except FileNotFoundError:  # renamed behind our back (another tool's flag change)?
+                    key = _split(f.partition("/")[2])[0]
+                    for sub in ("cur", "new"):
+                        for name in os.listdir(os.path.join(path, sub)):
+                            if name.partition(":")[0] == key:
+                                with contextlib.suppress(FileNotFoundError):
+                                    os.unlink(os.path.join(path, sub, name))
             for sub in {os.path.dirname(f) for _u, f in rows}:
                 fsync_dir(os.path.join(path, sub))
             with acc._write() as db:
@@ -1130,5 +1268,10 @@ class FolderView:
         await self.account.wait(self.name, self.fid, self.highestmodseq, timeout)
 
     def close(self) -> None:
-        self.closed = True
+        """UNSELECT/CLOSE/logout: call it, or the folder's shared cache outlives the session."""
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(sqlite3.Error):  # a cache: losing it costs only time
+                self.flush_cache()
+            self.account._closed(self.fid)
 
