@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import sqlite3
 import time
 import zlib
 from collections import Counter
@@ -368,6 +369,12 @@ class IMAPSession(StreamSession):
             self._no(ev.tag, ev.name.lower(), "store", str(e), code)
         except mime.UnknownTransferEncoding as e:
             self._no(ev.tag, ev.name.lower(), "mime", f"unknown content-transfer-encoding {e}", "UNKNOWN-CTE")
+        except sqlite3.OperationalError as e:  # the index stayed locked (another process) for too long
+            log.warning("event=imap_store_busy session=%s error=%r", self.session_id, str(e))
+            self._no(ev.tag, ev.name.lower(), "store", "the mailbox index is busy; try again", "UNAVAILABLE")
+        except OSError as e:  # e.g. disk full: nothing was stored
+            log.error("event=imap_store_error session=%s error=%r", self.session_id, str(e))
+            self._no(ev.tag, ev.name.lower(), "store", f"could not store: {e.strerror or e}", "SERVERBUG")
 
     def _name(self, name: str) -> bytes:
         return P.mailbox_name(name, utf8=self.utf8)
@@ -750,9 +757,13 @@ class IMAPSession(StreamSession):
             (i.name in ("BODY", "BINARY") and i.section is not None and not i.peek)
             or i.name in ("RFC822", "RFC822.TEXT") for i in items)
         missing = False
+        cache: dict[str, dict[int, bytes]] = {}
+        for name in ("ENVELOPE", "BODYSTRUCTURE", "BODY"):
+            if any(i.name == name and i.section is None for i in items):
+                cache[name] = view.cached([m.uid for _s, m in targets], self._cache_item(name))
         for seq, info in targets:
             try:
-                out = self._fetch_one(seq, info, items, sets_seen)
+                out = self._fetch_one(seq, info, items, sets_seen, cache)
             except Expunged:
                 missing = True
                 continue
@@ -766,7 +777,12 @@ class IMAPSession(StreamSession):
         if ev.uid:
             self._report(view.sync())
 
-    def _fetch_one(self, seq: int, info: MessageInfo, items: list[P.FetchItem], sets_seen: bool) -> bytes:
+    def _cache_item(self, name: str) -> str:
+        """The store's FETCH cache key: versioned, so a change in how mime renders is never served stale."""
+        return f"{name}{'.UTF8' if self.utf8 else ''}/{CACHE_VERSION}"
+
+    def _fetch_one(self, seq: int, info: MessageInfo, items: list[P.FetchItem], sets_seen: bool,
+                   cache: dict[str, dict[int, bytes]]) -> bytes:
         view = self.view
         assert view is not None
         msg: mime.ParsedMessage | None = None
@@ -776,6 +792,13 @@ class IMAPSession(StreamSession):
             if msg is None:
                 msg = mime.parse(view.read(info.uid))
             return msg
+
+        def computed(name: str, render: Callable[[], bytes]) -> bytes:
+            got = cache.get(name, {}).get(info.uid)
+            if got is None:
+                got = render()
+                view.remember(info.uid, self._cache_item(name), got)
+            return got
 
         parts: list[bytes] = []
         flags_changed = False
@@ -798,11 +821,13 @@ class IMAPSession(StreamSession):
             elif name == "MODSEQ":
                 parts.append(b"MODSEQ (%d)" % info.modseq)
             elif name == "ENVELOPE":
-                parts.append(b"ENVELOPE " + mime.envelope(parsed(), utf8=self.utf8))
+                parts.append(b"ENVELOPE " + computed("ENVELOPE", lambda: mime.envelope(parsed(), utf8=self.utf8)))
             elif name == "BODYSTRUCTURE":
-                parts.append(b"BODYSTRUCTURE " + mime.bodystructure(parsed(), extended=True, utf8=self.utf8))
+                parts.append(b"BODYSTRUCTURE " + computed(
+                    "BODYSTRUCTURE", lambda: mime.bodystructure(parsed(), extended=True, utf8=self.utf8)))
             elif name == "BODY" and it.section is None:
-                parts.append(b"BODY " + mime.bodystructure(parsed(), extended=False, utf8=self.utf8))
+                parts.append(b"BODY " + computed(
+                    "BODY", lambda: mime.bodystructure(parsed(), extended=False, utf8=self.utf8)))
             elif name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT"):
                 spec = {"RFC822": "", "RFC822.HEADER": "HEADER", "RFC822.TEXT": "TEXT"}[name]
                 whole = mime.section(parsed(), spec) or b""
@@ -971,6 +996,7 @@ EXTENSIONS = ("UIDPLUS", "MOVE", "UNSELECT", "NAMESPACE", "SPECIAL-USE", "CREATE
               "LIST-STATUS", "CONDSTORE", "QRESYNC", "ESEARCH", "SEARCHRES", "STATUS=SIZE", "SORT", "SORT=DISPLAY",
               "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "COMPRESS=DEFLATE", "MULTIAPPEND", "CATENATE",
               "UTF8=ACCEPT", "BINARY", "LITERAL-")
+CACHE_VERSION = 1  # of what ENVELOPE/BODYSTRUCTURE look like: raise it when mime's rendering changes
 IDLE_POLL = 30.0  # wait_change returns at once on a change; this only bounds one wait
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 SPECIAL_USES = ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash")
