@@ -380,3 +380,19 @@ def test_literals_of_one_command_together_are_capped():
 def test_append_utf8_literal8():
     ev = one(b"a APPEND INBOX UTF8 (~{3+}\r\n\xc3\xa9!)\r\n", State.AUTHENTICATED)
     assert ev.messages[0].data == b"\xc3\xa9!" and ev.messages[0].binary
+
+
+def test_imap_config_keys_and_their_floors():
+    from yuubin.config import ConfigError, from_dict
+    base = {"hostname": "h.example", "domains": {"local": ["example.test"]}}
+    cfg = from_dict({**base, "imap": {"literal_size": 1000, "idle_timeout": "45m", "sessions_per_account": 3}})
+    assert (cfg.imap.literal_size, cfg.imap.idle_timeout, cfg.imap.sessions_per_account) == (1000, 2700.0, 3)
+    assert from_dict(base).imap.idle_timeout == 1800.0
+    with pytest.raises(ConfigError, match=r"imap\.idle_timeout"):
+        from_dict({**base, "imap": {"idle_timeout": "10m"}})
+    with pytest.raises(ConfigError, match=r"imap\.line_length"):
+        from_dict({**base, "imap": {"line_length": 1000}})
+    with pytest.raises(ConfigError, match="literl_size"):
+        from_dict({**base, "imap": {"literl_size": 1000}})
+    with pytest.raises(ConfigError, match=r"tls\.cert"):
+        from_dict({**base, "listener": [{"kind": "imap", "address": "127.0.0.1:143"}]})

@@ -471,3 +471,28 @@ def test_pipelined_commands_are_answered_in_order(server, client_tls):
             tags.append(line.split()[0])
     assert tags == [b"p1", b"p2", b"p3", b"p4"]
     c.close()
+
+
+def test_shutdown_says_bye_to_idle_and_idling_sessions(make_server, client_tls):
+    server = make_server(listener=LISTENERS)
+    plain = _login(server, client_tls)
+    idling = _login(server, client_tls)
+    idling.cmd("SELECT INBOX")
+    idling.sock.sendall(b"i IDLE\r\n")
+    assert idling.file.readline() == b"+ idling\r\n"
+    t0 = time.monotonic()
+    server.stop()
+    assert time.monotonic() - t0 < 5  # nobody waits for the grace time: none of them is mid-command
+    for c in (plain, idling):
+        assert c.file.readline() == b"* BYE server shutting down\r\n"
+        c.close()
+
+
+def test_idle_timeout_logs_out(make_server, client_tls):
+    server = make_server(listener=LISTENERS)
+    # the limit itself is at least 30 minutes (checked by the config); the session takes it as given
+    for _index, lst in server.server.imap_listeners:
+        object.__setattr__(lst, "idle_timeout", 0.5)
+    c = _login(server, client_tls)
+    assert c.file.readline() == b"* BYE autologout; idle for too long\r\n"
+    c.close()
