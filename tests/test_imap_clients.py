@@ -204,3 +204,31 @@ verbose = 1
     assert typ == "OK" and data[0] == b"0", data  # delete = true: retrieved and removed
     c.logout()
     shutil.rmtree(root)
+
+
+@pytest.mark.skipif(shutil.which("neomutt") is None or shutil.which("script") is None,
+                    reason="neomutt (and script, for its terminal) are not installed")
+def test_neomutt_reads_the_inbox(server, ca_file, tmp_path):
+    """neomutt in a pseudo-terminal (script), driven by `push`: open INBOX over IMAPS, copy every
+    message to a local mbox, quit."""
+    out = tmp_path / "saved.mbox"
+    rc = tmp_path / "muttrc"
+    rc.write_text(f"""set imap_user = "{ALICE}"
+set imap_pass = "{PASSWORD}"
+set certificate_file = "{tmp_path}/certs"
+set ssl_ca_certificates_file = "{ca_file}"
+set ssl_verify_host = yes
+set folder = "imaps://localhost:{server.port("imaps")}/"
+set mbox_type = mbox
+set confirmappend = no
+set confirmcreate = no
+set header_cache = ""
+set message_cachedir = ""
+""")
+    push = f"<tag-pattern>~A<enter><tag-prefix><copy-message>{out}<enter><quit>"
+    cmd = f"neomutt -n -F {rc} -f imaps://localhost:{server.port('imaps')}/INBOX -e 'push \"{push}\"'"
+    p = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, timeout=60,
+                       env={"TERM": "xterm", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert out.exists(), (p.returncode, p.stdout[-2000:])
+    data = out.read_bytes()
+    assert data.count(b"Subject: message ") == 2 and b"body 1" in data and b"body 2" in data
