@@ -496,3 +496,25 @@ def test_idle_timeout_logs_out(make_server, client_tls):
     c = _login(server, client_tls)
     assert c.file.readline() == b"* BYE autologout; idle for too long\r\n"
     c.close()
+
+
+def test_suspended_account_can_still_read(server, client_tls):
+    from yuubin.store import Store
+    store = Store(server.config.state_db)
+    try:
+        assert store.set_suspended(ALICE, True, by="test")
+    finally:
+        store.close()
+    c = _login(server, client_tls)
+    assert c.cmd("SELECT INBOX")[-1].startswith(b"OK [READ-WRITE]")
+    c.close()
+
+
+def test_sessions_per_ip_limit(make_server, client_tls):
+    server = make_server(listener=LISTENERS, imap={"sessions_per_ip": 1})
+    first = Raw(server, client_tls)
+    assert first.greeting.startswith(b"* OK [CAPABILITY ")
+    second = Raw(server, client_tls)
+    assert second.greeting == b"* BYE too many IMAP sessions from your address\r\n"
+    second.close()
+    first.close()
