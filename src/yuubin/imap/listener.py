@@ -692,7 +692,10 @@ class IMAPSession(StreamSession):
                 change = asyncio.ensure_future(self.view.wait_change(IDLE_POLL))
                 done, _ = await asyncio.wait({reading, change}, return_when=asyncio.FIRST_COMPLETED)
                 if change in done:
-                    change.result()
+                    if isinstance(change.exception(), StoreError):  # e.g. the folder is gone: sync() says so
+                        await asyncio.sleep(IDLE_RETRY)
+                    elif change.exception() is not None:
+                        raise change.exception()  # type: ignore[misc]
                     if self.view is not None:
                         self._report(self.view.sync())
                         await self.send(conn.data_to_send())
@@ -751,7 +754,7 @@ class IMAPSession(StreamSession):
             if gone:
                 conn.untagged(b"VANISHED (EARLIER) " + _compress(gone).encode())
         items = list(ev.items)
-        if ev.uid and not any(i.name == "UID" for i in items):
+        if (ev.uid or self.qresync) and not any(i.name == "UID" for i in items):
             items.insert(0, P.FetchItem("UID"))
         sets_seen = not view.readonly and any(
             (i.name in ("BODY", "BINARY") and i.section is not None and not i.peek)
@@ -877,10 +880,10 @@ class IMAPSession(StreamSession):
                 continue
             if ev.silent:
                 if self.condstore:
-                    conn.untagged(b"%d FETCH (%sMODSEQ (%d))" % (seq, b"UID %d " % info.uid if ev.uid else b"",
-                                                                info.modseq))
+                    uid = b"UID %d " % info.uid if ev.uid or self.qresync else b""
+                    conn.untagged(b"%d FETCH (%sMODSEQ (%d))" % (seq, uid, info.modseq))
                 continue
-            extra = b" UID %d" % info.uid if ev.uid else b""
+            extra = b" UID %d" % info.uid if ev.uid or self.qresync else b""
             if self.condstore:
                 extra += b" MODSEQ (%d)" % info.modseq
             conn.untagged(b"%d FETCH (FLAGS %s%s)" % (seq, self._flags(info), extra))
@@ -998,8 +1001,9 @@ EXTENSIONS = ("UIDPLUS", "MOVE", "UNSELECT", "NAMESPACE", "SPECIAL-USE", "CREATE
               "UTF8=ACCEPT", "BINARY", "LITERAL-")
 CACHE_VERSION = 1  # of what ENVELOPE/BODYSTRUCTURE look like: raise it when mime's rendering changes
 IDLE_POLL = 30.0  # wait_change returns at once on a change; this only bounds one wait
+IDLE_RETRY = 1.0  # after a failed wait for changes: at most one sync a second
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
-SPECIAL_USES = ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash")
+SPECIAL_USES = ("\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash")
 
 
 def _literal(data: bytes) -> bytes:
