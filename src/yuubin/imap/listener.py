@@ -1158,12 +1158,12 @@ def _contains(haystack: str, needle: str) -> bool:
 
 def _sort_value(key: str, seq: int, info: MessageInfo, matcher: _Matcher) -> Any:
     if key == "ARRIVAL":
-        return info.internaldate
+        return int(info.internaldate)  # INTERNALDATE has whole seconds
     if key == "SIZE":
         return info.size
-    if key == "DATE":
+    if key == "DATE":  # RFC 5256: no usable Date: header, the INTERNALDATE
         d = mime.date_header(matcher.parsed(info))
-        return d.timestamp() if d is not None else info.internaldate
+        return d.timestamp() if d is not None else int(info.internaldate)
     if key == "SUBJECT":
         subj = mime.header_values(matcher.parsed(info), "Subject")
         return mime.base_subject(subj[0]).casefold() if subj else ""
@@ -1196,7 +1196,7 @@ Thread = tuple[tuple[int, MessageInfo], list["Thread"]]
 def _thread(found: list[tuple[int, MessageInfo]], algorithm: str, matcher: _Matcher) -> list[Thread]:
     def sent(sm: tuple[int, MessageInfo]) -> tuple[float, int]:
         d = mime.date_header(matcher.parsed(sm[1]))
-        return (d.timestamp() if d is not None else sm[1].internaldate, sm[0])
+        return (d.timestamp() if d is not None else int(sm[1].internaldate), sm[0])
 
     def subject(sm: tuple[int, MessageInfo]) -> str:
         s = mime.header_values(matcher.parsed(sm[1]), "Subject")
