@@ -94,3 +94,48 @@ def test_search_sort_thread_match_dovecot(dovecot, ours):  # noqa: F811 - the fi
             diffs.append(f"{name}: dovecot {theirs!r}, yuubin {mine!r}")
     assert not diffs, "\n".join(diffs)
 
+
+
+def _threaded() -> list[bytes]:
+    """Replies with References, with only In-Reply-To, to a missing parent, subject-only kin, a loop."""
+    spec = [  # (id, references, subject, day)
+        ("a", "", "plans", 1), ("b", "<a@x>", "Re: plans", 2), ("c", "<a@x> <b@x>", "Re: plans", 3),
+        ("d", "<missing@x>", "Re: lost", 4), ("e", "<missing@x>", "Re: lost", 5), ("f", "", "Re: plans", 6),
+        ("g", "", "other", 7), ("h", "<g@x>", "Fwd: other", 8), ("i", "<i@x>", "self", 9),
+        ("j", "<k@x>", "loop", 10), ("k", "<j@x>", "loop", 11), ("l", "", "[list] plans (fwd)", 12),
+        ("m", "IRT:<c@x>", "Re: Re: plans", 13), ("n", "", "", 14), ("o", "", "", 15),
+    ]
+    out = []
+    for mid, refs, subject, day in spec:
+        head = f"From: t@example.test\r\nMessage-ID: <{mid}@x>\r\nSubject: {subject}\r\n"
+        head += f"Date: {day:02d} Jan 2024 10:00:00 +0000\r\n"
+        if refs.startswith("IRT:"):
+            head += f"In-Reply-To: {refs[4:]}\r\n"
+        elif refs:
+            head += f"References: {refs}\r\n"
+        out.append((head + "\r\nbody\r\n").encode())
+    return out
+
+
+def test_thread_references_matches_dovecot(dovecot, make_server, client_tls):  # noqa: F811 - the fixture
+    server = make_server(listener=[{"kind": "mx", "address": "127.0.0.1:0"},
+                                   {"kind": "imaps", "address": "127.0.0.1:0"}])
+    ours = imaplib.IMAP4_SSL("127.0.0.1", server.port("imaps"), ssl_context=client_tls, timeout=20)
+    ours.login(ALICE, ACCOUNTS[ALICE])
+    when = '"01-Feb-2024 10:00:00 +0000"'
+    for client in (dovecot, ours):
+        assert client.create("Threads")[0] == "OK"
+        for msg in _threaded():
+            assert client.append("Threads", None, when, msg)[0] == "OK"
+        assert client.select("Threads", readonly=True)[0] == "OK"
+    try:
+        for alg in ("REFERENCES", "ORDEREDSUBJECT"):
+            theirs, mine = _norm(_answer(dovecot, "THREAD", alg, "UTF-8", "ALL")), _norm(
+                _answer(ours, "THREAD", alg, "UTF-8", "ALL"))
+            assert mine == theirs and mine.count("(") >= 5, (alg, theirs, mine)
+        for crit in ("(SUBJECT)", "(DATE)", "(REVERSE SUBJECT)"):
+            assert _norm(_answer(ours, "SORT", crit, "UTF-8", "ALL")) == _norm(
+                _answer(dovecot, "SORT", crit, "UTF-8", "ALL")), crit
+    finally:
+        dovecot.select("INBOX", readonly=True)
+        ours.logout()
