@@ -518,3 +518,17 @@ def test_sessions_per_ip_limit(make_server, client_tls):
     assert second.greeting == b"* BYE too many IMAP sessions from your address\r\n"
     second.close()
     first.close()
+
+
+def test_uid_expunge_only_the_named_and_trycreate(server, client_tls):
+    c = _login(server, client_tls)
+    for _ in range(3):
+        c.cmd(b"APPEND INBOX (\\Deleted) {%d+}\r\n" % len(MESSAGE) + MESSAGE)
+    c.cmd("SELECT INBOX")
+    assert c.cmd("UID EXPUNGE 2")[:-1] == [b"* 2 EXPUNGE\r\n"]
+    assert c.cmd("UID SEARCH ALL")[0] == b"* SEARCH 1 3\r\n"
+    assert c.cmd("COPY 1 Nowhere")[-1].startswith(b"NO [TRYCREATE]")
+    assert c.cmd(b"APPEND Nowhere {%d+}\r\n" % len(MESSAGE) + MESSAGE)[-1].startswith(b"NO [TRYCREATE]")
+    assert c.cmd("FETCH 9 FLAGS")[-1].startswith(b"BAD")  # no message 9
+    assert c.cmd("FETCH 2:* (UID)")[:-1] == [b"* 2 FETCH (UID 3)\r\n"]
+    c.close()

@@ -998,7 +998,7 @@ class IMAPSession(StreamSession):
 EXTENSIONS = ("UIDPLUS", "MOVE", "UNSELECT", "NAMESPACE", "SPECIAL-USE", "CREATE-SPECIAL-USE", "LIST-EXTENDED",
               "LIST-STATUS", "CONDSTORE", "QRESYNC", "ESEARCH", "SEARCHRES", "STATUS=SIZE", "SORT", "SORT=DISPLAY",
               "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "COMPRESS=DEFLATE", "MULTIAPPEND", "CATENATE",
-              "UTF8=ACCEPT", "BINARY", "LITERAL-")
+              "UTF8=ACCEPT", "BINARY")
 CACHE_VERSION = 1  # of what ENVELOPE/BODYSTRUCTURE look like: raise it when mime's rendering changes
 IDLE_POLL = 30.0  # wait_change returns at once on a change; this only bounds one wait
 IDLE_RETRY = 1.0  # after a failed wait for changes: at most one sync a second
