@@ -124,6 +124,13 @@ async def test_append_is_durable_with_flags_keywords_and_internaldate(root, comm
         await acc.append("Nowhere", MSG, frozenset(), None)
 
 
+async def test_append_of_bare_lf_counts_the_size_as_served(root, committer):
+    acc = make(root, committer).account(MAILBOX)
+    _, uid = await acc.append("INBOX", b"Subject: lf\n\nline\n", frozenset(), None)
+    view = acc.open("INBOX", readonly=True)
+    assert view.messages[0].size == len(view.read(uid)) == len(b"Subject: lf\r\n\r\nline\r\n")
+
+
 async def test_bare_lf_files_are_served_with_crlf(root, committer):
     deliver(root, b"Subject: lf\n\nline\n")
     view = make(root, committer).account(MAILBOX).open("INBOX", readonly=True)
@@ -169,6 +176,15 @@ async def test_expunge_reports_through_sync_and_vanished(root, committer):
     assert len(list((maildir(root) / "cur").iterdir())) == 2
     with pytest.raises(Expunged):
         view.read(2)
+
+
+async def test_expunge_takes_deleted_mail_the_view_has_not_seen_yet(root, committer):
+    acc = make(root, committer).account(MAILBOX)
+    a = acc.open("INBOX", readonly=False)
+    _, uid = await acc.append("INBOX", MSG, frozenset({"\\Deleted"}), None)  # not yet announced to a
+    assert a.expunge() == [uid]
+    assert not a.sync()  # never announced, so never expunged to this session either
+    assert acc.status("INBOX").messages == 0
 
 
 async def test_two_views_see_each_others_changes(root, committer):
@@ -258,6 +274,22 @@ async def test_fetch_cache_is_shared_kept_and_dropped_with_the_message(root, com
     assert c.cached([1], "BODYSTRUCTURE/1") == {}
 
 
+async def test_odd_maildirs_from_other_tools_do_not_break_a_session(root, committer, caplog):
+    deliver(root)
+    acc = make(root, committer).account(MAILBOX)
+    odd = os.fsencode(maildir(root) / "cur") + b"/bad\xff\x01name:2,S"
+    with open(odd, "wb") as f:
+        f.write(MSG)
+    (maildir(root) / ".OnlyCur" / "cur").mkdir(parents=True)  # new/ and tmp/ not made yet
+    view = acc.open("INBOX", readonly=False)
+    assert [m.uid for m in view.messages] == [1]  # the odd name is left alone, and said so
+    assert "imap_file_skipped" in caplog.text
+    assert "OnlyCur" in {f.name for f in acc.folders()}
+    assert acc.status("OnlyCur").messages == 0
+    await acc.append("OnlyCur", MSG, frozenset(), None)
+    assert acc.status("OnlyCur").messages == 1
+
+
 async def test_uids_are_never_reused(root, committer):
     ms = make(root, committer)
     acc = ms.account(MAILBOX)
@@ -315,6 +347,23 @@ async def test_folder_create_rename_delete_subscribe(root, committer):
     acc.subscribe("Gone", True)
     gone = next(f for f in acc.folders() if f.name == "Gone")
     assert gone.subscribed and not gone.exists
+
+
+async def test_a_view_of_a_deleted_folder_says_so_and_does_not_spin(root, committer):
+    acc = make(root, committer).account(MAILBOX)
+    acc.create("Tmp")
+    await acc.append("Tmp", MSG, frozenset(), None)
+    view = acc.open("Tmp", readonly=False)
+    acc.delete("Tmp")  # by another session
+    assert view.sync().expunged == [1] and view.messages == []
+    assert not view.sync()
+    with pytest.raises(NoSuchFolder):
+        view.store([1], "+", frozenset({"\\Seen"}), None)
+    with pytest.raises(NoSuchFolder):
+        await view.copy([1], "Tmp")
+    t0 = time.monotonic()
+    await view.wait_change(0.3)  # waits its time, no busy return
+    assert time.monotonic() - t0 >= 0.25
 
 
 async def test_rename_inbox_moves_its_messages(root, committer):
@@ -490,6 +539,9 @@ async def test_speed_of_a_10000_message_folder(root, committer, capsys):
     view = acc.open("INBOX", readonly=False)
     again = time.perf_counter() - t
     t = time.perf_counter()
+    acc.open("INBOX", readonly=False).close()
+    second = time.perf_counter() - t
+    t = time.perf_counter()
     view.sync()
     idle_sync = time.perf_counter() - t
     deliver(root)
@@ -507,6 +559,7 @@ async def test_speed_of_a_10000_message_folder(root, committer, capsys):
     flag_sync = time.perf_counter() - t
     with capsys.disabled():
         print(f"\n10,000 messages: first open (numbering, reading sizes) {first:.2f}s, open {again*1000:.0f}ms, "
+              f"another session's open {second*1000:.1f}ms, "
               f"sync with no change {idle_sync*1000:.1f}ms, sync with one new {new_sync*1000:.0f}ms, "
               f"STORE +\\Seen on 1,000 {store_1000*1000:.0f}ms, another view's sync of 1,000 flag changes "
               f"{flag_sync*1000:.0f}ms")

@@ -218,3 +218,33 @@ def test_import_refuses_what_is_not_a_maildir(tmp_path, make_config):
     (tmp_path / "full" / "x").write_text("x")
     p = run_yuubin(["mailbox", "export", ADDRESS, str(tmp_path / "full")], config=cfg)
     assert p.returncode == 2 and "not an empty directory" in p.stderr
+
+
+async def test_import_run_again_after_a_crash_keeps_dovecots_uids(tmp_path):
+    """Files copied (or half-copied in tmp/) before a crash, none numbered yet: the next run numbers
+    them with Dovecot's UIDs instead of leaving them to get new ones."""
+    from yuubin.imap.dovecot import import_maildir
+    src = tmp_path / "dovecot"
+    for sub in ("tmp", "new", "cur"):
+        (src / sub).mkdir(parents=True)
+    names = {7: "100.M1P1.host,S=20,W=21", 9: "101.M2P1.host,S=20,W=21", 12: "102.M3P1.host"}
+    for uid, key in names.items():
+        (src / "cur" / f"{key}:2,Sa").write_bytes(b"Subject: %d\n\nbody\n" % uid)
+    (src / "dovecot-uidlist").write_text("3 V777 N13 Gx\n" + "".join(f"{u} :{k}\n" for u, k in names.items()))
+    (src / "dovecot-keywords").write_text("0 $Label1\n")
+    committer = GroupCommitter()
+    ms = MailStore(Maildirs(tmp_path / "mail", "mx.example.test"), committer)
+    acc = ms.account(ADDRESS)
+    dest = Path(acc.folder_path("INBOX"))
+    (dest / "cur" / f"{names[7]}:2,S").write_bytes(b"Subject: 7\n\nbody\n")  # copied, not numbered
+    (dest / "tmp" / names[9]).write_bytes(b"Subj")  # half written
+    report = await import_maildir(acc, src, committer)
+    assert report.folders[0].kept_uids and report.folders[0].messages == 3
+    view = acc.open("INBOX", readonly=True)
+    assert view.uidvalidity == 777 and view.uidnext == 13
+    assert [(m.uid, set(m.flags)) for m in view.messages] == [(u, {"\\Seen", "$Label1"}) for u in (7, 9, 12)]
+    assert view.read(9) == b"Subject: 9\r\n\r\nbody\r\n" and view.messages[1].size == len(view.read(9))
+    again = await import_maildir(acc, src, committer)
+    assert again.folders[0].skipped == 3 and again.folders[0].messages == 0
+    ms.close()
+    committer.shutdown()

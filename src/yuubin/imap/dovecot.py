@@ -181,7 +181,10 @@ async def import_maildir(account: AccountStore, source: Path, committer: GroupCo
         uidvalidity, nextuid, uids = read_uidlist(src / "dovecot-uidlist")
         keywords = read_keywords(src / "dovecot-keywords")
         dest = Path(account.folder_path(name))
-        have = {f.partition(":")[0] for sub in ("cur", "new") for f in os.listdir(dest / sub)}
+        # Run again after a crash: files already numbered are skipped; files copied but not yet
+        # numbered are numbered now, with Dovecot's UIDs; a half-written tmp/ copy is made again.
+        indexed = account.indexed_keys(name)
+        copied = {f.partition(":")[0]: f"{sub}/{f}" for sub in ("cur", "new") for f in os.listdir(dest / sub)}
         entries: list[tuple[str, str, str, int | None, int, float]] = []
         writes: list[FileWrite] = []
         times: list[tuple[Path, float]] = []
@@ -192,7 +195,7 @@ async def import_maildir(account: AccountStore, source: Path, committer: GroupCo
                 if fname.startswith("."):
                     continue
                 key, _, info = fname.partition(":")
-                if key in have:
+                if key in indexed:
                     fr.skipped += 1
                     continue
                 letters = info[2:] if info.startswith("2,") else ""
@@ -202,9 +205,11 @@ async def import_maildir(account: AccountStore, source: Path, committer: GroupCo
                 data = path.read_bytes()
                 mtime = path.stat().st_mtime
                 size = len(data) + data.count(b"\n") - data.count(b"\r\n")
-                target = f"cur/{key}:2,{upper}"
-                writes.append(FileWrite(dest / "tmp" / key, data, rename_to=dest / target, access=access))
-                times.append((dest / target, mtime))
+                target = copied.get(key) or f"cur/{key}:2,{upper}"
+                if key not in copied:
+                    (dest / "tmp" / key).unlink(missing_ok=True)
+                    writes.append(FileWrite(dest / "tmp" / key, data, rename_to=dest / target, access=access))
+                    times.append((dest / target, mtime))
                 entries.append((key, target, kws, uids.get(key), size, mtime))
                 if len(writes) >= BATCH:
                     await _flush(committer, writes, times)
@@ -241,7 +246,9 @@ async def export_maildir(account: AccountStore, dest: Path, committer: GroupComm
         fr = FolderReport(info.name, uidvalidity=st.uidvalidity)
         report.folders.append(fr)
         d = disk_name(info.name)
-        folder_dir = dest / ("." + ".".join(mutf7_encode(p) for p in info.name.split(DELIMITER)) if d else "")
+        # Dovecot allows no "." in a name: "v1.2" becomes "v1%2E2" there, still one folder.
+        folder_dir = dest / ("." + ".".join(mutf7_encode(p.replace(".", "%2E")) for p in info.name.split(DELIMITER))
+                             if d else "")
         for sub in ("tmp", "new", "cur"):
             (folder_dir / sub).mkdir(parents=True, exist_ok=True)
         if d:

@@ -64,7 +64,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from yuubin.delivery.maildir import Maildirs
 from yuubin.durable import FileWrite, GroupCommitter, fsync_dir
@@ -84,6 +84,7 @@ _CANONICAL = {k.lower(): k for k in SYSTEM_FLAGS}
 MTIME_TRUST = 2.0  # seconds: a directory mtime younger than this may hide a change in the same tick
 POLL_INTERVAL = 1.0  # while someone waits, another process's change is noticed this often
 RESCAN_GAP = 0.25  # seconds between two listings of a folder whose mtime is too recent to trust
+FULL_EVERY = 30.0  # seconds: cur/ is listed in full at least this often while a folder is in use
 _counter = itertools.count()
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _ESCAPED = re.compile(r"%(25|2[Ee])")
@@ -319,6 +320,14 @@ def _with_keywords(keywords: str, set_flags: frozenset[str], mode: str) -> str:
     return " ".join(sorted(have))
 
 
+def _folder(db: sqlite3.Connection, columns: str, fid: int) -> Any:
+    """A folder's row by id; NoSuchFolder when it was deleted (by another session) meanwhile."""
+    row = db.execute(f"SELECT {columns} FROM folders WHERE id=?", (fid,)).fetchone()
+    if row is None:
+        raise NoSuchFolder("the folder has been deleted")
+    return row
+
+
 # ---- the store ---------------------------------------------------------------------------
 
 class MailStore:
@@ -352,8 +361,10 @@ class _Folder:
     """What this process knows of one folder's directory."""
 
     path: str
-    seen_mtimes: tuple[int, int] = (0, 0)
+    seen_mtimes: tuple[int, int] = (0, 0)  # new/, cur/ at the last listing (after our own moves)
+    complete: tuple[bool, bool] = (False, False)  # that listing of new/, cur/ missed nothing (see refresh)
     scanned_at: float = 0.0
+    full_at: float = 0.0  # the last listing of cur/ too
     event: asyncio.Event | None = None
     waiters: int = 0
     poller: asyncio.Task | None = None
@@ -373,6 +384,8 @@ class AccountStore:
         # 10,000-message INBOX hold one set of tuples); dropped when the folder's last view closes.
         self._infos: dict[int, dict[int, MessageInfo]] = {}
         self._views: dict[int, int] = {}
+        self._masters: dict[int, FolderView] = {}
+        self._warned_names = False
         self.db = self._open_index()
         self._clean_deleting()
         self._special_use()
@@ -447,6 +460,9 @@ class AccountStore:
             row = self.db.execute("SELECT id, uidvalidity, uidnext, highestmodseq, recent_uid, special_use "
                                   "FROM folders WHERE name=?", (name,)).fetchone()
             if row is None and create:
+                # A folder another tool made with cur/ alone (Dovecot makes new/ and tmp/ lazily).
+                self.maildirs.access.make_dirs(os.path.join(path, "new"))
+                self.maildirs.access.make_dirs(os.path.join(path, "tmp"))
                 with self._write() as db:
                     row = db.execute("SELECT id, uidvalidity, uidnext, highestmodseq, recent_uid, special_use "
                                      "FROM folders WHERE name=?", (name,)).fetchone()
@@ -477,7 +493,16 @@ class AccountStore:
         return (os.stat(os.path.join(path, "new")).st_mtime_ns, os.stat(os.path.join(path, "cur")).st_mtime_ns)
 
     def refresh(self, name: str, *, force: bool = False) -> int:
-        """Reconcile a folder's files with its index when they may differ; returns its folder id."""
+        """Reconcile a folder's files with its index when they may differ; returns its folder id.
+
+        A directory whose mtime has not moved since a complete listing holds nothing new. A
+        listing is complete when it began more than MTIME_TRUST after the mtime it saw (a change in
+        the same clock tick would not move the mtime); an incomplete one is redone, at most every
+        RESCAN_GAP, so fifty sessions syncing after one delivery list the folder once. When only
+        new/ moved (a delivery), only new/ is listed: a sync after new mail costs the new files,
+        not the ten thousand in cur/. Our own new/ -> cur/ moves are no news; cur/ is listed in
+        full at least every FULL_EVERY while the folder is in use, whatever its mtime says.
+        """
         name = normalize(name)
         fid = self._folder_row(name)[0]
         d = self._dir(name)
@@ -487,35 +512,58 @@ class AccountStore:
             except FileNotFoundError:
                 raise NoSuchFolder(f"no folder {name!r}") from None
             now = time.time()
-            trusted = d.scanned_at - max(mt) / 1e9 > MTIME_TRUST
-            # An untrusted listing is redone, but not by every one of fifty sessions that sync at
-            # once after a delivery: a change it may hide is found by the next sync or the poll.
-            if not force and mt == d.seen_mtimes and (trusted or now - d.scanned_at < RESCAN_GAP):
+            recent = now - d.scanned_at < RESCAN_GAP
+            new_ok = mt[0] == d.seen_mtimes[0] and (d.complete[0] or recent)
+            cur_ok = mt[1] == d.seen_mtimes[1] and (d.complete[1] or recent) and now - d.full_at < FULL_EVERY
+            if not force and new_ok and cur_ok:
                 return fid
-            if self._reconcile(fid, d.path):
-                mt = self._mtimes(d.path)  # our own new/ -> cur/ moves are no news
+            complete = (now - mt[0] / 1e9 > MTIME_TRUST, now - mt[1] / 1e9 > MTIME_TRUST)
+            moved, full = self._reconcile(fid, d.path, only_new=not force and cur_ok)
+            if moved:
+                mt = self._mtimes(d.path)
             d.seen_mtimes = mt
+            d.complete = complete if full else (complete[0], d.complete[1])
             d.scanned_at = now
+            if full:
+                d.full_at = now
         return fid
 
-    def _listing(self, path: str) -> dict[str, str]:
+    def _listing(self, path: str, subs: tuple[str, ...] = ("new", "cur")) -> dict[str, str]:
         """key -> "new/<name>" or "cur/<name>". new/ first: a file moving to cur/ meanwhile is still seen."""
         files: dict[str, str] = {}
-        for sub in ("new", "cur"):
+        for sub in subs:
             with os.scandir(os.path.join(path, sub)) as it:
                 for e in it:
                     name = e.name
-                    if name[0] != ".":
+                    if name[0] != "." and name.isprintable():
                         files[name.partition(":")[0]] = f"{sub}/{name}"
+                    elif name[0] != "." and not self._warned_names:
+                        # Not a Maildir name (undecodable bytes, control characters): left alone.
+                        self._warned_names = True
+                        log.warning("event=imap_file_skipped mailbox=%s folder=%s name=%r reason=\"not a Maildir "
+                                    "file name\"", self.mailbox, path, name)
         return files
 
-    def _reconcile(self, fid: int, path: str) -> bool:
-        """Bring the index in line with the files; True if it moved files itself (new/ -> cur/)."""
-        files = self._listing(path)
-        rows = {key: (uid, file) for uid, key, file in
-                self.db.execute("SELECT uid, key, file FROM messages WHERE folder=?", (fid,))}
+    def _reconcile(self, fid: int, path: str, *, only_new: bool = False) -> tuple[bool, bool]:
+        """Bring the index in line with the files: (moved files new/ -> cur/ itself, listed cur/ too)."""
+        db = self.db
+        if only_new:
+            files = self._listing(path, ("new",))
+            rows = {key: (uid, file) for uid, key, file in
+                    db.execute("SELECT uid, key, file FROM messages WHERE folder=? AND file LIKE 'new/%'", (fid,))}
+            if any(k not in files for k in rows):
+                return self._reconcile(fid, path)  # moved to cur/ or removed by someone else: look at all
+            for k in files:
+                if k not in rows and (r := db.execute("SELECT uid, file FROM messages WHERE folder=? AND key=?",
+                                                      (fid, k)).fetchone()):
+                    rows[k] = r
+        else:
+            files = self._listing(path)
+            rows = {key: (uid, file) for uid, key, file in
+                    db.execute("SELECT uid, key, file FROM messages WHERE folder=?", (fid,))}
+        full = not only_new
         if all(rows.get(k, (0, ""))[1] == f for k, f in files.items()) and len(rows) == len(files):
-            return False
+            return False, full
         gone = [k for k in rows if k not in files]
         if gone:  # readdir during a rename may miss an entry: look once more before calling it expunged
             again = self._listing(path)
@@ -524,27 +572,35 @@ class AccountStore:
         for key, file in files.items():
             if key in rows:
                 continue
-            full = os.path.join(path, file)
+            full_path = os.path.join(path, file)
             try:
-                st = os.stat(full)
-                size = _crlf_size(full, file)
+                st = os.stat(full_path)
+                size = _crlf_size(full_path, file)
             except FileNotFoundError:
                 continue  # expunged by another process since the listing
+            except OSError as e:  # unreadable (permissions): left out until it can be read
+                log.warning('event=imap_file_unreadable mailbox=%s file=%s error="%s"', self.mailbox, full_path,
+                            e.strerror or e)
+                continue
             added.append((st.st_mtime, key, file, size))
         added.sort()
         changed = [(k, f) for k, f in files.items() if k in rows and rows[k][1] != f]
         expunged = [rows[k][0] for k in rows if k not in files]
         if not (added or changed or expunged):
-            return False
+            return False, full
+        moved = False
         with self._write() as db:
-            (uidnext, modseq) = db.execute("SELECT uidnext, highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()
+            (uidnext, modseq) = _folder(db, "uidnext, highestmodseq", fid)
             modseq += 1
-            known = {key: (uid, file, letters) for uid, key, file, letters in
-                     db.execute("SELECT uid, key, file, letters FROM messages WHERE folder=?", (fid,))}
+
+            def known(key: str) -> tuple[int, str, str] | None:  # as the index says now, inside the transaction
+                return db.execute("SELECT uid, file, letters FROM messages WHERE folder=? AND key=?",
+                                  (fid, key)).fetchone()
+
             for key, file in changed:
-                if key not in known:
+                if (row := known(key)) is None:
                     continue
-                uid, _old, letters = known[key]
+                uid, _old, letters = row
                 new_letters = _split(file.partition("/")[2])[1]
                 if new_letters != letters:
                     db.execute("UPDATE messages SET file=?, letters=?, modseq=? WHERE folder=? AND uid=?",
@@ -556,19 +612,20 @@ class AccountStore:
                 db.execute("DELETE FROM fetch_cache WHERE folder=? AND uid=?", (fid, uid))
                 db.execute("INSERT OR REPLACE INTO expunged(folder, uid, modseq) VALUES (?, ?, ?)", (fid, uid, modseq))
             for mtime, key, file, size in added:
-                if key in known:
+                if known(key) is not None:
                     continue  # numbered by another process meanwhile
-                file = self._to_cur(path, file)
-                name = file.partition("/")[2]
+                now_file = self._to_cur(path, file)
+                moved = moved or now_file != file
+                name = now_file.partition("/")[2]
                 db.execute("INSERT INTO messages(folder, uid, key, file, letters, keywords, modseq, size, internaldate)"
                            " VALUES (?, ?, ?, ?, ?, '', ?, ?, ?)",
-                           (fid, uidnext, key, file, _split(name)[1], modseq, size, mtime))
+                           (fid, uidnext, key, now_file, _split(name)[1], modseq, size, mtime))
                 uidnext += 1
             db.execute("UPDATE folders SET uidnext=?, highestmodseq=? WHERE id=?", (uidnext, modseq, fid))
         if expunged or added:
             log.info("event=imap_reconcile mailbox=%s folder=%s added=%d removed=%d", self.mailbox,
                      path, len(added), len(expunged))
-        return bool(added)
+        return moved, full
 
     def _to_cur(self, path: str, file: str) -> str:
         """new/<name> -> cur/<name>:2, (a session has seen it); where it is now."""
@@ -664,6 +721,7 @@ class AccountStore:
         with self._write() as db:
             row = db.execute("SELECT id FROM folders WHERE name=?", (name,)).fetchone()
             if row:
+                self._masters.pop(row[0], None)
                 db.execute("DELETE FROM messages WHERE folder=?", row)
                 db.execute("DELETE FROM expunged WHERE folder=?", row)
                 db.execute("DELETE FROM fetch_cache WHERE folder=?", row)
@@ -726,8 +784,7 @@ class AccountStore:
     def status(self, name: str) -> FolderStatus:
         fid = self.refresh(name)
         with self._lock:
-            uv, uidnext, hms, recent_uid = self.db.execute(
-                "SELECT uidvalidity, uidnext, highestmodseq, recent_uid FROM folders WHERE id=?", (fid,)).fetchone()
+            uv, uidnext, hms, recent_uid = _folder(self.db, "uidvalidity, uidnext, highestmodseq, recent_uid", fid)
             n, size, unseen, deleted, recent = self.db.execute(
                 "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(instr(letters, 'S') = 0), 0), "
                 "coalesce(sum(instr(letters, 'T') > 0), 0), coalesce(sum(uid >= ?), 0) FROM messages WHERE folder=?",
@@ -743,7 +800,7 @@ class AccountStore:
     def _insert(self, db: sqlite3.Connection, fid: int, entries: list[tuple[str, str, str, str, int, float]]
                 ) -> list[int]:
         """Number new files (key, file, letters, keywords, size, internaldate) in one transaction."""
-        uidnext, modseq = db.execute("SELECT uidnext, highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()
+        uidnext, modseq = _folder(db, "uidnext, highestmodseq", fid)
         modseq += 1
         uids = []
         for key, file, letters, keywords, size, internaldate in entries:
@@ -769,6 +826,7 @@ class AccountStore:
         path = self.folder_path(name)
         flags = canonical_flags(flags)
         key = self._new_key(len(data))
+        size = len(data) + data.count(b"\n") - data.count(b"\r\n")  # as read() serves it: CRLF
         letters = letters_of(flags)
         keywords = " ".join(sorted(f for f in flags if not f.startswith("\\")))
         file = f"cur/{key}:2,{letters}"
@@ -780,7 +838,7 @@ class AccountStore:
             with contextlib.suppress(OSError):
                 os.utime(os.path.join(path, file), (when, when))  # INTERNALDATE, as Dovecot reads it
             with self._write() as db:
-                return self._insert(db, fid, [(key, file, letters, keywords, len(data), when)])[0]
+                return self._insert(db, fid, [(key, file, letters, keywords, size, when)])[0]
 
         uid = await asyncio.to_thread(number)
         self.poke(disk_name(name))
@@ -791,7 +849,7 @@ class AccountStore:
         with self._lock:
             rows = [self.db.execute("SELECT uid, file, letters, keywords, size, internaldate FROM messages "
                                     "WHERE folder=? AND uid=?", (fid, u)).fetchone() for u in uids]
-            dest_uv = self.db.execute("SELECT uidvalidity FROM folders WHERE id=?", (dest_fid,)).fetchone()[0]
+            dest_uv = _folder(self.db, "uidvalidity", dest_fid)[0]
         done, entries = [], []
         for row in rows:
             if row is None:
@@ -841,7 +899,7 @@ class AccountStore:
         return self._copy_sync(fid, src, uids, dest_fid, dest, move=True)
 
     def _expunge_rows(self, db: sqlite3.Connection, fid: int, uids: list[int]) -> None:
-        modseq = db.execute("SELECT highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()[0] + 1
+        modseq = _folder(db, "highestmodseq", fid)[0] + 1
         for uid in uids:
             db.execute("DELETE FROM messages WHERE folder=? AND uid=?", (fid, uid))
             db.execute("DELETE FROM fetch_cache WHERE folder=? AND uid=?", (fid, uid))
@@ -865,7 +923,7 @@ class AccountStore:
             if keep:
                 top = max((u for *_r, u, _s, _d in entries if u), default=0)
                 free = max(uidnext, top + 1)
-                modseq = db.execute("SELECT highestmodseq FROM folders WHERE id=?", (fid,)).fetchone()[0] + 1
+                modseq = _folder(db, "highestmodseq", fid)[0] + 1
                 for key, file, keywords, uid, size, internaldate in sorted(entries, key=lambda e: e[3] or 1 << 62):
                     if not uid:
                         uid, free = free, free + 1
@@ -882,6 +940,12 @@ class AccountStore:
                 self._insert(db, fid, [(k, f, _split(f)[1], kw, size, d) for k, f, kw, _u, size, d in ordered])
         self.poke(disk_name(name))
         return keep
+
+    def indexed_keys(self, name: str) -> set[str]:
+        """The keys of the files the index has numbered (no reconciliation first: for import)."""
+        fid = self._folder_row(name)[0]
+        with self._lock:
+            return {r[0] for r in self.db.execute("SELECT key FROM messages WHERE folder=?", (fid,))}
 
     def messages(self, name: str) -> list[tuple[MessageInfo, str]]:
         """Every message of a folder with its file ("cur/<name>"), ascending UID (for export)."""
@@ -904,6 +968,13 @@ class AccountStore:
         if m is None or m.modseq != modseq:
             m = d[uid] = MessageInfo(uid, _flags(letters, kw), modseq, size, idate, key)
         return m
+
+    def _master(self, fid: int, name: str) -> FolderView:
+        """This process's own read-only view of a folder, kept while the account is open."""
+        v = self._masters.get(fid)
+        if v is None or v.name != name:
+            v = self._masters[fid] = FolderView(self, name, True, master=True)
+        return v
 
     def _opened(self, fid: int) -> None:
         self._views[fid] = self._views.get(fid, 0) + 1
@@ -960,7 +1031,7 @@ class AccountStore:
             while d.waiters > 0:
                 await asyncio.sleep(POLL_INTERVAL)
                 try:
-                    if d.scanned_at - max(d.seen_mtimes) / 1e9 <= MTIME_TRUST:
+                    if not all(d.complete):
                         self.refresh(name)  # the last listing was too soon after a change: look again
                     now_mt, now_hms = self._mtimes(d.path), self._highestmodseq(fid)
                 except (FileNotFoundError, NoSuchFolder):
@@ -985,7 +1056,7 @@ class AccountStore:
 class FolderView:
     """A session's selected folder: its own sequence numbers, changed only by sync()."""
 
-    def __init__(self, account: AccountStore, name: str, readonly: bool):
+    def __init__(self, account: AccountStore, name: str, readonly: bool, *, master: bool = False):
         self.account = account
         self.name = name
         self.readonly = readonly
@@ -993,21 +1064,33 @@ class FolderView:
         self.fid = fid
         acc = account
         acc._opened(fid)
-        info = acc._info
-        with acc._lock if readonly else acc._write():
-            db = acc.db
-            self.uidvalidity, self.uidnext, self.highestmodseq, recent_uid = db.execute(
-                "SELECT uidvalidity, uidnext, highestmodseq, recent_uid FROM folders WHERE id=?", (fid,)).fetchone()
-            self.messages: list[MessageInfo] = [
-                info(fid, uid, letters, kw, modseq, size, idate, key)
-                for uid, key, letters, kw, modseq, size, idate in db.execute(
-                    "SELECT uid, key, letters, keywords, modseq, size, internaldate FROM messages "
-                    "WHERE folder=? ORDER BY uid", (fid,))]
-            if not readonly:  # this session is the first to hear of these: \Recent is its own
-                db.execute("UPDATE folders SET recent_uid=? WHERE id=?", (self.uidnext, fid))
-        self.recent: set[int] = {m.uid for m in self.messages if m.uid >= recent_uid}
         self.closed = False
         self._pending: dict[tuple[int, str], bytes] = {}
+        self._master = master
+        if master:  # the process's own copy of the folder, loaded from the index once
+            info = acc._info
+            with acc._lock:
+                db = acc.db
+                self.uidvalidity, self.uidnext, self.highestmodseq = _folder(
+                    db, "uidvalidity, uidnext, highestmodseq", fid)
+                self.messages: list[MessageInfo] = [
+                    info(fid, uid, letters, kw, modseq, size, idate, key)
+                    for uid, key, letters, kw, modseq, size, idate in db.execute(
+                        "SELECT uid, key, letters, keywords, modseq, size, internaldate FROM messages "
+                        "WHERE folder=? ORDER BY uid", (fid,))]
+            self.recent: set[int] = set()
+            return
+        # A session's view starts as a copy of the process's up-to-date one: SELECT of a big
+        # folder costs a list copy, not a read of every row.
+        base = acc._master(fid, name)
+        base.sync()
+        self.uidvalidity, self.uidnext, self.highestmodseq = base.uidvalidity, base.uidnext, base.highestmodseq
+        self.messages = list(base.messages)
+        with acc._lock if readonly else acc._write():
+            recent_uid = _folder(acc.db, "recent_uid", fid)[0]
+            if not readonly and recent_uid < self.uidnext:  # the first to hear of these: \Recent is its own
+                acc.db.execute("UPDATE folders SET recent_uid=? WHERE id=?", (self.uidnext, fid))
+        self.recent = {m.uid for m in self.messages if m.uid >= recent_uid}
 
     # -- looking up ------------------------------------------------------------------------
 
@@ -1031,6 +1114,8 @@ class FolderView:
             try:
                 with open(os.path.join(self.account.folder_path(self.name), row[0]), "rb") as f:
                     data = f.read()
+            except PermissionError as e:
+                raise StoreError(f"message UID {uid} cannot be read: {e.strerror}") from None
             except FileNotFoundError:
                 if attempt == 2:
                     raise Expunged(f"message UID {uid} has been expunged") from None
@@ -1102,10 +1187,11 @@ class FolderView:
             rows = acc.db.execute(
                 "SELECT uid, key, letters, keywords, modseq, size, internaldate FROM messages "
                 "WHERE folder=? AND modseq>? ORDER BY uid", (self.fid, self.highestmodseq)).fetchall()
-            if not self.readonly and uidnext > recent_uid:
+            top = max(uidnext, rows[-1][0] + 1) if rows else uidnext  # a commit may have come between
+            if not self.readonly and top > recent_uid:
                 with acc._write() as db:
-                    recent_uid = db.execute("SELECT recent_uid FROM folders WHERE id=?", (self.fid,)).fetchone()[0]
-                    db.execute("UPDATE folders SET recent_uid=max(recent_uid, ?) WHERE id=?", (uidnext, self.fid))
+                    recent_uid = _folder(db, "recent_uid", self.fid)[0]
+                    db.execute("UPDATE folders SET recent_uid=max(recent_uid, ?) WHERE id=?", (top, self.fid))
         self._apply_expunged(gone, ch)
         for uid, key, letters, kw, modseq, size, idate in rows:
             info = acc._info(self.fid, uid, letters, kw, modseq, size, idate, key)
@@ -1116,7 +1202,7 @@ class FolderView:
                     ch.flags.append(info)
             elif uid >= self.uidnext:
                 ch.added.append(info)
-                if uid >= recent_uid:
+                if uid >= recent_uid and not self._master:
                     self.recent.add(uid)
         self.messages.extend(ch.added)
         self.uidnext = max(self.uidnext, uidnext)
@@ -1135,6 +1221,7 @@ class FolderView:
 
     def _gone(self) -> Changes:
         """The folder was deleted or renamed away: every message is expunged for this view."""
+        self.highestmodseq = -1  # as the index now says: wait_change() waits instead of spinning
         ch = Changes()
         self._apply_expunged(self.uids(), ch)
         return ch
@@ -1161,7 +1248,7 @@ class FolderView:
             retry = False
             updated, modified = [], []
             with acc._write() as db:
-                modseq = db.execute("SELECT highestmodseq FROM folders WHERE id=?", (self.fid,)).fetchone()[0] + 1
+                modseq = _folder(db, "highestmodseq", self.fid)[0] + 1
                 changed = False
                 for uid in wanted:
                     row = db.execute("SELECT key, file, letters, keywords, modseq, size, internaldate FROM messages "
@@ -1202,7 +1289,7 @@ class FolderView:
         return StoreResult(updated, modified)
 
     def expunge(self, uids: Iterable[int] | None = None) -> list[int]:
-        """Remove the \\Deleted messages (those among `uids` if given); returns their UIDs.
+        """Remove the folder's \\Deleted messages (UID EXPUNGE: those among `uids`); returns their UIDs.
 
         The view's own list changes at the next sync(), which reports these like anyone's.
         """
@@ -1213,7 +1300,7 @@ class FolderView:
         with acc._lock:
             rows = [(u, f) for u, f in acc.db.execute(
                 "SELECT uid, file FROM messages WHERE folder=? AND instr(letters, 'T') > 0 ORDER BY uid", (self.fid,))
-                if (only is None or u in only) and self.seq(u) is not None]
+                if only is None or (u in only and self.seq(u) is not None)]
             if not rows:
                 return []
             for _u, f in rows:
