@@ -532,3 +532,18 @@ def test_uid_expunge_only_the_named_and_trycreate(server, client_tls):
     assert c.cmd("FETCH 9 FLAGS")[-1].startswith(b"BAD")  # no message 9
     assert c.cmd("FETCH 2:* (UID)")[:-1] == [b"* 2 FETCH (UID 3)\r\n"]
     c.close()
+
+
+def test_a_failing_command_is_no_serverbug_and_the_session_goes_on(server, client_tls, monkeypatch):
+    from yuubin.imap import mime
+
+    def broken(*_a, **_k):
+        raise RuntimeError("a bug")
+
+    c = _login(server, client_tls)
+    c.cmd(b"APPEND INBOX {%d+}\r\n" % len(MESSAGE) + MESSAGE)
+    c.cmd("SELECT INBOX")
+    monkeypatch.setattr(mime, "bodystructure", broken)
+    assert c.cmd("FETCH 1 BODYSTRUCTURE")[-1].startswith(b"NO [SERVERBUG]")
+    assert c.cmd("FETCH 1 (FLAGS)")[-1].startswith(b"OK")
+    c.close()

@@ -192,7 +192,13 @@ class IMAPSession(StreamSession):
                     break
                 assert not isinstance(ev, type(NEED_DATA))
                 self.commands += 1
-                await self._handle(ev)
+                try:
+                    await self._handle(ev)
+                except Exception:  # a bug in one command: that command fails, the session goes on
+                    log.exception("event=session_error session=%s command=%s", self.session_id,
+                                  getattr(ev, "name", type(ev).__name__))
+                    conn.tagged(getattr(ev, "tag", "*"), "NO", "internal error; the command was not completed",
+                                "SERVERBUG")
         except TimeoutError:
             self._reject("command", "timeout", f"no command for {self.listener.idle_timeout:g}s (imap.idle_timeout)")
             conn.bye("autologout; idle for too long")
