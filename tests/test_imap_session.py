@@ -547,3 +547,20 @@ def test_a_failing_command_is_no_serverbug_and_the_session_goes_on(server, clien
     assert c.cmd("FETCH 1 BODYSTRUCTURE")[-1].startswith(b"NO [SERVERBUG]")
     assert c.cmd("FETCH 1 (FLAGS)")[-1].startswith(b"OK")
     c.close()
+
+
+def test_imap4rev2_after_enable(server, client_tls):
+    c = Raw(server, client_tls)
+    assert b" IMAP4rev1 IMAP4rev2 " in c.greeting
+    c.cmd(f'LOGIN {ALICE} "{PASSWORD}"')
+    c.cmd(b"APPEND INBOX {%d+}\r\n" % len(MESSAGE) + MESSAGE)
+    assert c.cmd("ENABLE IMAP4rev2")[0] == b"* ENABLED IMAP4rev2\r\n"
+    sel = c.cmd("SELECT INBOX")
+    assert b'* LIST () "/" INBOX\r\n' in sel and not any(b"RECENT" in x or b"[UNSEEN" in x for x in sel), sel
+    assert c.cmd("FETCH 1 (FLAGS)")[0] == b"* 1 FETCH (FLAGS ())\r\n"  # no \Recent in IMAP4rev2
+    assert c.cmd("SEARCH ALL")[0] == b'* ESEARCH (TAG "t6") ALL 1\r\n'
+    assert c.cmd("UID SEARCH SUBJECT nothing-like-this")[0] == b'* ESEARCH (TAG "t7") UID\r\n'
+    assert c.cmd('CREATE "Größe"')[-1].startswith(b"OK")  # mailbox names are UTF-8
+    assert c.cmd('LIST "" "Gr*"')[0] == '* LIST (\\HasNoChildren) "/" "Größe"\r\n'.encode()
+    assert b"* OK [CLOSED] previous folder closed\r\n" in c.cmd('SELECT "Größe"')
+    c.close()

@@ -113,6 +113,7 @@ class IMAPSession(StreamSession):
         self.condstore = False
         self.qresync = False
         self.utf8 = False
+        self.rev2 = False  # ENABLE IMAP4rev2: no \Recent, SEARCH answers ESEARCH, UTF-8 names
         self._login: LoginExchange | None = None
         self._auth_tag = ""
         self._counted_ip = False
@@ -395,6 +396,9 @@ class IMAPSession(StreamSession):
                 self.condstore = self.qresync = True
             elif cap == "UTF8=ACCEPT" and "UTF8=ACCEPT" in self.listener.extensions:
                 self.utf8 = self.conn.utf8 = True
+            elif cap == "IMAP4REV2" and "IMAP4rev2" in self.conn.capabilities():
+                self.rev2 = self.utf8 = self.conn.utf8 = True  # RFC 9051 includes UTF8=ACCEPT
+                cap = "IMAP4rev2"
             else:
                 continue
             done.append(cap)
@@ -580,7 +584,7 @@ class IMAPSession(StreamSession):
         assert conn is not None
         if self.view is not None:
             self._close_folder()
-            if self.qresync:
+            if self.qresync or self.rev2:
                 conn.untagged(b"OK [CLOSED] previous folder closed")
         if ev.condstore:
             self.condstore = True
@@ -599,10 +603,13 @@ class IMAPSession(StreamSession):
         else:
             conn.untagged(f"OK [PERMANENTFLAGS ({flags} \\*)] flags permitted".encode())
         conn.untagged(b"%d EXISTS" % len(view.messages))
-        conn.untagged(b"%d RECENT" % len(view.recent))
-        first_unseen = next((i + 1 for i, m in enumerate(view.messages) if "\\Seen" not in m.flags), None)
-        if first_unseen:
-            conn.untagged(b"OK [UNSEEN %d] first unseen" % first_unseen)
+        if self.rev2:  # RFC 9051 6.3.2: the mailbox's LIST line instead of RECENT and [UNSEEN]
+            conn.untagged(b'LIST () "/" ' + self._name(view.name))
+        else:
+            conn.untagged(b"%d RECENT" % len(view.recent))
+            first_unseen = next((i + 1 for i, m in enumerate(view.messages) if "\\Seen" not in m.flags), None)
+            if first_unseen:
+                conn.untagged(b"OK [UNSEEN %d] first unseen" % first_unseen)
         conn.untagged(b"OK [UIDVALIDITY %d] UIDs valid" % view.uidvalidity)
         conn.untagged(b"OK [UIDNEXT %d] predicted next UID" % view.uidnext)
         conn.untagged(b"OK [HIGHESTMODSEQ %d] highest" % view.highestmodseq)
@@ -638,7 +645,7 @@ class IMAPSession(StreamSession):
 
     def _flags(self, info: MessageInfo) -> bytes:
         flags = sorted(info.flags)
-        if self.view is not None and info.uid in self.view.recent:
+        if self.view is not None and info.uid in self.view.recent and not self.rev2:
             flags.append("\\Recent")
         return P.flag_list(flags)
 
@@ -654,7 +661,8 @@ class IMAPSession(StreamSession):
                     conn.untagged(b"%d EXPUNGE" % gone)
         if ch.added:
             conn.untagged(b"%d EXISTS" % len(view.messages))
-            conn.untagged(b"%d RECENT" % len(view.recent))
+            if not self.rev2:
+                conn.untagged(b"%d RECENT" % len(view.recent))
         for info in ch.flags:
             seq = view.seq(info.uid)
             if seq is None:
@@ -964,13 +972,13 @@ class IMAPSession(StreamSession):
         elif ev.name == "THREAD":
             threads = _thread(found, ev.thread, matcher)
             conn.untagged(b"THREAD " + _thread_text(threads, lambda sm: sm[1].uid if ev.uid else sm[0]).encode())
-        elif ev.returns is None:
+        elif ev.returns is None and not self.rev2:
             line = b"SEARCH" + b"".join(b" %d" % n for n in nums)
             if matcher.used_modseq and found:
                 line += b" (MODSEQ %d)" % max(m.modseq for _s, m in found)
             conn.untagged(line)
         else:
-            ret = set(ev.returns)
+            ret = set(ev.returns or ("ALL",))  # IMAP4rev2 answers every SEARCH with ESEARCH
             if "SAVE" in ret:
                 self.saved = [m.uid for _s, m in found]
                 ret.discard("SAVE")

@@ -60,7 +60,7 @@ _LEGAL: dict[str, frozenset[State]] = {
 PRE_AUTH_LITERAL = 8192  # before login a literal is a user name or password
 
 # Sent to every client before login (and in the greeting).
-BASE_CAPABILITIES = ("IMAP4rev1", "SASL-IR", "LITERAL+", "ID", "ENABLE", "IDLE")
+BASE_CAPABILITIES = ("IMAP4rev1", "IMAP4rev2", "SASL-IR", "LITERAL+", "ID", "ENABLE", "IDLE")
 
 
 @dataclass(frozen=True, slots=True)
