@@ -564,3 +564,28 @@ def test_imap4rev2_after_enable(server, client_tls):
     assert c.cmd('LIST "" "Gr*"')[0] == '* LIST (\\HasNoChildren) "/" "Größe"\r\n'.encode()
     assert b"* OK [CLOSED] previous folder closed\r\n" in c.cmd('SELECT "Größe"')
     c.close()
+
+
+@pytest.mark.slow
+def test_idle_across_worker_processes(make_config, serve_process, client_tls):
+    """With two workers, the delivering process is often not the one holding the IDLE session:
+    the store's poll (every second) still announces it."""
+    sc = make_config(listener=LISTENERS, server={"workers": 2})
+    sc.add_accounts()
+    sc.write()
+    sp = serve_process(sc)
+    latencies = []
+    for _ in range(3):
+        c = Raw(sp, client_tls)
+        c.cmd(f'LOGIN {ALICE} "{PASSWORD}"')
+        c.cmd("SELECT INBOX")
+        c.sock.sendall(b"i IDLE\r\n")
+        assert c.file.readline() == b"+ idling\r\n"
+        t0 = time.monotonic()
+        deliver(sp)
+        line = c.file.readline()
+        latencies.append(time.monotonic() - t0)
+        assert line.endswith(b" EXISTS\r\n"), line
+        c.close()
+    # from before the SMTP delivery: its fsyncs, then the other process's poll (at most 1 s)
+    assert max(latencies) < 2.0, latencies
