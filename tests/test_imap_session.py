@@ -589,3 +589,19 @@ def test_idle_across_worker_processes(make_config, serve_process, client_tls):
         c.close()
     # from before the SMTP delivery: its fsyncs, then the other process's poll (at most 1 s)
     assert max(latencies) < 2.0, latencies
+
+
+def test_failed_logins_count_with_submission_and_lock_the_source_out(make_server, client_tls):
+    server = make_server(listener=[*LISTENERS, {"kind": "submission", "address": "127.0.0.1:0"}],
+                         auth_guard={"max_failures": 3}, network={"trusted": []})
+    c = imaps(server, client_tls)
+    for _ in range(2):
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            c.login(ALICE, "wrong")
+    with smtplib.SMTP("127.0.0.1", server.port("submission"), timeout=10) as s:
+        s.starttls(context=client_tls)
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            s.login(ALICE, "wrong too")
+    with pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE"):  # the right password, but locked out
+        c.login(ALICE, PASSWORD)
+    c.logout()
