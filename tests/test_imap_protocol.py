@@ -396,3 +396,9 @@ def test_imap_config_keys_and_their_floors():
         from_dict({**base, "imap": {"literl_size": 1000}})
     with pytest.raises(ConfigError, match=r"tls\.cert"):
         from_dict({**base, "listener": [{"kind": "imap", "address": "127.0.0.1:143"}]})
+
+
+@given(seqsets, st.integers(0, 50))
+def test_sequence_set_iteration_stays_in_range(ranges, largest):
+    got = list(SeqSet(tuple(ranges)).iterate(largest))
+    assert all(1 <= n <= largest for n in got) and got == sorted(set(got))

@@ -605,3 +605,46 @@ def test_failed_logins_count_with_submission_and_lock_the_source_out(make_server
     with pytest.raises(imaplib.IMAP4.error, match="UNAVAILABLE"):  # the right password, but locked out
         c.login(ALICE, PASSWORD)
     c.logout()
+
+
+def test_random_commands_never_break_a_live_session(make_server, client_tls, caplog):
+    """Hundreds of near-valid commands (a fixed pseudo-random mix of real command words) against a
+    selected folder with mail: every one gets its tagged reply, nothing is logged as a session error."""
+    import random
+    rnd = random.Random(20261128)
+    words = ["FETCH", "UID", "STORE", "SEARCH", "COPY", "MOVE", "EXPUNGE", "SORT", "THREAD", "1", "2:*", "*", "$",
+             "1:3,5", "(FLAGS)", "BODY[]", "BODY.PEEK[1.MIME]", "BINARY[2]", "BODY[HEADER.FIELDS (FROM)]<0.5>",
+             "+FLAGS", "-FLAGS.SILENT", "(\\Seen)", "(\\Deleted $X)", "ALL", "OR", "NOT", "FROM", "x", '""',
+             "INBOX", "Trash", "(SUBJECT)", "UTF-8", "REFERENCES", "(CHANGEDSINCE 1)", "(UNCHANGEDSINCE 1)",
+             "RETURN", "(MIN SAVE)", "CHARSET", "ENVELOPE", "BODYSTRUCTURE", "LARGER", "10", "MODSEQ", "HEADER"]
+    # many of these are BAD on purpose, and they come fast
+    server = make_server(listener=LISTENERS, imap={"max_errors": 1000, "commands_per_second": 100000})
+    c = _login(server, client_tls)
+    for _ in range(3):
+        c.cmd(b"APPEND INBOX {%d+}\r\n" % len(MESSAGE) + MESSAGE)
+    c.cmd("SELECT INBOX")
+    statuses = set()
+    sets = ["1", "2:*", "*", "$", "1:3,5", "4:2", "1:*"]
+    items = ["(FLAGS)", "BODY[]", "BODY.PEEK[1.MIME]", "BINARY.PEEK[2]", "BODY[HEADER.FIELDS (FROM)]<0.5>", "ALL",
+             "(ENVELOPE BODYSTRUCTURE RFC822.SIZE)", "(BODY.PEEK[TEXT]<2.3> MODSEQ)", "FAST"]
+    keys = ["ALL", "OR FROM x SEEN", "NOT DELETED", "LARGER 10", "MODSEQ 1", "HEADER Subject plans", "BODY noon",
+            "UID 1:*", "$", "SENTSINCE 1-Jan-2020", "TEXT café"]
+    templates = [
+        lambda: f"FETCH {rnd.choice(sets)} {rnd.choice(items)}",
+        lambda: f"UID FETCH {rnd.choice(sets)} {rnd.choice(items)}",
+        lambda: f"STORE {rnd.choice(sets)} {rnd.choice(['+FLAGS', '-FLAGS.SILENT', 'FLAGS'])} (\\Seen $X)",
+        lambda: f"UID SEARCH RETURN (MIN SAVE) {rnd.choice(keys)}", lambda: f"SEARCH CHARSET UTF-8 {rnd.choice(keys)}",
+        lambda: f"UID COPY {rnd.choice(sets)} Trash", lambda: f"MOVE {rnd.choice(sets)} Archive", lambda: "EXPUNGE",
+        lambda: f"SORT (REVERSE SUBJECT) UTF-8 {rnd.choice(keys)}",
+        lambda: f"UID THREAD REFERENCES UTF-8 {rnd.choice(keys)}",
+        lambda: "NOOP", lambda: " ".join(rnd.choice(words) for _ in range(rnd.randint(1, 6))),
+    ]
+    for _ in range(300):
+        line = rnd.choice(templates)()
+        statuses.add(c.cmd(line)[-1].split()[0])
+        if rnd.random() < 0.05:
+            c.cmd(b"APPEND INBOX {%d+}\r\n" % len(MESSAGE) + MESSAGE)
+    assert statuses <= {b"OK", b"NO", b"BAD"} and b"OK" in statuses
+    assert c.cmd("NOOP")[-1].startswith(b"OK")
+    c.close()
+    assert "session_error" not in caplog.text

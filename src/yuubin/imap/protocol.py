@@ -131,7 +131,7 @@ class SeqSet:
         for a, b in self.ranges:
             a = largest if a == STAR else a
             b = largest if b == STAR else b
-            lo, hi = min(a, b), min(max(a, b), largest)
+            lo, hi = max(min(a, b), 1), min(max(a, b), largest)  # "*" of an empty folder is nothing
             seen.update(range(lo, hi + 1))
         return iter(sorted(seen))
 
