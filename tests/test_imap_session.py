@@ -638,12 +638,27 @@ def test_random_commands_never_break_a_live_session(make_server, client_tls, cap
         lambda: f"SORT (REVERSE SUBJECT) UTF-8 {rnd.choice(keys)}",
         lambda: f"UID THREAD REFERENCES UTF-8 {rnd.choice(keys)}",
         lambda: "NOOP", lambda: " ".join(rnd.choice(words) for _ in range(rnd.randint(1, 6))),
+        lambda: f"{rnd.choice(['CREATE', 'DELETE', 'SUBSCRIBE', 'UNSUBSCRIBE'])} {rnd.choice(boxes)}",
+        lambda: f"RENAME {rnd.choice(boxes)} {rnd.choice(boxes)}",
+        lambda: f'LIST {rnd.choice(["", "(SUBSCRIBED)", "(SPECIAL-USE)"])} "" "{rnd.choice(["*", "%", "A/%", ""])}"'
+                f' {rnd.choice(["", "RETURN (STATUS (MESSAGES SIZE HIGHESTMODSEQ) CHILDREN)"])}',
+        lambda: f"STATUS {rnd.choice(boxes)} (MESSAGES UNSEEN UIDNEXT SIZE DELETED RECENT)",
+        lambda: f"{rnd.choice(['SELECT', 'EXAMINE'])} {rnd.choice(boxes)}", lambda: "UNSELECT", lambda: "CLOSE",
+        lambda: f"ENABLE {rnd.choice(['CONDSTORE', 'QRESYNC', 'UTF8=ACCEPT', 'IMAP4rev2', 'X'])}",
     ]
-    for _ in range(300):
+    boxes = ["INBOX", "A", "A/B", "&AOk-", "Trash", '"Sent"', "Nope/Deeper"]
+    for _ in range(400):
         line = rnd.choice(templates)()
         statuses.add(c.cmd(line)[-1].split()[0])
         if rnd.random() < 0.05:
             c.cmd(b"APPEND INBOX {%d+}\r\n" % len(MESSAGE) + MESSAGE)
+        if rnd.random() < 0.03:
+            c.sock.sendall(b"i IDLE\r\n")
+            assert c.file.readline() == b"+ idling\r\n"
+            c.sock.sendall(b"DONE\r\n")
+            while not (reply := c.file.readline()).startswith(b"i "):
+                assert reply.startswith(b"* "), reply
+            statuses.add(reply.split()[1])
     assert statuses <= {b"OK", b"NO", b"BAD"} and b"OK" in statuses
     assert c.cmd("NOOP")[-1].startswith(b"OK")
     c.close()
