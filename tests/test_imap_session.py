@@ -663,3 +663,26 @@ def test_random_commands_never_break_a_live_session(make_server, client_tls, cap
     assert c.cmd("NOOP")[-1].startswith(b"OK")
     c.close()
     assert "session_error" not in caplog.text
+
+
+def test_random_commands_before_login(make_server, client_tls, caplog):
+    import random
+    rnd = random.Random(7)
+    server = make_server(listener=LISTENERS, imap={"max_errors": 1000, "commands_per_second": 100000})
+    c = Raw(server, client_tls)
+    lines = ["CAPABILITY", "NOOP", "STARTTLS", "ID NIL", 'ID ("a" "b")', "LOGIN", "LOGIN a", 'LOGIN "" ""',
+             "AUTHENTICATE", "AUTHENTICATE X", "AUTHENTICATE PLAIN !!!", "AUTHENTICATE PLAIN =",
+             "AUTHENTICATE PLAIN AGEAYg==", "SELECT INBOX", "ENABLE QRESYNC", "FETCH 1 ALL", "IDLE", "x y z",
+             "LOGIN {3+}\r\nabc {2+}\r\nde", "APPEND INBOX {3+}\r\nabc"]
+    statuses = set()
+    for _ in range(60):
+        statuses.add(c.cmd(rnd.choice(lines))[-1].split()[0])
+    c.n += 1
+    c.sock.sendall(b"t%d AUTHENTICATE PLAIN\r\n" % c.n)
+    assert c.file.readline() == b"+ \r\n"
+    c.sock.sendall(b"*\r\n")  # cancelled
+    assert c.file.readline().startswith(b"t%d BAD" % c.n)
+    assert statuses <= {b"OK", b"NO", b"BAD"}
+    assert c.cmd(f'LOGIN {ALICE} "{PASSWORD}"')[-1].startswith(b"OK")
+    c.close()
+    assert "session_error" not in caplog.text
