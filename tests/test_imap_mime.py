@@ -288,7 +288,8 @@ def test_the_simple_address_fast_path_agrees_with_the_tokenizer(
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.sampled_from([b"a@b.example", b" Al Bo <al@b.example>", b"<x@y.example> ", b"", b" ",
                                  b"Name<n@m.example>", b"broken <x@y", b"root", b"q\"x\" <q@x.example>",
-                                 b"g: a@b.example;", b"(c) c@d.example"]), min_size=1, max_size=5))
+                                 b"g: a@b.example;", b"(c) c@d.example", b'"Last, First" <l@f.example>',
+                                 b'a@b.example "open', b'"x" y@z.example']), min_size=1, max_size=5))
 def test_the_address_list_fast_path_agrees_with_the_tokenizer(items: list[bytes]) -> None:
     value = b",".join(items)
     assert mime.addresses(value) == mime._tokenized_addresses(value)

@@ -553,9 +553,10 @@ def _mailbox(tokens: list[tuple[str, bytes]]) -> Address | None:
 
 _ATEXT = rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
 _DOMAIN = rb"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-_SIMPLE_ADDR = re.compile(
+_NAMED_ADDR = re.compile(
     rb'[ \t]*(?:(?:([A-Za-z0-9]+(?: [A-Za-z0-9]+)*)|"([^"\\\r\n\t ](?:[^"\\\r\n\t]*[^"\\\r\n\t ])?)")[ \t]*)?'
-    rb"(<)?(" + _ATEXT + rb")@(" + _DOMAIN + rb")(>)?[ \t]*")
+    rb"<(" + _ATEXT + rb")@(" + _DOMAIN + rb")>[ \t]*")
+_BARE_ADDR = re.compile(rb"[ \t]*(" + _ATEXT + rb")@(" + _DOMAIN + rb")[ \t]*")
 
 
 def addresses(value: bytes) -> list[Address]:
@@ -564,21 +565,32 @@ def addresses(value: bytes) -> list[Address]:
     if simple is not None:
         return [simple]
     if b"," in value and not _NOT_SIMPLE.search(value):
-        # a list of plain "Name <a@b>" / "a@b" with no quotes, comments or groups to split wrongly
-        found = [_simple_address(item) for item in value.split(b",")]
-        if all(found):
-            return [a for a in found if a is not None]
+        # a list of plain "Name <a@b>" / "a@b" with no comments, groups or escapes to split wrongly
+        found: list[Address] = []
+        pos, end = 0, len(value)
+        while pos <= end:
+            m = _LIST_ITEM.match(value, pos)
+            item = _simple_address(m.group(1)) if m else None
+            if m is None or item is None or (not m.group(2) and m.end() != end):
+                return _tokenized_addresses(value)
+            found.append(item)
+            pos = m.end() if m.group(2) else end + 1
+        return found
     return _tokenized_addresses(value)
 
 
-_NOT_SIMPLE = re.compile(rb'["(:;\\\r\n]')
+_NOT_SIMPLE = re.compile(rb"[(:;\\\r\n]")
+_LIST_ITEM = re.compile(rb'((?:"[^"]*"|[^,"])*)(,?)')  # one item (quotes may hold commas) and its comma
 
 
 def _simple_address(value: bytes) -> Address | None:
     """The common single "Name <a@b>" / "a@b" without the tokenizer; None for anything else."""
-    m = _SIMPLE_ADDR.fullmatch(value)
-    if m and (m.group(3) is not None) == (m.group(6) is not None) and (m.group(3) or not (m[1] or m[2])):
-        return (m.group(1) or m.group(2), None, m.group(4), m.group(5))
+    m = _BARE_ADDR.fullmatch(value)
+    if m:
+        return (None, None, m.group(1), m.group(2))
+    m = _NAMED_ADDR.fullmatch(value)
+    if m:
+        return (m.group(1) or m.group(2), None, m.group(3), m.group(4))
     return None
 
 
