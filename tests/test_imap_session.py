@@ -592,7 +592,7 @@ def test_idle_across_worker_processes(make_config, serve_process, client_tls):
         assert line.endswith(b" EXISTS\r\n"), line
         c.close()
     # from before the SMTP delivery: its fsyncs, then the other process's poll (at most 1 s)
-    assert max(latencies) < 2.0, latencies
+    assert max(latencies) < 3.0, latencies  # a loaded test machine must not make this flaky
 
 
 def test_failed_logins_count_with_submission_and_lock_the_source_out(make_server, client_tls):
