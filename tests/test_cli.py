@@ -175,8 +175,8 @@ SERVE_REFUSES = {
         ["listener[1].address", "listener[0]"]),
     "listener kind not implemented": (
         lambda d, port: {"listener": [{"kind": "mx", "address": "127.0.0.1:0"},
-                                      {"kind": "imaps", "address": "127.0.0.1:0"}]},
-        ["listener[1].kind", "imaps", "not implemented"]),
+                                      {"kind": "pop3s", "address": "127.0.0.1:0"}]},
+        ["listener[1].kind", "pop3s", "not implemented"]),
     "no listener": (lambda d, port: {"listener": None}, ["listener", "none"]),
     "data_dir is a file": (lambda d, port: {"data_dir": "refuse.toml"}, ["data_dir", "not a directory"]),
 }

@@ -61,8 +61,7 @@ def test_the_config_has_every_key_of_the_example_with_this_domains_values(tmp_pa
     path = tmp_path / "srv" / "yuubin.toml"
     written = tomllib.loads(path.read_text())
     example = tomllib.loads((ROOT / "yuubin.example.toml").read_text())
-    # The example's imaps listener is refused until IMAP exists and `allow` needs a [geo] file:
-    # both are comments in the written config.
+    # `allow` needs a [geo] file: it is a comment in the written config.
     missing = _keys(example) - _keys(written) - {"listener[].allow"}
     assert not missing, f"init's config lacks these keys of yuubin.example.toml: {sorted(missing)}"
     text = path.read_text()
@@ -72,7 +71,7 @@ def test_the_config_has_every_key_of_the_example_with_this_domains_values(tmp_pa
     assert cfg.postmaster == "postmaster@example.jp"
     assert cfg.data_dir == tmp_path / "srv" / "data"
     assert cfg.tls.cert == tmp_path / "srv" / "tls" / "cert.pem"
-    assert [lc.kind for lc in cfg.listeners] == ["mx", "submission", "submissions"]
+    assert [lc.kind for lc in cfg.listeners] == ["mx", "submission", "submissions", "imaps"]
     # The records to publish.
     assert "example.jp.  MX   10 mx.example.jp." in p.stdout
     assert "mx.example.jp.  A  203.0.113.25" in p.stdout

@@ -271,10 +271,10 @@ def test_localserve_on_a_taken_port_says_which_and_shows_the_password_on_the_nex
 
 
 def _free_port_base() -> int:
-    """A --port-base whose three localserve ports (N+465, N+525, N+587) are free now."""
+    """A --port-base whose localserve ports (N+465, N+525, N+587, N+143, N+993) are free now."""
     for base in range(20000 + os.getpid() % 1000 * 20, 60000, 1000):
         try:
-            socks = [socket.create_server(("127.0.0.1", base + off)) for off in (465, 525, 587)]
+            socks = [socket.create_server(("127.0.0.1", base + off)) for off in (465, 525, 587, 143, 993)]
         except OSError:
             continue
         for s in socks:

@@ -34,6 +34,9 @@ from yuubin.delivery.local import LocalDelivery
 from yuubin.delivery.maildir import Maildirs
 from yuubin.dns import Resolver
 from yuubin.durable import FileAccess, GroupCommitter
+from yuubin.geo import AccessList
+from yuubin.imap import protocol as imap_protocol
+from yuubin.imap.listener import EXTENSIONS, ImapListener, IMAPSession, SessionCounts
 from yuubin.imap.store import MailStore
 from yuubin.intake import Intake
 from yuubin.mailauth.capture import ReportCapture
@@ -61,6 +64,7 @@ from yuubin.tls import server_context
 log = logging.getLogger("yuubin.server")
 
 SMTP_KINDS = ("mx", "submission", "submissions")
+IMAP_KINDS = ("imap", "imaps")  # 143 with STARTTLS (no login before TLS), 993 TLS from the first byte
 BACKLOG = 1024
 
 
@@ -93,9 +97,9 @@ def _check_listeners(config: Config) -> None:
         raise ConfigError('listener: none configured, serve would listen on nothing: add a [[listener]] '
                           '(e.g. kind = "mx", address = "0.0.0.0:25")')
     for i, lc in enumerate(config.listeners):
-        if lc.kind not in SMTP_KINDS:
+        if lc.kind not in SMTP_KINDS + IMAP_KINDS:
             raise ConfigError(f'listener[{i}].kind: "{lc.kind}" is not implemented yet (serve runs '
-                              f'{", ".join(SMTP_KINDS)}): remove this listener for now')
+                              f'{", ".join(SMTP_KINDS + IMAP_KINDS)}): remove this listener for now')
 
 
 def _check_data_dir(path: Path) -> None:
@@ -199,12 +203,26 @@ class App:
                                        handshakes_per_ip=cfg.limits.handshakes_per_ip,
                                        max_handshakes=cfg.limits.max_handshakes,
                                        data_in_memory=cfg.limits.data_in_memory, give_back=heap.give_back)
-        policies = ListenerPolicies(cfg, self.directory, self.store, self.resolver, load_geo(cfg),
+        geo = load_geo(cfg)
+        policies = ListenerPolicies(cfg, self.directory, self.store, self.resolver, geo,
                                     self.containment.limit_broken)
         tls_context = server_context(cfg.tls.cert, cfg.tls.key) if cfg.tls.cert and cfg.tls.key else None
         limits = Limits.from_config(cfg.limits)
         self.smtp_listeners: list[tuple[int, SmtpListener]] = []
+        self.imap_listeners: list[tuple[int, ImapListener]] = []
+        imap_counts = SessionCounts(-(-cfg.imap.sessions_per_account // cfg.workers),
+                                    -(-cfg.imap.sessions_per_ip // cfg.workers))
+        imap_limits = imap_protocol.Limits(cfg.imap.line_length, cfg.imap.literal_size,
+                                           cfg.imap.commands_per_second, cfg.imap.max_errors)
         for index, lc in enumerate(cfg.listeners):
+            if lc.kind in IMAP_KINDS:
+                shell = ShellSettings(lc.kind, tls_context, lc.kind == "imaps", self.is_trusted, pool=_pool(index),
+                                      handshake_timeout=cfg.limits.handshake_timeout)
+                self.imap_listeners.append((index, ImapListener(
+                    shell, cfg.hostname, imap_limits, cfg.imap.idle_timeout, self.login, self.mailstore, imap_counts,
+                    (*EXTENSIONS, f"APPENDLIMIT={cfg.imap.literal_size}"),
+                    AccessList(lc.allow_networks, lc.allow_countries, geo))))
+                continue
             submission = lc.kind in SUBMISSION_KINDS
             pipeline = policies.pipeline(lc)
             shell = ShellSettings(lc.kind, tls_context, lc.kind == "submissions", self.is_trusted, pool=_pool(index),
@@ -253,7 +271,8 @@ class App:
         with ListenerBindError and nothing half-run; the spool is recovered before any serves."""
         loop = asyncio.get_running_loop()
         bound: list[tuple[int, asyncio.base_events.Server]] = []
-        for index, listener in self.smtp_listeners:
+        every: list[tuple[int, SmtpListener | ImapListener]] = [*self.smtp_listeners, *self.imap_listeners]
+        for index, listener in sorted(every, key=lambda il: il[0]):
             lc = self.config.listeners[index]
             # Implicit TLS too is accepted plain: the session counts it, then runs the handshake.
             factory = self._session_factory(listener)
@@ -315,9 +334,13 @@ class App:
                 raise ConfigError(f"{self.config.source}: metrics.address: cannot listen on "
                                   f"{self.config.metrics[0]}:{self.config.metrics[1]}: {_bind_reason(e)}") from None
 
-    def _session_factory(self, listener: SmtpListener) -> Callable[[], SMTPSession]:
+    def _session_factory(self, listener: SmtpListener | ImapListener) -> Callable[[], SMTPSession | IMAPSession]:
         connections = self.connections
-        return lambda: SMTPSession(listener, connections)
+        if isinstance(listener, ImapListener):
+            imap = listener
+            return lambda: IMAPSession(imap, connections)
+        smtp = listener
+        return lambda: SMTPSession(smtp, connections)
 
     async def stop(self, cause: str = "requested") -> None:
         if self.stopping:

@@ -132,6 +132,19 @@ class MailauthConfig:
 
 
 @dataclass(frozen=True)
+class ImapConfig:
+    """[imap]: the limits of the IMAP listeners (the core's `imap.protocol.Limits` and the session's)."""
+
+    line_length: int = 65536  # one command line, octets incl. CRLF
+    literal_size: int = 26_214_400  # one literal, i.e. one APPENDed message (APPENDLIMIT)
+    commands_per_second: float = 200.0  # one client, sustained; more gets BYE
+    max_errors: int = 50  # BAD replies in one session before BYE
+    sessions_per_account: int = 20  # clients keep several open per device
+    sessions_per_ip: int = 50  # IMAP sessions from one address (on top of limits.connections_per_ip)
+    idle_timeout: float = 1800.0  # RFC 9051 5.4: at least 30 minutes (IDLE included)
+
+
+@dataclass(frozen=True)
 class MailConfig:
     """[mail]: who besides yuubin may read the Maildirs (Dovecot, a backup job). Names are
     resolved when the config is loaded, so a typo is an error naming the key."""
@@ -201,6 +214,7 @@ class Config:
     auth_guard: AuthGuardConfig
     outbound: OutboundConfig
     submission: SubmissionConfig = SubmissionConfig()
+    imap: ImapConfig = ImapConfig()
     mail: MailConfig = MailConfig()
     greylist: GreylistConfig = GreylistConfig()
     s25r: S25rConfig = S25rConfig()
@@ -668,6 +682,23 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         raise ConfigError("auth_guard.max_lockout: must not be shorter than auth_guard.lockout")
     ag.finish()
 
+    imap_t = top.table("imap")
+    idefaults = ImapConfig()
+    imap = ImapConfig(
+        line_length=imap_t.positive_int("line_length", idefaults.line_length),
+        literal_size=imap_t.positive_int("literal_size", idefaults.literal_size),
+        commands_per_second=float(imap_t.positive_int("commands_per_second", int(idefaults.commands_per_second))),
+        max_errors=imap_t.positive_int("max_errors", idefaults.max_errors),
+        sessions_per_account=imap_t.positive_int("sessions_per_account", idefaults.sessions_per_account),
+        sessions_per_ip=imap_t.positive_int("sessions_per_ip", idefaults.sessions_per_ip),
+        idle_timeout=parse_duration(imap_t.get("idle_timeout", "30m", (int, float, str)), "imap.idle_timeout"),
+    )
+    imap_t.finish()
+    if imap.line_length < 8192:
+        raise ConfigError("imap.line_length: RFC 7162 asks for at least 8192 octets")
+    if imap.idle_timeout < 1800:
+        raise ConfigError("imap.idle_timeout: RFC 9051 requires at least 30 minutes")
+
     mail_t = top.table("mail")
     mail = _mail(mail_t)
     mail_t.finish()
@@ -762,7 +793,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
     hostname = _domain(hostname_raw, "hostname")
 
     tls = TlsConfig(_path(cert), _path(key))
-    needs_tls = [lc for lc in listeners if lc.kind in ("submissions", "imaps", "pop3s", "submission")]
+    needs_tls = [lc for lc in listeners if lc.kind in ("submissions", "imaps", "pop3s", "submission", "imap", "pop3")]
     if needs_tls and tls.cert is None:
         raise ConfigError(f"tls.cert: required for listener kind \"{needs_tls[0].kind}\"")
 
@@ -781,6 +812,7 @@ def from_dict(raw: dict[str, Any], source: str = "<memory>", base: Path | None =
         auth_guard=auth_guard,
         outbound=outbound,
         submission=submission,
+        imap=imap,
         mail=mail,
         greylist=greylist,
         s25r=s25r,
@@ -928,6 +960,15 @@ def describe(cfg: Config) -> str:
         f"report_parsers = {cfg.mailauth.report_parsers}",
         f"report_queue = {cfg.mailauth.report_queue}",
         f"check_timeout = {q(f'{cfg.mailauth.check_timeout:g}s')}",
+        "",
+        "[imap]",
+        f"line_length = {cfg.imap.line_length}",
+        f"literal_size = {cfg.imap.literal_size}",
+        f"commands_per_second = {cfg.imap.commands_per_second:g}",
+        f"max_errors = {cfg.imap.max_errors}",
+        f"sessions_per_account = {cfg.imap.sessions_per_account}",
+        f"sessions_per_ip = {cfg.imap.sessions_per_ip}",
+        f"idle_timeout = {q(f'{cfg.imap.idle_timeout:g}s')}",
         "",
         "[mail]",
         f"owner = {q(cfg.mail.owner)}",

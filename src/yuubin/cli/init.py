@@ -76,7 +76,10 @@ kind = "submissions"                  # port 465: implicit TLS, AUTH required
 address = "0.0.0.0:465"
 max_connections = 100                 # its own pool out of limits.max_connections: a flood on 25 never locks out 465
 
-# IMAP/POP3 listeners ("imaps", "imap", "pop3s", "pop3") come with the release that serves them.
+[[listener]]
+kind = "imaps"                        # port 993: IMAP over TLS, for your mail clients to read mail
+address = "0.0.0.0:993"
+# POP3 listeners ("pop3s", "pop3") come with the release that serves them.
 
 [dnsbl]
 zones = ["zen.spamhaus.org", "bl.spamcop.net"]   # applied on mx listeners only
@@ -169,6 +172,15 @@ sign = true                           # DKIM-sign mail from our local domains (k
 selectors = []                        # key sets to sign with; [] = each domain's newest
 max_signatures = 5                    # DKIM signatures checked per incoming message
 arc_max_sets = 10                     # ARC sets accepted per incoming message (at most 50)
+
+[imap]                                # limits of the imap/imaps listeners
+line_length = 65536                   # one command line, octets incl. CRLF (at least 8192)
+literal_size = 26214400               # one literal, i.e. one APPENDed message (advertised as APPENDLIMIT)
+commands_per_second = 200             # one client, sustained; more gets BYE
+max_errors = 50                       # BAD replies in one session before BYE
+sessions_per_account = 20             # open IMAP sessions of one account (clients keep several)
+sessions_per_ip = 50                  # open IMAP sessions from one address
+idle_timeout = "30m"                  # a silent client (IDLE included) is dropped after this; RFC 9051: >= 30m
 
 [log]
 level = "info"                        # debug, info, warning, error

@@ -43,13 +43,21 @@ address = "127.0.0.1:{submission}"
 [[listener]]
 kind = "submissions"            # the same with TLS from the first byte
 address = "127.0.0.1:{submissions}"
+
+[[listener]]
+kind = "imaps"                  # a mail client reads mail here: IMAP, TLS from the first byte
+address = "127.0.0.1:{imaps}"
+
+[[listener]]
+kind = "imap"                   # IMAP with STARTTLS (no login before TLS)
+address = "127.0.0.1:{imap}"
 """
 
 DEMO_ACCOUNT = "demo@localhost.test"
 
-# localserve's ports are --port-base plus these: 2525, 2587 and 2465 by default.
+# localserve's ports are --port-base plus these: 2525, 2587, 2465, 2143 and 2993 by default.
 PORT_BASE = 2000
-PORT_OFFSETS = {"mx": 525, "submission": 587, "submissions": 465}
+PORT_OFFSETS = {"mx": 525, "submission": 587, "submissions": 465, "imap": 143, "imaps": 993}
 
 
 def _run_server(cfg: Config, on_ready: Callable[[Any], None] | None = None, allow_root: bool = False) -> int:
@@ -85,7 +93,8 @@ def _port_base(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     top = 65535 - max(PORT_OFFSETS.values())
     if not 0 <= base <= top:
-        raise argparse.ArgumentTypeError(f"{base} is out of range 0-{top} (the ports are N+525, N+587, N+465)")
+        raise argparse.ArgumentTypeError(f"{base} is out of range 0-{top} "
+                                         f"(the ports are N+525, N+587, N+465, N+143, N+993)")
     return base
 
 
@@ -138,6 +147,11 @@ def cmd_localserve(args: argparse.Namespace) -> int:
             out.append(f"  account      {DEMO_ACCOUNT}  password: {password}  (shown once)")
         else:
             out.append(f"  account      {DEMO_ACCOUNT}  (password was shown on the first run)")
+        imap = {bl.config.kind: bl.sockname for bl in server.listeners if bl.config.kind in ("imap", "imaps")}
+        if imap:
+            where = ", ".join(f"{a[0]}:{a[1]} ({'TLS' if k == 'imaps' else 'STARTTLS'})" for k, a in imap.items())
+            out.append(f"  mail client  IMAP {where}, user {DEMO_ACCOUNT}, the password above; "
+                       f"trust the self-signed certificate")
         out.append("Ctrl-C stops.")
         print("\n".join(out), flush=True)
 
@@ -147,7 +161,7 @@ def cmd_localserve(args: argparse.Namespace) -> int:
         lc = e.listener
         example = port_base + 1000 if port_base + 1000 + max(PORT_OFFSETS.values()) <= 65535 else 10000
         raise CliError(f"localserve: listener {lc.kind} cannot listen on {lc.address}: {e.reason}; "
-                       f"move all localserve ports with --port-base N (ports N+525, N+587, N+465), "
+                       f"move all localserve ports with --port-base N (ports N+525, N+587, N+465, N+143, N+993), "
                        f"e.g. --port-base {example}") from None
     return 0
 
@@ -171,7 +185,8 @@ def register(sub: SubParsers) -> None:
                        takes_config=False)  # it writes and uses its own config in --dir
     s.add_argument("--dir", default="./yuubin-data", help="where config, certificate and mail live")
     s.add_argument("--port-base", type=_port_base, metavar="N",
-                   help=f"listen on ports N+525 (mx), N+587 (submission), N+465 (submissions); "
+                   help=f"listen on ports N+525 (mx), N+587 (submission), N+465 (submissions), N+143 (imap), "
+                        f"N+993 (imaps); "
                         f"default {PORT_BASE}, or what DIR/yuubin.toml says")
     s.add_argument("--log-format", choices=["text", "json"], help="log lines as key=value text or JSON")
     s.set_defaults(func=cmd_localserve)

@@ -67,9 +67,9 @@ def submission_pipeline(kind: str, directory: Directory, store: Store, outbound:
 
 
 def load_geo(cfg: Config) -> GeoDatabase | None:
-    """The country database, when a submission listener allows by country; without its data such
-    an allow list would be an open door, so a missing or broken file is a config error."""
-    if not any(lc.allow_countries for lc in cfg.listeners if lc.kind in SUBMISSION_KINDS):
+    """The country database, when a listener (submission or IMAP) allows by country; without its
+    data such an allow list would be an open door, so a missing or broken file is a config error."""
+    if not any(lc.allow_countries for lc in cfg.listeners if lc.kind in (*SUBMISSION_KINDS, "imap", "imaps")):
         return None
     try:
         return GeoDatabase.load(cfg.geo_source)
