@@ -8,11 +8,13 @@ adds up).
 from __future__ import annotations
 
 import json
+import re
 import smtplib
 import socket
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -107,6 +109,11 @@ def test_status_and_metrics_count_what_happened(make_config, serve_process, dns_
         assert m[("yuubin_delivery_seconds_count", ())] == sent
         assert m[("yuubin_connections_total", (("listener", "mx"),))] == sent + 1 + 1 + 1  # + refused + listed + idle
         assert m[("yuubin_queue_entries", (("state", "held"),))] == 0
+        # Every metric the sample Grafana dashboard graphs is one the server serves.
+        dashboard = (Path(__file__).resolve().parent.parent / "contrib" / "grafana-dashboard.json").read_text()
+        graphed = set(re.findall(r"yuubin_[a-z_]+", dashboard)) - {"yuubin_overview"}
+        served = {name for name, _labels in m}
+        assert graphed and graphed <= served, graphed - served
 
     text = run_yuubin(["status"], config=sc.path)
     assert text.returncode == 0 and "messages accepted" in text.stdout and "rcpt/relay" in text.stdout
